@@ -1,0 +1,439 @@
+"""The token-level MDP of DESIGN.md, batched over N episodes, with torch state on one device.
+
+:class:`TextGenCore` is the one implementation of the MDP; the single-episode
+``gymnasium.Env`` (``lmgym.env``) and the batched ``VectorEnv`` (``lmgym.vector``)
+are thin views of it, so every path computes the same rewards for the same tokens.
+
+Per-token reward (``beta = kl_coef``)::
+
+    r_t = -beta * (log pi(a_t|s_t) - log pi_ref(a_t|s_t))  [+ R(x, y) on the last step]
+
+When neither the agent nor a bound policy supplies ``log pi(a_t|s_t)``, the
+environment cannot compute the KL term and the reward is instead::
+
+    r_t = beta * log pi_ref(a_t|s_t)  [+ R(x, y) on the last step]
+
+whose expectation equals the KL-regularised objective once the agent adds an
+entropy bonus of weight ``beta`` (``-beta * log pi`` per step), as maximum-entropy
+agents such as PPO with ``ent_coef=beta`` do.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lmgym.models import CachedLM, load_model, resolve_device
+from lmgym.optimum import soft_optimal_values
+from lmgym.prompts import Prompt, PromptSource
+from lmgym.rewards import RewardFunction
+
+__all__ = ["TextGenCore", "SequenceResult", "EpisodeError"]
+
+
+class EpisodeError(RuntimeError):
+    """An environment method was called in a state where it cannot run (e.g. a step after the episode ended)."""
+
+
+@dataclass
+class SequenceResult:
+    """What :meth:`TextGenCore.score_sequences` returns: per-token tensors ``(N, T)`` and per-episode values ``(N,)``.
+
+    Positions after an episode's end have ``mask == 0`` and zero reward.
+    """
+
+    rewards: torch.Tensor
+    """Per-token rewards, exactly as per-token ``step`` would have returned them."""
+    terminated: torch.Tensor
+    """True at the step that emitted a stop token."""
+    truncated: torch.Tensor
+    """True at step ``max_new_tokens`` of an episode that emitted no stop token."""
+    mask: torch.Tensor
+    """1 for tokens inside the episode (up to and including the stop token), else 0."""
+    ref_logprobs: torch.Tensor
+    """log pi_ref of each submitted token."""
+    logprobs: torch.Tensor | None
+    """log pi of each token as handed over (None if none were)."""
+    kl: torch.Tensor
+    """Per-token KL estimate ``log pi - log pi_ref`` (NaN where log pi is unknown)."""
+    scores: torch.Tensor
+    """Task score R(x, y) of each episode."""
+    lengths: torch.Tensor
+    """Tokens in each episode."""
+    prompts: list[str]
+    """Each episode's prompt text."""
+    completions: list[str]
+    """Each episode's decoded completion (without the stop token)."""
+
+
+class TextGenCore:
+    """N text-generation episodes stepped in lock-step against one frozen reference model.
+
+    See :class:`lmgym.vector.TextGenVectorEnv` for the arguments.
+    """
+
+    def __init__(self, *, model, reward_fn, prompts, num_envs: int = 1, tokenizer=None, max_new_tokens: int = 32,
+                 kl_coef: float = 0.05, group_size: int = 1, max_prompt_tokens: int | None = None,
+                 stop_token_ids=None, device="auto", dtype="auto", trust_remote_code: bool = False):
+        if not isinstance(num_envs, int) or num_envs < 1:
+            raise ValueError(f"num_envs must be a positive int, got {num_envs!r}")
+        if not isinstance(group_size, int) or group_size < 1 or num_envs % group_size:
+            raise ValueError(f"group_size must be a positive int dividing num_envs={num_envs}, got {group_size!r}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if not isinstance(kl_coef, (int, float)) or not math.isfinite(kl_coef) or kl_coef < 0:
+            raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef!r}")
+        self.device = resolve_device(device)
+        self.model, self.tokenizer = load_model(model, device=self.device, dtype=dtype, tokenizer=tokenizer,
+                                                trust_remote_code=trust_remote_code)
+        self.model.requires_grad_(False)
+        self.vocab_size = int(self.model.config.vocab_size)
+        self.reward_fn = RewardFunction(reward_fn)
+        self.prompts = PromptSource(prompts, self.tokenizer, max_prompt_tokens=max_prompt_tokens)
+        self.num_envs, self.group_size = num_envs, group_size
+        self.max_new_tokens, self.kl_coef = max_new_tokens, float(kl_coef)
+        self.max_len = self.prompts.max_prompt_tokens + max_new_tokens
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if context is not None and self.max_len > context:
+            raise ValueError(f"prompts of up to {self.prompts.max_prompt_tokens} tokens plus max_new_tokens="
+                             f"{max_new_tokens} need {self.max_len} positions, but the model's context is {context}; "
+                             "shorten the prompts or lower max_new_tokens")
+        if stop_token_ids is None:
+            if self.tokenizer.eos_token_id is None:
+                raise ValueError("the tokenizer has no EOS token: pass stop_token_ids")
+            stop_token_ids = [self.tokenizer.eos_token_id]
+        stop = sorted({int(t) for t in stop_token_ids})
+        if any(not 0 <= t < self.vocab_size for t in stop):
+            raise ValueError(f"stop_token_ids {stop} must lie in [0, {self.vocab_size})")
+        self.stop_token_ids = stop
+        self._stop = torch.as_tensor(stop, device=self.device)
+        self.pad_token_id = int(self.tokenizer.pad_token_id)
+        self.ref = CachedLM(self.model, max_sequence_length=self.max_len)
+        self.policy_fn = None
+
+        n, d = num_envs, self.device
+        self.tokens = torch.full((n, self.max_len), self.pad_token_id, dtype=torch.long, device=d)
+        self.obs_mask = torch.zeros((n, self.max_len), dtype=torch.int8, device=d)
+        self.prompt_len = torch.zeros(n, dtype=torch.long, device=d)
+        self.gen_len = torch.zeros(n, dtype=torch.long, device=d)
+        self.episode_kl = torch.zeros(n, dtype=torch.float32, device=d)
+        self.rows = torch.arange(n, device=d)
+        self.row_prompts: list[Prompt] = []
+        self.pending_reset = np.zeros(n, dtype=bool)  # episodes that ended last step (host side: known after the sync)
+        self.started = False
+        self._fresh = False  # every row is at the start of an episode
+        self._episodes = np.zeros(n, dtype=np.int64)
+        self._group_prompts: dict[tuple[int, int], list] = {}
+        self.rng = np.random.default_rng()
+
+    # ------------------------------------------------------------------ prompts and resets
+    def bind_policy(self, fn) -> None:
+        """Bind ``fn(observation, actions) -> log pi(actions|observation)`` (a ``(N,)`` tensor) for the KL term.
+
+        ``observation`` is the dict of ``(N, L)`` tensors of the state the actions were taken in.
+        ``None`` unbinds.
+        """
+        if fn is not None and not callable(fn):
+            raise TypeError(f"bind_policy needs a callable or None, got {type(fn).__name__}")
+        self.policy_fn = fn
+
+    def _prompts_for(self, rows: np.ndarray) -> list[Prompt]:
+        """Prompts for the next episode of each row; the G rows of a group share their k-th prompt."""
+        if self.group_size == 1:
+            return self.prompts.draw(self.rng, len(rows))
+        out = []
+        for r in rows:
+            key = (int(r) // self.group_size, int(self._episodes[r]))
+            entry = self._group_prompts.get(key)
+            if entry is None:
+                entry = self._group_prompts[key] = [self.prompts.draw(self.rng, 1)[0], 0]
+            entry[1] += 1
+            if entry[1] == self.group_size:
+                del self._group_prompts[key]
+            out.append(entry[0])
+        return out
+
+    def _fixed_prompts(self, prompts) -> list[Prompt]:
+        if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__"):
+            prompts = [prompts]
+        if len(prompts) not in (self.num_envs, self.num_envs // self.group_size):
+            raise ValueError(f"options['prompts'] needs {self.num_envs} prompts (one per episode) or "
+                             f"{self.num_envs // self.group_size} (one per group), got {len(prompts)}")
+        encoded = [self.prompts.check_length(self.prompts.encode(p)) for p in prompts]
+        if len(encoded) != self.num_envs:
+            encoded = [p for p in encoded for _ in range(self.group_size)]
+        return encoded
+
+    def reset(self, *, seed: int | None = None, prompts=None) -> None:
+        """Start a new episode in every row, with prompts drawn from the source or given."""
+        if seed is not None:
+            self.rng = np.random.default_rng(seed)
+        self._episodes[:] = 0
+        self._group_prompts.clear()
+        rows = np.arange(self.num_envs)
+        chosen = self._fixed_prompts(prompts) if prompts is not None else self._prompts_for(rows)
+        self._episodes += 1
+        self.ref.start([p.ids for p in chosen])
+        self._write_prompts(rows, chosen)
+        self.pending_reset[:] = False
+        self.started = True
+        self._fresh = True
+
+    def _restart_rows(self, rows: np.ndarray) -> None:
+        chosen = self._prompts_for(rows)
+        self._episodes[rows] += 1
+        if len(rows) == self.num_envs:
+            self.ref.start([p.ids for p in chosen])
+        else:
+            self.ref.restart_rows(torch.as_tensor(rows, device=self.device), [p.ids for p in chosen])
+        self._write_prompts(rows, chosen)
+
+    def _write_prompts(self, rows: np.ndarray, chosen: list[Prompt]) -> None:
+        ids = torch.full((len(rows), self.max_len), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), self.max_len), dtype=torch.int8)
+        for i, p in enumerate(chosen):
+            ids[i, :len(p.ids)] = torch.as_tensor(p.ids)
+            mask[i, :len(p.ids)] = 1
+        idx = torch.as_tensor(rows, device=self.device)
+        self.tokens[idx] = ids.to(self.device)
+        self.obs_mask[idx] = mask.to(self.device)
+        self.prompt_len[idx] = torch.as_tensor([len(p.ids) for p in chosen], device=self.device)
+        self.gen_len[idx] = 0
+        self.episode_kl[idx] = 0
+        for r, p in zip(rows, chosen):
+            if r < len(self.row_prompts):
+                self.row_prompts[r] = p
+            else:
+                self.row_prompts.append(p)
+
+    def observation(self) -> dict[str, torch.Tensor]:
+        """The current states: left-aligned prompt + generated tokens, padded, and the mask of real tokens."""
+        return {"input_ids": self.tokens.clone(), "attention_mask": self.obs_mask.clone()}
+
+    # ------------------------------------------------------------------ checks
+    def _as_token_tensor(self, values, shape: tuple[int, ...], what: str) -> torch.Tensor:
+        if isinstance(values, torch.Tensor):
+            t = values
+        else:
+            arr = np.asarray(values)
+            if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
+                if np.issubdtype(arr.dtype, np.floating) and arr.size and np.all(arr == np.round(arr)):
+                    arr = arr.astype(np.int64)  # SB3 and others hand over whole-number floats
+                else:
+                    raise TypeError(f"{what} must be integer token ids, got {arr.dtype} values {arr.ravel()[:4]}")
+            t = torch.as_tensor(arr.astype(np.int64))
+        if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"{what} must be an integer tensor of token ids, got {t.dtype}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{what} must have shape {shape}, got {tuple(t.shape)}")
+        t = t.to(self.device, torch.long)
+        if t.device.type == "cpu":
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.vocab_size):
+                bad = t[(t < 0) | (t >= self.vocab_size)][0].item()
+                raise ValueError(f"{what} contain token id {bad}, outside the action space [0, {self.vocab_size})")
+        else:  # checked on the device, without waiting for it
+            torch._assert_async(((t >= 0) & (t < self.vocab_size)).all(),
+                                f"{what} contain a token id outside [0, {self.vocab_size})")
+        return t
+
+    def _as_logprobs(self, values, shape: tuple[int, ...]) -> torch.Tensor:
+        t = torch.as_tensor(values, dtype=torch.float32, device=self.device)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"logprobs must have shape {shape} (one per action), got {tuple(t.shape)}")
+        return t
+
+    # ------------------------------------------------------------------ the MDP
+    def _token_rewards(self, ref_lp: torch.Tensor, pol_lp: torch.Tensor | None):
+        """The per-token part of the reward, and the KL estimate (NaN when log pi is unknown)."""
+        if pol_lp is None:
+            return self.kl_coef * ref_lp, torch.full_like(ref_lp, float("nan"))
+        kl = pol_lp - ref_lp
+        return -self.kl_coef * kl, kl
+
+    def _score(self, rows: np.ndarray, completion_ids: list[list[int]]) -> np.ndarray:
+        prompts = [self.row_prompts[r] for r in rows]
+        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        return self.reward_fn([p.text for p in prompts], texts, [p.ids for p in prompts], completion_ids)
+
+    def step(self, actions, logprobs=None):
+        """Advance every row by one token.
+
+        Rows whose episode ended on the previous call are reset instead (their
+        action is ignored; reward 0, not done), as Gymnasium's ``NEXT_STEP``
+        autoreset mode specifies.
+
+        Returns:
+            ``(observation, rewards, terminated, truncated, info)`` with tensors on the device.
+        """
+        if not self.started:
+            raise EpisodeError("call reset() before step()")
+        actions = self._as_token_tensor(actions, (self.num_envs,), "actions")
+        restarting = np.flatnonzero(self.pending_reset)
+        active = ~torch.as_tensor(self.pending_reset, device=self.device)
+        state = self.observation() if (logprobs is None and self.policy_fn is not None) else None
+
+        ref_lp = self.ref.next_logprobs.gather(1, actions[:, None]).squeeze(1)
+        if logprobs is not None:
+            pol_lp = self._as_logprobs(logprobs, (self.num_envs,))
+        elif self.policy_fn is not None:
+            pol_lp = torch.as_tensor(self.policy_fn(state, actions), dtype=torch.float32, device=self.device)
+            pol_lp = pol_lp.reshape(self.num_envs)
+        else:
+            pol_lp = None
+        rewards, kl = self._token_rewards(ref_lp, pol_lp)
+        rewards = torch.where(active, rewards, torch.zeros_like(rewards))
+
+        col = (self.prompt_len + self.gen_len).clamp(max=self.max_len - 1)
+        self.tokens[self.rows, col] = torch.where(active, actions, self.tokens[self.rows, col])
+        self.obs_mask[self.rows, col] = torch.where(active, torch.ones_like(self.obs_mask[:, 0]),
+                                                    self.obs_mask[self.rows, col])
+        self.gen_len += active
+        self.episode_kl += torch.where(active, kl.nan_to_num(0.0), torch.zeros_like(kl))
+        terminated = torch.isin(actions, self._stop) & active
+        truncated = (self.gen_len >= self.max_new_tokens) & active & ~terminated
+        done = (terminated | truncated).cpu().numpy()  # the one host sync per step: who needs scoring
+
+        info = {"ref_logprob": ref_lp}
+        if pol_lp is not None:  # without the policy's log-prob the KL is unknown, and left out
+            info.update(logprob=pol_lp, kl=kl)
+        finished = np.flatnonzero(done)
+        if finished.size:
+            info.update(self._finish(finished, rewards, kl_known=pol_lp is not None))
+        if not (done | self.pending_reset).all():
+            self.ref.append(actions)
+        if restarting.size:
+            self._restart_rows(restarting)
+        self.pending_reset = done
+        self._fresh = False
+        return self.observation(), rewards, terminated, truncated, info
+
+    def _finish(self, finished: np.ndarray, rewards: torch.Tensor, kl_known: bool) -> dict:
+        """Score the episodes that ended this step and add the score to their last reward."""
+        idx = torch.as_tensor(finished, device=self.device)
+        starts, lengths = self.prompt_len[idx].tolist(), self.gen_len[idx].tolist()
+        rows_tokens = self.tokens[idx].tolist()
+        completion_ids = []
+        for toks, s, n in zip(rows_tokens, starts, lengths):
+            gen = toks[s:s + n]
+            completion_ids.append(gen[:-1] if gen and gen[-1] in self.stop_token_ids else gen)
+        scores = self._score(finished, completion_ids)
+        rewards[idx] += torch.as_tensor(scores, dtype=rewards.dtype, device=self.device)
+        n = self.num_envs
+        mask = np.zeros(n, dtype=bool)
+        mask[finished] = True
+        score = np.full(n, np.nan)
+        score[finished] = scores
+        completion = np.full(n, None, dtype=object)
+        completion[finished] = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        length = np.zeros(n, dtype=np.int64)
+        length[finished] = lengths
+        out = {"score": score, "_score": mask, "completion": completion, "_completion": mask,
+               "episode_length": length, "_episode_length": mask}
+        if kl_known:
+            episode_kl = np.zeros(n)
+            episode_kl[finished] = self.episode_kl[idx].cpu().numpy()
+            out.update(episode_kl=episode_kl, _episode_kl=mask)
+        return out
+
+    def score_sequences(self, tokens, logprobs=None) -> SequenceResult:
+        """Submit whole continuations for the current prompts; get exactly what per-token ``step`` would give.
+
+        Args:
+            tokens: ``(N, T)`` token ids sampled for the current episodes, ``T <= max_new_tokens``.
+                Each episode ends at its first stop token (later tokens are ignored) or at
+                ``max_new_tokens``; with ``T < max_new_tokens`` every row needs a stop token.
+            logprobs: ``(N, T)`` log pi of each token under the sampling policy, for the KL term.
+                Without them the bound policy is asked once over the whole batch, else the
+                reward is the documented ``beta * log pi_ref`` form.
+
+        The reference model scores every continuation in one forward over the batch,
+        on top of its cached prompts. Afterwards every episode has ended and all rows
+        restart on new prompts; read them with :meth:`observation`.
+        """
+        if not self.started:
+            raise EpisodeError("call reset() before score_sequences()")
+        if not self._fresh:
+            raise EpisodeError("score_sequences() needs every episode at its start: call it right after reset() "
+                               "or a previous score_sequences(), not in the middle of per-token stepping")
+        n = self.num_envs
+        if not hasattr(tokens, "shape") or len(tokens.shape) != 2:
+            raise ValueError(f"tokens must be a 2-D (num_envs={n}, T) array of token ids")
+        steps = int(tokens.shape[1])
+        if not 1 <= steps <= self.max_new_tokens:
+            raise ValueError(f"tokens has {steps} columns; it needs between 1 and max_new_tokens="
+                             f"{self.max_new_tokens}")
+        tokens = self._as_token_tensor(tokens, (n, steps), "tokens")
+        pol_lp = self._as_logprobs(logprobs, (n, steps)) if logprobs is not None else None
+
+        is_stop = torch.isin(tokens, self._stop)
+        has_stop = is_stop.any(1)
+        positions = torch.arange(steps, device=self.device)
+        first_stop = torch.where(is_stop, positions, steps).min(1).values
+        lengths = torch.where(has_stop, first_stop + 1, torch.full_like(first_stop, steps))
+        if steps < self.max_new_tokens and not bool(has_stop.all()):
+            row = int(torch.nonzero(~has_stop)[0])
+            raise ValueError(f"row {row} has no stop token in its {steps} tokens and {steps} < max_new_tokens="
+                             f"{self.max_new_tokens}, so its episode has not ended; submit full-length rows")
+        mask = (positions < lengths[:, None]).to(torch.float32)
+        last = positions == (lengths - 1)[:, None]
+
+        ref_lp = self.ref.score_continuations(tokens)
+        if pol_lp is None and self.policy_fn is not None:
+            pol_lp = self._bound_policy_logprobs(tokens)
+        rewards, kl = self._token_rewards(ref_lp, pol_lp)
+        rewards = rewards * mask
+        kl = torch.where(mask.bool(), kl, torch.zeros_like(kl))
+
+        lengths_host = lengths.tolist()
+        tokens_host = tokens.tolist()
+        completion_ids = [row[:k - 1] if has else row[:k]
+                          for row, k, has in zip(tokens_host, lengths_host, has_stop.tolist())]
+        rows = np.arange(n)
+        scores = self._score(rows, completion_ids)
+        score_t = torch.as_tensor(scores, dtype=rewards.dtype, device=self.device)
+        rewards = rewards + last * score_t[:, None]
+        result = SequenceResult(
+            rewards=rewards, terminated=last & has_stop[:, None], truncated=last & ~has_stop[:, None], mask=mask,
+            ref_logprobs=ref_lp * mask, logprobs=None if pol_lp is None else pol_lp * mask, kl=kl,
+            scores=score_t, lengths=lengths, prompts=[p.text for p in self.row_prompts],
+            completions=self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True))
+        self._restart_rows(rows)
+        self._fresh = True
+        return result
+
+    def optimal_return(self) -> float:
+        """The exact optimal expected return over the prompt distribution (see :mod:`lmgym.optimum`)."""
+        if getattr(self, "_optimal_return", None) is None:
+            if not self.prompts.finite:
+                raise ValueError("the exact optimum needs a known list of prompts, not a stream")
+            weights: dict[tuple[int, ...], int] = {}
+            for p in self.prompts.items:
+                weights[tuple(p.ids)] = weights.get(tuple(p.ids), 0) + 1
+            distinct = [list(k) for k in weights]
+
+            def score(prompt_ids, completions):
+                text = self.tokenizer.decode(prompt_ids)
+                return self.reward_fn([text] * len(completions),
+                                      self.tokenizer.batch_decode(completions, skip_special_tokens=True),
+                                      [prompt_ids] * len(completions), completions)
+
+            values = soft_optimal_values(self.model, distinct, score, max_new_tokens=self.max_new_tokens,
+                                         stop_token_ids=self.stop_token_ids, kl_coef=self.kl_coef)
+            self._optimal_return = float(np.dot(list(weights.values()), values) / len(self.prompts.items))
+        return self._optimal_return
+
+    def _bound_policy_logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Ask the bound policy for each submitted token, in one call per position (states differ per step)."""
+        out = []
+        tokens_buf, mask_buf = self.tokens.clone(), self.obs_mask.clone()
+        for t in range(tokens.shape[1]):
+            state = {"input_ids": tokens_buf.clone(), "attention_mask": mask_buf.clone()}
+            out.append(torch.as_tensor(self.policy_fn(state, tokens[:, t]), dtype=torch.float32,
+                                       device=self.device).reshape(-1))
+            col = (self.prompt_len + t).clamp(max=self.max_len - 1)
+            tokens_buf[self.rows, col] = tokens[:, t]
+            mask_buf[self.rows, col] = 1
+        return torch.stack(out, dim=1)

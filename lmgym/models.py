@@ -1,0 +1,380 @@
+"""Loading causal language models, and stepping them over a batch with a KV cache.
+
+Everything here works on any Hugging Face causal LM. The batched stepping keeps
+prompts *left-padded* in the cache (as ``model.generate`` does), so that every
+row's newest token sits in the last column and a prefill needs only the last
+position's logits. Rows may be re-prefilled independently (a vector environment
+resets episodes one at a time); their new keys and values are written into the
+rightmost columns and the columns before are masked out, which is exact because
+a cached key/value does not depend on the column it is stored in, only on the
+position id it was computed with.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "resolve_device",
+    "resolve_dtype",
+    "load_model",
+    "load_tokenizer",
+    "word_tokenizer",
+    "tiny_model",
+    "CachedLM",
+    "token_logprobs",
+    "sample_continuations",
+]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` picks CUDA when available, else the CPU; anything else goes to ``torch.device``."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} asks for CUDA but torch sees no GPU; use device='auto' or 'cpu'")
+    return dev
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``"auto"`` is float32 on the CPU and bfloat16 on a GPU that supports it."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not known; use 'auto' or one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _check_source(name_or_path: str) -> None:
+    """A missing local path must fail with a message about the path, not about the hub."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"model must be a path, a hub name or a PreTrainedModel, got {type(name_or_path).__name__}")
+    name = os.fspath(name_or_path)
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise FileNotFoundError(f"model path {name!r} does not exist; pass an existing directory saved with "
+                                "save_pretrained(), or a hub name when you are online")
+
+
+def load_tokenizer(name_or_path, *, trust_remote_code: bool = False):
+    """Load a tokenizer by local path or hub name, with a pad token set (EOS when the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    _check_source(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(os.fspath(name_or_path), trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise OSError(f"could not load a tokenizer from {os.fspath(name_or_path)!r}: it is not a local directory "
+                      f"with tokenizer files and could not be fetched from the hub (offline?). ({err})") from err
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ValueError(f"tokenizer {name_or_path!r} has neither a pad nor an EOS token; set one first")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name_or_path, *, device: str | torch.device = "auto", dtype="auto",
+               trust_remote_code: bool = False, tokenizer=None):
+    """Load a causal LM and its tokenizer.
+
+    Args:
+        name_or_path: a local directory written by ``save_pretrained`` or a hub name
+            (hub names need internet), or an already built ``PreTrainedModel``.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        dtype: ``"auto"`` (float32 on CPU, bfloat16 on GPU), a name or a ``torch.dtype``.
+        trust_remote_code: run model code shipped with the checkpoint. Off unless you turn it on.
+        tokenizer: a tokenizer object or path; by default loaded from ``name_or_path``.
+
+    Returns:
+        ``(model, tokenizer)`` with the model in eval mode on ``device``.
+    """
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    dev = resolve_device(device)
+    if isinstance(name_or_path, PreTrainedModel):
+        model = name_or_path
+        if dtype != "auto":
+            model = model.to(resolve_dtype(dtype, dev))
+        model = model.to(dev)
+        if tokenizer is None:
+            raise ValueError("a model object needs its tokenizer: pass tokenizer=...")
+    else:
+        _check_source(name_or_path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(os.fspath(name_or_path), dtype=resolve_dtype(dtype, dev),
+                                                         trust_remote_code=trust_remote_code)
+        except OSError as err:
+            raise OSError(f"could not load a causal LM from {os.fspath(name_or_path)!r}: it is not a local model "
+                          f"directory and could not be fetched from the hub (offline?). ({err})") from err
+        model = model.to(dev)
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer or name_or_path, trust_remote_code=trust_remote_code)
+    elif tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}; "
+                         "they do not belong together")
+    return model.eval(), tokenizer
+
+
+def word_tokenizer(words: list[str], *, eos_token: str = "<eos>"):
+    """A whitespace word-level fast tokenizer over ``[eos_token] + words`` (EOS is id 0 and doubles as pad).
+
+    Built with the ``tokenizers`` library, entirely offline; unknown words map to EOS.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if len(set(words)) != len(words) or eos_token in words:
+        raise ValueError("words must be distinct and must not contain the EOS token")
+    vocab = {eos_token: 0, **{w: i + 1 for i, w in enumerate(words)}}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=eos_token))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.decoder = decoders.WordPiece(prefix="##")  # joins word tokens with single spaces
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=eos_token, pad_token=eos_token,
+                                   unk_token=eos_token)
+
+
+def tiny_model(vocab: list[str] | int = 16, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
+               max_positions: int = 128, seed: int = 0, init_std: float = 0.02, uniform: bool = False,
+               tokenizer=None):
+    """Build a small randomly initialised Llama-style LM and a matching tokenizer, offline and deterministically.
+
+    Args:
+        vocab: the words of a word-level tokenizer, or a vocabulary size (words ``t1 t2 ...``).
+        hidden_size, num_layers, num_heads, max_positions: the model's shape.
+        seed: seeds the weight initialisation; the same seed gives the same weights.
+        init_std: standard deviation of the initial weights (larger gives peakier next-token distributions).
+        uniform: zero the output layer so every next-token distribution is uniform.
+        tokenizer: use this tokenizer instead of building a word-level one (its length sets the vocabulary).
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode on the CPU in float32.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if tokenizer is None:
+        words = [f"t{i}" for i in range(1, vocab)] if isinstance(vocab, int) else list(vocab)
+        tokenizer = word_tokenizer(words)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+                         max_position_embeddings=max_positions, tie_word_embeddings=False,
+                         initializer_range=init_std,
+                         bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):  # the CPU generator only; the caller's RNG state is kept
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    if uniform:
+        with torch.no_grad():
+            model.lm_head.weight.zero_()
+    return model.eval(), tokenizer
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[tokens], computed in float32 without materialising the whole log-softmax."""
+    logits = logits.float()
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack token lists left-padded: ``(ids, mask)``, both ``(len(sequences), longest)``."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        if seq:
+            ids[i, width - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
+            mask[i, width - len(seq):] = 1
+    return ids.to(device), mask.to(device)
+
+
+class CachedLM:
+    """A batch of token sequences fed to a causal LM incrementally, with a KV cache.
+
+    It holds, per row, the cache of everything fed so far and the log-probabilities
+    of the *next* token (``next_logprobs``, ``(batch, vocab)`` float32). Rows can be
+    restarted on new prompts independently with :meth:`restart_rows`.
+
+    Args:
+        model: a Hugging Face causal LM (kept frozen; gradients are never taken).
+        max_sequence_length: the longest prompt + continuation a row can hold. The
+            cache is compacted when it grows to twice this, bounding memory under
+            endless resets.
+    """
+
+    def __init__(self, model, *, max_sequence_length: int):
+        self.model = model
+        self.max_sequence_length = max_sequence_length
+        self._keep_last = _accepts_logits_to_keep(model)
+        self.cache = None
+        self.mask: torch.Tensor | None = None  # (batch, cache columns) 1 where a column is a real token
+        self.lengths: torch.Tensor | None = None  # (batch,) tokens fed per row = next position id
+        self.next_logprobs: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _forward(self, ids, mask, position_ids, cache, last_only: bool):
+        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                      use_cache=True)
+        if last_only and self._keep_last:
+            kwargs["logits_to_keep"] = 1
+        return self.model(**kwargs)
+
+    @torch.no_grad()
+    def _prefill(self, prompts: list[list[int]]):
+        ids, mask = left_pad(prompts, 0, self.device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        out = self._forward(ids, mask, positions, None, last_only=True)
+        next_lp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        return out.past_key_values, mask, mask.sum(1), next_lp
+
+    def start(self, prompts: list[list[int]]) -> None:
+        """Forget everything and prefill one prompt per row."""
+        self.cache, self.mask, self.lengths, self.next_logprobs = self._prefill(prompts)
+
+    @torch.no_grad()
+    def restart_rows(self, rows: torch.Tensor, prompts: list[list[int]]) -> None:
+        """Prefill new prompts into the given rows (a long tensor of row indices), keeping the other rows."""
+        cache, mask, lengths, next_lp = self._prefill(prompts)
+        width = mask.shape[1]
+        if width > self.mask.shape[1]:
+            self._grow_left(width - self.mask.shape[1])
+        total = self.mask.shape[1]
+        for old, new in zip(self.cache.layers, cache.layers):
+            old.keys[rows, :, total - width:] = new.keys.to(old.keys.dtype)
+            old.values[rows, :, total - width:] = new.values.to(old.values.dtype)
+        row_mask = torch.zeros((len(prompts), total), dtype=self.mask.dtype, device=self.mask.device)
+        row_mask[:, total - width:] = mask
+        self.mask[rows] = row_mask
+        self.lengths[rows] = lengths
+        self.next_logprobs[rows] = next_lp
+
+    def _grow_left(self, extra: int) -> None:
+        for layer in self.cache.layers:
+            for name in ("keys", "values"):
+                t = getattr(layer, name)
+                pad = t.new_zeros(t.shape[0], t.shape[1], extra, t.shape[3])
+                setattr(layer, name, torch.cat([pad, t], dim=2))
+        self.mask = torch.cat([self.mask.new_zeros(self.mask.shape[0], extra), self.mask], dim=1)
+
+    def _compact(self) -> None:
+        """Move every row's real columns to the right end (order kept) and drop the rest."""
+        keep = self.max_sequence_length
+        # Stable sort on "is real" puts masked columns first and keeps the order of real ones.
+        order = torch.sort(self.mask, dim=1, stable=True).indices[:, -keep:]
+        self.mask = self.mask.gather(1, order)
+        for layer in self.cache.layers:
+            idx = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+            layer.keys = layer.keys.gather(2, idx)
+            layer.values = layer.values.gather(2, idx)
+
+    @torch.no_grad()
+    def append(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row; returns (and stores) the next-token log-probs ``(batch, vocab)``."""
+        if self.mask.shape[1] >= 2 * self.max_sequence_length:
+            self._compact()
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        out = self._forward(tokens[:, None], self.mask, self.lengths[:, None], self.cache, last_only=True)
+        self.cache = out.past_key_values
+        self.lengths = self.lengths + 1
+        self.next_logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        return self.next_logprobs
+
+    @torch.no_grad()
+    def score_continuations(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Log-probs ``(batch, T)`` of whole continuations ``tokens`` ``(batch, T)`` of the current rows.
+
+        One forward over the continuations on top of the cached prompts. The
+        cache itself is left as it was (rows are expected to restart next).
+        """
+        first = self.next_logprobs.gather(1, tokens[:, :1])
+        if tokens.shape[1] == 1:
+            return first
+        steps = tokens.shape[1] - 1
+        mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], steps)], dim=1)
+        positions = self.lengths[:, None] + torch.arange(steps, device=tokens.device)
+        cache = _copy_cache(self.cache)
+        out = self._forward(tokens[:, :-1], mask, positions, cache, last_only=False)
+        rest = token_logprobs(out.logits, tokens[:, 1:])
+        return torch.cat([first, rest], dim=1)
+
+
+def _copy_cache(cache):
+    """A shallow copy whose layers can grow without touching the original tensors."""
+    import copy
+
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in cache.layers]
+    return new
+
+
+@torch.no_grad()
+def sample_continuations(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
+                         stop_token_ids, pad_token_id: int, temperature: float = 1.0,
+                         generator: torch.Generator | None = None, check_every: int = 8):
+    """Sample continuations of left-padded prompts with a KV cache.
+
+    Args:
+        model: the policy LM.
+        input_ids, attention_mask: left-padded prompts ``(batch, P)``.
+        max_new_tokens: most tokens to sample per row.
+        stop_token_ids: a row stops after emitting one of these; later slots hold ``pad_token_id``.
+        temperature: softmax temperature (1 samples the model's own distribution).
+        generator: a ``torch.Generator`` on the model's device, for reproducible sampling.
+        check_every: look at whether every row has stopped only every this many tokens,
+            to avoid a host round-trip per token.
+
+    Returns:
+        ``(tokens, logprobs)``, both ``(batch, T)`` with ``T <= max_new_tokens``; ``logprobs``
+        are the sampling distribution's log-probs of the chosen tokens (0 after a row stopped).
+    """
+    device = input_ids.device
+    stop = torch.as_tensor(list(stop_token_ids), device=device)
+    batch = input_ids.shape[0]
+    mask = attention_mask
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep)
+    cache, lengths = out.past_key_values, mask.sum(1)
+    logits = out.logits[:, -1]
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens, logprobs = [], []
+    for t in range(max_new_tokens):
+        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+        tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+        lp = logp.gather(1, tok[:, None]).squeeze(1)
+        tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
+        tokens.append(tok)
+        logprobs.append(torch.where(finished, torch.zeros_like(lp), lp))
+        finished = finished | torch.isin(tok, stop)
+        if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(finished.all())):
+            break
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=lengths[:, None],
+                    past_key_values=cache, use_cache=True)
+        cache, lengths, logits = out.past_key_values, lengths + 1, out.logits[:, -1]
+    return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)

@@ -1,0 +1,116 @@
+"""Where episode prompts come from: a list (sampled) or any iterable (read in order)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+__all__ = ["Prompt", "PromptSource"]
+
+
+class Prompt(tuple):
+    """A prompt as ``(text, token_ids)``."""
+
+    __slots__ = ()
+
+    def __new__(cls, text: str, ids: list[int]):
+        return super().__new__(cls, (text, ids))
+
+    @property
+    def text(self) -> str:
+        return self[0]
+
+    @property
+    def ids(self) -> list[int]:
+        return self[1]
+
+
+class PromptSource:
+    """Prompts for episodes.
+
+    A list or tuple is sampled uniformly, with replacement, from the environment's
+    seeded RNG, so ``reset(seed=...)`` fixes the prompt order. Any other iterable
+    (a generator, a data set stream) is read in order, once; running out is an error.
+    A prompt is a string (tokenized with the tokenizer) or a sequence of token ids.
+
+    Args:
+        prompts: the prompts.
+        tokenizer: turns text prompts into token ids, and token-id prompts into text.
+        max_prompt_tokens: the longest prompt allowed; for a list it defaults to the
+            longest prompt in it, for an iterable it must be given.
+    """
+
+    def __init__(self, prompts, tokenizer, *, max_prompt_tokens: int | None = None):
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):
+            raise TypeError(f"prompts must be a list or an iterable of prompts, got {type(prompts).__name__}"
+                            + (" (wrap a single prompt in a list)" if isinstance(prompts, str) else ""))
+        self.tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)
+        self.items: list[Prompt] | None = None
+        self._stream = None
+        if isinstance(prompts, Sequence):
+            if len(prompts) == 0:
+                raise ValueError("prompts is empty: give at least one prompt")
+            self.items = [self.encode(p, where=f"prompt #{i}") for i, p in enumerate(prompts)]
+            longest = max(len(p.ids) for p in self.items)
+            if max_prompt_tokens is None:
+                max_prompt_tokens = longest
+            elif longest > max_prompt_tokens:
+                i = max(range(len(self.items)), key=lambda k: len(self.items[k].ids))
+                raise ValueError(f"prompt #{i} has {longest} tokens, more than max_prompt_tokens={max_prompt_tokens}")
+        else:
+            if max_prompt_tokens is None:
+                raise ValueError("prompts is an iterable of unknown length: pass max_prompt_tokens too")
+            self._stream = iter(prompts)
+            self._drawn = 0
+        if max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+        self.max_prompt_tokens = int(max_prompt_tokens)
+
+    def encode(self, prompt, *, where: str = "prompt") -> Prompt:
+        """Turn a text or token-id prompt into a :class:`Prompt`, with a clear error for bad ones."""
+        if isinstance(prompt, Prompt):
+            return prompt
+        if isinstance(prompt, str):
+            ids = list(self.tokenizer(prompt)["input_ids"])
+            if not ids:
+                raise ValueError(f"{where} {prompt!r} is empty after tokenization; an episode needs at least "
+                                 "one prompt token to condition on")
+            return Prompt(prompt, ids)
+        try:
+            ids = [int(t) for t in prompt]
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"{where} must be a string or a sequence of token ids, got {prompt!r}") from err
+        if not ids:
+            raise ValueError(f"{where} is empty; an episode needs at least one prompt token to condition on")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"{where} has token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
+        return Prompt(self.tokenizer.decode(ids), ids)
+
+    @property
+    def finite(self) -> bool:
+        """True when the prompts are a known list (an exact optimum can then be computed)."""
+        return self.items is not None
+
+    def draw(self, rng: np.random.Generator, n: int) -> list[Prompt]:
+        """The next ``n`` prompts."""
+        if self.items is not None:
+            return [self.items[i] for i in rng.integers(len(self.items), size=n)]
+        out = []
+        for _ in range(n):
+            try:
+                raw = next(self._stream)
+            except StopIteration:
+                raise RuntimeError(f"the prompt iterable ran out after {self._drawn} prompts; pass a longer or "
+                                   "endless iterable (e.g. itertools.cycle) or a list to sample from") from None
+            out.append(self.check_length(self.encode(raw, where=f"prompt #{self._drawn}")))
+            self._drawn += 1
+        return out
+
+    def check_length(self, prompt: Prompt) -> Prompt:
+        if len(prompt.ids) > self.max_prompt_tokens:
+            raise ValueError(f"prompt {prompt.text[:40]!r} has {len(prompt.ids)} tokens, more than "
+                             f"max_prompt_tokens={self.max_prompt_tokens}; raise max_prompt_tokens")
+        return prompt

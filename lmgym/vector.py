@@ -1,0 +1,130 @@
+"""``TextGenVectorEnv``: N text-generation episodes in lock-step, state kept as torch tensors on one device."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from gymnasium.utils import seeding
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from lmgym.core import SequenceResult, TextGenCore
+from lmgym.env import observation_space
+
+__all__ = ["TextGenVectorEnv"]
+
+
+class TextGenVectorEnv(VectorEnv):
+    """A batch of :class:`lmgym.env.TextGenEnv` episodes stepped together on one device (the fast path).
+
+    The MDP, rewards and observation layout are those of ``TextGenEnv``; here
+    observations are a dict of ``(num_envs, L)`` torch tensors, and rewards,
+    ``terminated``, ``truncated`` and per-step infos are ``(num_envs,)`` tensors, all
+    on ``device`` (CUDA when available with ``"auto"``). The reference model keeps a
+    KV cache, so a step costs one decode step of it. Each step synchronises with
+    the device once, to learn which episodes ended and need scoring.
+
+    Two ways to run episodes:
+
+    - ``step(actions, logprobs=None)``: one token per env. Autoreset is
+      ``AutoresetMode.NEXT_STEP``: the call after an episode ends resets that env
+      (its action is ignored, its reward is 0).
+    - ``score_sequences(tokens, logprobs=None)``: an agent that sampled whole
+      continuations itself submits them right after a reset and gets the exact
+      per-token rewards, dones and infos stepping would have produced, from one
+      reference forward over the batch. All envs then restart on new prompts.
+
+    Episode-end infos (``score``, ``completion``, ``episode_kl``, ``episode_length``)
+    are numpy arrays with Gymnasium's ``_name`` masks.
+
+    Args:
+        num_envs: number of episodes stepped together.
+        model, reward_fn, prompts, tokenizer, max_new_tokens, kl_coef, max_prompt_tokens,
+            stop_token_ids, dtype, trust_remote_code: as for ``TextGenEnv``.
+        group_size: G consecutive envs share each prompt (GRPO / RLOO groups); must divide ``num_envs``.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:N"``.
+    """
+
+    metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": []}
+
+    def __init__(self, num_envs: int = 8, *, model, reward_fn, prompts, tokenizer=None, max_new_tokens: int = 32,
+                 kl_coef: float = 0.05, group_size: int = 1, max_prompt_tokens: int | None = None,
+                 stop_token_ids=None, device="auto", dtype="auto", trust_remote_code: bool = False):
+        self.core = TextGenCore(model=model, reward_fn=reward_fn, prompts=prompts, num_envs=num_envs,
+                                tokenizer=tokenizer, max_new_tokens=max_new_tokens, kl_coef=kl_coef,
+                                group_size=group_size, max_prompt_tokens=max_prompt_tokens,
+                                stop_token_ids=stop_token_ids, device=device, dtype=dtype,
+                                trust_remote_code=trust_remote_code)
+        self.num_envs = num_envs
+        self.single_action_space = spaces.Discrete(self.core.vocab_size)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.single_observation_space = observation_space(self.core.vocab_size, self.core.max_len)
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.core.device
+
+    @property
+    def reference_model(self):
+        """The frozen reference model pi_ref (agents start their policy as a copy of it)."""
+        return self.core.model
+
+    @property
+    def tokenizer(self):
+        return self.core.tokenizer
+
+    @property
+    def kl_coef(self) -> float:
+        return self.core.kl_coef
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.core.max_new_tokens
+
+    @property
+    def group_size(self) -> int:
+        return self.core.group_size
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return self.core.stop_token_ids
+
+    @property
+    def prompts(self) -> list[str]:
+        """The prompt text of each env's current episode."""
+        return [p.text for p in self.core.row_prompts]
+
+    @property
+    def optimal_return(self) -> float:
+        """The exact optimal expected return of the KL-regularised objective (tiny vocabularies only)."""
+        return self.core.optimal_return()
+
+    def bind_policy(self, fn) -> None:
+        """Bind ``fn(observation, actions) -> log pi`` so the KL term is exact when no log-probs are handed over."""
+        self.core.bind_policy(fn)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """Start new episodes in every env. ``options={"prompts": [...]}`` fixes them (one per env or per group)."""
+        if seed is not None:
+            self._np_random, self._np_random_seed = seeding.np_random(seed)
+        options = dict(options or {})
+        prompts = options.pop("prompts", None)
+        if options:
+            raise ValueError(f"unknown reset options {sorted(options)}; the only option is 'prompts'")
+        self.core.rng = self.np_random
+        self.core.reset(prompts=prompts)
+        return self.core.observation(), {"prompt": np.array(self.prompts, dtype=object)}
+
+    def step(self, actions, logprobs=None):
+        """One token per env; ``logprobs`` (num_envs,) are log pi of the actions, for the exact KL term."""
+        return self.core.step(actions, logprobs)
+
+    def score_sequences(self, tokens, logprobs=None) -> SequenceResult:
+        """Submit whole continuations ``(num_envs, T)``; see the class docstring and :class:`SequenceResult`."""
+        return self.core.score_sequences(tokens, logprobs)
+
+    def observation(self) -> dict[str, torch.Tensor]:
+        """The current observation (after ``score_sequences``, the new prompts)."""
+        return self.core.observation()

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny models built offline from a config, and an independent slow reference."""
+
+import numpy as np
+import pytest
+import torch
+
+import lmgym  # noqa: F401  (registers the environments)
+from lmgym.models import tiny_model
+
+WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "far", "good", "bad", "very", "day"]
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A tiny random Llama LM (vocabulary: EOS + 12 words) and its tokenizer."""
+    return tiny_model(WORDS, hidden_size=32, num_layers=2, num_heads=4, max_positions=64, seed=1, init_std=0.3)
+
+
+def count_good(prompts, completions):
+    """A reward: how many times 'good' appears, minus 0.1 per word."""
+    return [c.split().count("good") - 0.1 * len(c.split()) for c in completions]
+
+
+PROMPTS = ["the cat", "the dog ran", "a", "very very good day on the mat"]
+
+
+@torch.no_grad()
+def slow_ref_logprob(model, ids, action) -> float:
+    """log pi_ref(action | ids) from a full float64 forward over the whole prefix, no cache."""
+    m = model.double() if next(model.parameters()).dtype != torch.float64 else model
+    logits = m(input_ids=torch.tensor([list(ids)])).logits[0, -1]
+    return float(torch.log_softmax(logits, dim=-1)[action])
+
+
+@pytest.fixture(scope="session")
+def tiny64(tiny):
+    """A float64 copy of the tiny model, the independent reference for log-probs."""
+    import copy
+
+    return copy.deepcopy(tiny[0]).double()
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
