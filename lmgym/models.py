@@ -120,9 +120,10 @@ def load_model(name_or_path, *, device: str | torch.device = "auto", dtype="auto
         try:
             model = AutoModelForCausalLM.from_pretrained(os.fspath(name_or_path), dtype=resolve_dtype(dtype, dev),
                                                          trust_remote_code=trust_remote_code)
-        except OSError as err:
-            raise OSError(f"could not load a causal LM from {os.fspath(name_or_path)!r}: it is not a local model "
-                          f"directory and could not be fetched from the hub (offline?). ({err})") from err
+        except (OSError, ValueError) as err:
+            raise OSError(f"could not load a causal LM from {os.fspath(name_or_path)!r}: it is not a complete local "
+                          "model directory (config.json + weights, as save_pretrained writes) and could not be "
+                          f"fetched from the hub (offline?). ({err})") from err
         model = model.to(dev)
     if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer or name_or_path, trust_remote_code=trust_remote_code)

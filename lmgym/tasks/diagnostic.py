@@ -61,17 +61,17 @@ class SequenceMatch:
         return scores
 
 
-def _target_token(prompt_length: int):
+def _target_token(prompt_length: int, max_new_tokens: int | None):
     """Emit as many ``a`` as possible."""
-    horizon = 6
+    horizon = max_new_tokens or 6
     return dict(prompts=list(WORDS), reward_fn=TargetCount("a", horizon), max_new_tokens=horizon)
 
 
 def _transform_task(transform):
-    def build(prompt_length: int):
+    def build(prompt_length: int, max_new_tokens: int | None):
         prompts = [list(p) for p in itertools.product(WORDS, repeat=prompt_length)]
         return dict(prompts=[" ".join(p) for p in prompts], reward_fn=SequenceMatch(transform),
-                    max_new_tokens=prompt_length + 1)
+                    max_new_tokens=max_new_tokens or prompt_length + 1)
     return build
 
 
@@ -119,25 +119,25 @@ _DOC = """{title}
 DOCS = {
     "target": _DOC.format(title="lmgym/TargetToken-v0: say `a` as often as you can.",
                           description="The prompt is one word; the agent should answer `a a a a a a`.",
-                          reward="The score is the number of `a` in the completion divided by 6.",
-                          horizon="6", length="ignored"),
+                          reward="The score is the number of `a` in the completion divided by max_new_tokens.",
+                          horizon="max_new_tokens (default 6)", length="ignored"),
     "copy": _DOC.format(title="lmgym/Copy-v0: repeat the prompt.",
                         description="The prompt is `prompt_length` words; the agent should repeat them, then stop.",
                         reward="The score is the number of positions matching the prompt divided by "
                                "max(len(prompt), len(completion)).",
-                        horizon="prompt_length + 1", length="3"),
+                        horizon="max_new_tokens (default prompt_length + 1)", length="3"),
     "reverse": _DOC.format(title="lmgym/Reverse-v0: say the prompt backwards.",
                            description="The prompt is `prompt_length` words; the agent should say them in "
                                        "reverse order, then stop.",
                            reward="The score is the number of positions matching the reversed prompt divided "
                                   "by max(len(prompt), len(completion)).",
-                           horizon="prompt_length + 1", length="3"),
+                           horizon="max_new_tokens (default prompt_length + 1)", length="3"),
     "sort": _DOC.format(title="lmgym/Sort-v0: sort the prompt's words.",
                         description="The prompt is `prompt_length` words; the agent should say them in "
                                     "alphabetical order, then stop.",
                         reward="The score is the number of positions matching the sorted prompt divided by "
                                "max(len(prompt), len(completion)).",
-                        horizon="prompt_length + 1", length="3"),
+                        horizon="max_new_tokens (default prompt_length + 1)", length="3"),
 }
 
 _FIXED = {"model", "tokenizer", "prompts", "reward_fn"}
@@ -161,7 +161,7 @@ def _task_kwargs(task: str, vector: bool, kwargs: dict) -> dict:
     if not isinstance(length, int) or not 1 <= length <= 6:
         raise ValueError(f"prompt_length must be an int in [1, 6], got {length!r}")
     model, tokenizer = reference_model(kwargs.pop("reference_seed", 0), kwargs.pop("uniform_reference", False))
-    spec = TASKS[task](length)
+    spec = TASKS[task](length, kwargs.pop("max_new_tokens", None))
     spec.update(kwargs)
     return dict(model=model, tokenizer=tokenizer, **spec)
 
