@@ -28,6 +28,7 @@ __all__ = [
     "CachedLM",
     "token_logprobs",
     "sample_continuations",
+    "to_left_padded",
 ]
 
 
@@ -209,6 +210,13 @@ def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Ten
             ids[i, width - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
             mask[i, width - len(seq):] = 1
     return ids.to(device), mask.to(device)
+
+
+def to_left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """Turn lmgym's left-aligned observations into the left-padded layout ``generate`` expects (no host sync)."""
+    # A stable sort on the mask moves padding (0) to the front and keeps token order.
+    order = torch.sort(attention_mask.to(torch.int8), dim=1, stable=True).indices
+    return input_ids.gather(1, order), attention_mask.gather(1, order).long()
 
 
 class CachedLM:
