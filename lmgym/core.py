@@ -84,8 +84,6 @@ class TextGenCore:
             raise ValueError(f"group_size must be a positive int dividing num_envs={num_envs}, got {group_size!r}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        if not isinstance(kl_coef, (int, float)) or not math.isfinite(kl_coef) or kl_coef < 0:
-            raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef!r}")
         self.device = resolve_device(device)
         self.model, self.tokenizer = load_model(model, device=self.device, dtype=dtype, tokenizer=tokenizer,
                                                 trust_remote_code=trust_remote_code)
@@ -94,7 +92,8 @@ class TextGenCore:
         self.reward_fn = RewardFunction(reward_fn)
         self.prompts = PromptSource(prompts, self.tokenizer, max_prompt_tokens=max_prompt_tokens)
         self.num_envs, self.group_size = num_envs, group_size
-        self.max_new_tokens, self.kl_coef = max_new_tokens, float(kl_coef)
+        self.max_new_tokens = max_new_tokens
+        self.set_kl_coef(kl_coef)
         self.max_len = self.prompts.max_prompt_tokens + max_new_tokens
         context = getattr(self.model.config, "max_position_embeddings", None)
         if context is not None and self.max_len > context:
@@ -128,6 +127,13 @@ class TextGenCore:
         self._episodes = np.zeros(n, dtype=np.int64)
         self._group_prompts: dict[tuple[int, int], list] = {}
         self.rng = np.random.default_rng()
+
+    def set_kl_coef(self, kl_coef: float) -> None:
+        if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)) or not math.isfinite(kl_coef) \
+                or kl_coef < 0:
+            raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef!r}")
+        self.kl_coef = float(kl_coef)
+        self._optimal_return = None  # the optimum depends on beta
 
     # ------------------------------------------------------------------ prompts and resets
     def bind_policy(self, fn) -> None:

@@ -77,7 +77,12 @@ class TextGenVectorEnv(VectorEnv):
 
     @property
     def kl_coef(self) -> float:
+        """beta, the KL coefficient in the reward; agents with an adaptive KL controller set it."""
         return self.core.kl_coef
+
+    @kl_coef.setter
+    def kl_coef(self, value: float) -> None:
+        self.core.set_kl_coef(value)
 
     @property
     def max_new_tokens(self) -> int:

@@ -1,0 +1,200 @@
+"""PPO for language models, as in InstructGPT / lm-human-preferences (Ziegler et al. 2019; Ouyang et al. 2022).
+
+Per iteration:
+
+1. Roll out: the policy samples one continuation per prompt; the environment returns
+   per-token rewards ``r_t = -beta * KL_t`` plus the score on the last token.
+2. Estimate values V(s_t) with the critic (a value head on the policy's last hidden
+   state, or on a separate copy of the reference model).
+3. Generalised advantage estimation (Schulman et al. 2016), gamma = 1 and lambda = 0.95
+   by default; returns ``G_t = A_t + V(s_t)``; advantages whitened over the batch.
+4. For ``update_epochs`` passes over ``num_minibatches`` minibatches, minimise
+   ``L = L_clip + vf_coef * L_value - ent_coef * entropy`` with the clipped surrogate
+   ``L_clip = E[max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps))]`` (rho = pi / pi_old) and
+   the clipped value loss ``L_value = 0.5 * E[max((V - G)^2, (clip(V, V_old +- eps_v) - G)^2)]``.
+5. Optionally adapt beta towards a target KL (Ziegler et al. 2019, section 2.2):
+   ``beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon)``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from lmgym.agents.base import Agent, AgentConfig, Rollout, ValueHead, masked_mean, masked_whiten, policy_forward
+
+__all__ = ["PPOConfig", "PPO", "gae", "ppo_losses", "AdaptiveKLController"]
+
+
+@dataclass
+class PPOConfig(AgentConfig):
+    """PPO hyper-parameters (defaults follow lm-human-preferences / TRL where they apply)."""
+
+    learning_rate: float = 1e-4
+    """AdamW learning rate"""
+    update_epochs: int = 4
+    """PPO epochs over each rollout"""
+    num_minibatches: int = 4
+    """minibatches per epoch"""
+    gamma: float = 1.0
+    """discount factor"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    clip_coef: float = 0.2
+    """surrogate clipping epsilon"""
+    clip_value: float = 0.2
+    """value clipping epsilon (0 disables value clipping)"""
+    vf_coef: float = 0.5
+    """value loss weight"""
+    ent_coef: float = 0.0
+    """entropy bonus weight"""
+    norm_adv: bool = True
+    """whiten advantages over the batch"""
+    separate_value_model: bool = False
+    """critic on its own copy of the reference model instead of sharing the policy's trunk"""
+    adaptive_kl: bool = False
+    """adapt the environment's KL coefficient towards target_kl"""
+    target_kl: float = 6.0
+    """target KL per episode for the adaptive controller"""
+    kl_horizon: int = 10000
+    """horizon (environment steps) of the adaptive controller"""
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimates ``(N, T)`` for episodes that end at their last masked token.
+
+    ``A_t = delta_t + gamma * lam * A_{t+1}``, ``delta_t = r_t + gamma * V_{t+1} - V_t``, with
+    ``V = 0`` after the last token (episodes end by a stop token or the horizon).
+    """
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_adv = torch.zeros_like(rewards[:, 0])
+    for t in range(rewards.shape[1] - 1, -1, -1):
+        alive = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = (delta + gamma * lam * next_adv) * alive
+        advantages[:, t] = next_adv
+        next_value = values[:, t] * alive
+    return advantages
+
+
+def ppo_losses(new_logprobs, old_logprobs, advantages, new_values, old_values, returns, mask, clip_coef,
+               clip_value):
+    """Clipped surrogate and value losses (masked means over tokens), with the clip fraction and approx KL."""
+    log_ratio = new_logprobs - old_logprobs
+    ratio = log_ratio.exp()
+    pg_losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_coef, 1 + clip_coef))
+    policy_loss = masked_mean(pg_losses, mask)
+    if clip_value > 0:
+        clipped = old_values + (new_values - old_values).clamp(-clip_value, clip_value)
+        value_losses = torch.max((new_values - returns) ** 2, (clipped - returns) ** 2)
+    else:
+        value_losses = (new_values - returns) ** 2
+    value_loss = 0.5 * masked_mean(value_losses, mask)
+    with torch.no_grad():
+        clipfrac = masked_mean(((ratio - 1).abs() > clip_coef).float(), mask)
+        approx_kl = masked_mean((ratio - 1) - log_ratio, mask)
+    return policy_loss, value_loss, clipfrac, approx_kl
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019): move beta so the episode KL tracks ``target``."""
+
+    def __init__(self, beta: float, target: float, horizon: int):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl: float, n_steps: int) -> float:
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.beta *= 1.0 + error * n_steps / self.horizon
+        return self.beta
+
+
+class PPO(Agent):
+    """Proximal Policy Optimization with a value head, GAE and an optional adaptive KL coefficient.
+
+    See :class:`PPOConfig` for the hyper-parameters and the module docstring for the algorithm.
+    """
+
+    config_class = PPOConfig
+    name = "ppo"
+
+    def setup(self) -> None:
+        hidden = self.policy.config.hidden_size
+        self.value_head = ValueHead(hidden).to(self.device)
+        self.value_model = None
+        if self.config.separate_value_model:
+            self.value_model = copy.deepcopy(self.env.reference_model).to(self.device).requires_grad_(True).train()
+        self.kl_ctl = AdaptiveKLController(self.env.kl_coef, self.config.target_kl, self.config.kl_horizon)
+
+    def parameters(self):
+        params = list(self.policy.parameters()) + list(self.value_head.parameters())
+        if self.value_model is not None:
+            params += list(self.value_model.parameters())
+        return params
+
+    def trainable_modules(self):
+        modules = {"policy": self.policy, "value_head": self.value_head}
+        if self.value_model is not None:
+            modules["value_model"] = self.value_model
+        return modules
+
+    def extra_state(self) -> dict:
+        return {"kl_beta": self.kl_ctl.beta}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.kl_ctl.beta = state["kl_beta"]
+
+    def forward(self, batch: Rollout):
+        """Log-probs, entropy and values of the current policy and critic on a batch."""
+        with self.autocast():
+            logprobs, entropy, hidden = policy_forward(self.policy, batch, temperature=self.config.temperature,
+                                                       hidden=self.value_model is None)
+            if self.value_model is not None:
+                _, _, hidden = policy_forward(self.value_model, batch, hidden=True)
+        return logprobs, entropy, self.value_head(hidden)
+
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        cfg, mask = self.config, rollout.mask
+
+        # 1. Values of the states visited, under the current critic.
+        with torch.no_grad():
+            _, _, old_values = self.forward(rollout)
+            old_values = old_values * mask
+
+        # 2. GAE advantages and returns, from the environment's per-token rewards.
+        advantages = gae(rollout.rewards, old_values, mask, cfg.gamma, cfg.gae_lambda)
+        returns = advantages + old_values
+        if cfg.norm_adv:
+            advantages = masked_whiten(advantages, mask) * mask
+        self.check_finite(rewards=rollout.rewards, advantages=advantages, values=old_values)
+
+        # 3. Several epochs of clipped-surrogate minibatch updates.
+        stats = {"loss/policy": [], "loss/value": [], "policy/clipfrac": [], "policy/approxkl": [],
+                 "objective/entropy": [], "loss/grad_norm": []}
+        for idx in self.minibatches(len(rollout)):
+            for micro in self.micro_batches(idx):
+                batch = rollout.select(micro)
+                logprobs, entropy, values = self.forward(batch)
+                policy_loss, value_loss, clipfrac, approx_kl = ppo_losses(
+                    logprobs, batch.logprobs, advantages[micro], values, old_values[micro], returns[micro],
+                    batch.mask, cfg.clip_coef, cfg.clip_value)
+                entropy_mean = masked_mean(entropy, batch.mask)
+                loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy_mean
+                self.check_finite(**{"loss/policy": policy_loss, "loss/value": value_loss})
+                (loss / cfg.gradient_accumulation_steps).backward()
+                for key, value in (("loss/policy", policy_loss), ("loss/value", value_loss),
+                                   ("policy/clipfrac", clipfrac), ("policy/approxkl", approx_kl),
+                                   ("objective/entropy", entropy_mean)):
+                    stats[key].append(value.detach())
+            stats["loss/grad_norm"].append(torch.tensor(self.optimizer_step()))
+        metrics = {k: float(torch.stack(v).mean()) for k, v in stats.items()}
+
+        # 4. Explained variance of the critic, and the adaptive KL coefficient.
+        flat_ret, flat_val = returns[mask.bool()], old_values[mask.bool()]
+        var = flat_ret.var()
+        metrics["val/explained_variance"] = float(1 - (flat_ret - flat_val).var() / var) if var > 0 else 0.0
+        if cfg.adaptive_kl:
+            self.env.kl_coef = self.kl_ctl.update(float(rollout.kl.sum(1).mean()), int(rollout.lengths.sum()))
+        return metrics

@@ -1,0 +1,127 @@
+"""REINFORCE with a baseline (Williams 1992), and RLOO, its leave-one-out form (Kool et al. 2019;
+Ahmadian et al. 2024).
+
+Each completion is one action of a bandit: its return is the sum of the environment's
+per-token rewards, ``R_i = score_i - beta * sum_t KL_t``. The policy gradient is::
+
+    grad J = E[(R_i - b_i) * grad sum_t log pi(y_i,t | x_i, y_i,<t)]
+
+with the baseline b_i:
+
+- ``"moving_average"``: an exponential moving average of past batch-mean returns
+  (REINFORCE with baseline); the first batch uses its own mean;
+- ``"rloo"``: the mean return of the other k - 1 completions of the same prompt,
+  ``b_i = (sum_j R_j - R_i) / (k - 1)`` (the environment's groups, ``group_size=k``);
+- ``"none"``: plain REINFORCE.
+
+The loss ``-mean_i[(R_i - b_i) * sum_t log pi]`` is minimised with one optimizer step per
+minibatch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmgym.agents.base import Agent, AgentConfig, Rollout, masked_mean, policy_forward
+
+__all__ = ["ReinforceConfig", "Reinforce", "RLOOConfig", "RLOO", "leave_one_out_baseline"]
+
+BASELINES = ("moving_average", "rloo", "none")
+
+
+@dataclass
+class ReinforceConfig(AgentConfig):
+    """REINFORCE hyper-parameters."""
+
+    learning_rate: float = 1e-4
+    """AdamW learning rate"""
+    baseline: str = "moving_average"
+    """moving_average, rloo (leave-one-out over the group) or none"""
+    baseline_decay: float = 0.9
+    """decay of the moving-average baseline"""
+    normalize_advantages: bool = False
+    """divide R - b by the batch standard deviation"""
+
+
+@dataclass
+class RLOOConfig(ReinforceConfig):
+    """RLOO hyper-parameters: REINFORCE with the leave-one-out baseline."""
+
+    baseline: str = "rloo"
+    """leave-one-out baseline over the k completions of a prompt"""
+
+
+def leave_one_out_baseline(returns: torch.Tensor, k: int) -> torch.Tensor:
+    """``b_i = (sum of the group's returns - R_i) / (k - 1)`` for consecutive groups of k."""
+    groups = returns.view(-1, k)
+    return ((groups.sum(dim=1, keepdim=True) - groups) / (k - 1)).reshape(-1)
+
+
+class Reinforce(Agent):
+    """REINFORCE with a baseline; see the module docstring."""
+
+    config_class = ReinforceConfig
+    name = "reinforce"
+
+    def setup(self) -> None:
+        if self.config.baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {BASELINES}, got {self.config.baseline!r}")
+        if self.config.baseline == "rloo" and self.env.group_size < 2:
+            raise ValueError("the leave-one-out baseline needs k >= 2 completions per prompt: make the environment "
+                             "with group_size >= 2, e.g. gym.make_vec(id, num_envs=64, group_size=4)")
+        self.running_return: float | None = None
+
+    def extra_state(self) -> dict:
+        return {"running_return": self.running_return}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.running_return = state["running_return"]
+
+    def baseline(self, returns: torch.Tensor) -> torch.Tensor:
+        kind = self.config.baseline
+        if kind == "rloo":
+            return leave_one_out_baseline(returns, self.env.group_size)
+        if kind == "none":
+            return torch.zeros_like(returns)
+        mean = float(returns.mean())
+        b = mean if self.running_return is None else self.running_return
+        decay = self.config.baseline_decay
+        self.running_return = mean if self.running_return is None else decay * self.running_return + (1 - decay) * mean
+        return torch.full_like(returns, b)
+
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        cfg = self.config
+
+        # 1. Sequence returns and their baseline.
+        returns = rollout.returns
+        advantages = returns - self.baseline(returns)
+        if cfg.normalize_advantages:
+            advantages = advantages / (advantages.std() + 1e-8)
+        self.check_finite(returns=returns, advantages=advantages)
+
+        # 2. Policy gradient on the log-likelihood of each whole completion.
+        stats = {"loss/policy": [], "objective/entropy": [], "loss/grad_norm": []}
+        for idx in self.minibatches(len(rollout)):
+            for micro in self.micro_batches(idx):
+                batch = rollout.select(micro)
+                with self.autocast():
+                    logprobs, entropy, _ = policy_forward(self.policy, batch, temperature=cfg.temperature)
+                sequence_logprob = (logprobs * batch.mask).sum(1)
+                loss = -(advantages[micro] * sequence_logprob).mean()
+                self.check_finite(**{"loss/policy": loss})
+                (loss / cfg.gradient_accumulation_steps).backward()
+                stats["loss/policy"].append(loss.detach())
+                stats["objective/entropy"].append(masked_mean(entropy, batch.mask).detach())
+            stats["loss/grad_norm"].append(torch.tensor(self.optimizer_step()))
+        metrics = {k: float(torch.stack(v).mean()) for k, v in stats.items()}
+        metrics["objective/advantage_std"] = float(advantages.std())
+        return metrics
+
+
+class RLOO(Reinforce):
+    """REINFORCE Leave-One-Out: the baseline of each completion is the mean return of its k - 1 siblings."""
+
+    config_class = RLOOConfig
+    name = "rloo"
