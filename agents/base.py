@@ -268,6 +268,9 @@ class Agent:
                 pad_token_id=self.env.tokenizer.pad_token_id, temperature=self.config.temperature,
                 generator=self.generator)
         self.policy.train()
+        if not bool(torch.isfinite(logprobs).all()):
+            raise TrainingError(f"the policy's log-probs are not finite at iteration {self.iteration}: its weights "
+                                f"hold nan or inf. The last good checkpoint is {self.last_checkpoint}.")
         result = self.env.score_sequences(tokens, logprobs)
         for name in ("rewards", "scores"):
             value = getattr(result, name)

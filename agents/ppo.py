@@ -162,13 +162,14 @@ class PPO(Agent):
         with torch.no_grad():
             _, _, old_values = self.forward(rollout)
             old_values = old_values * mask
+        self.check_finite(rewards=rollout.rewards, values=old_values)
 
         # 2. GAE advantages and returns, from the environment's per-token rewards.
         advantages = gae(rollout.rewards, old_values, mask, cfg.gamma, cfg.gae_lambda)
         returns = advantages + old_values
         if cfg.norm_adv:
             advantages = masked_whiten(advantages, mask) * mask
-        self.check_finite(rewards=rollout.rewards, advantages=advantages, values=old_values)
+        self.check_finite(advantages=advantages)
 
         # 3. Several epochs of clipped-surrogate minibatch updates.
         stats = {"loss/policy": [], "loss/value": [], "policy/clipfrac": [], "policy/approxkl": [],

@@ -374,7 +374,10 @@ def sample_continuations(model, input_ids: torch.Tensor, attention_mask: torch.T
     tokens, logprobs = [], []
     for t in range(max_new_tokens):
         logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-        tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+        # Exponential race (the Gumbel-max trick): argmax of log p - log E, E ~ Exp(1), samples from p
+        # without a host round-trip, and lets non-finite log-probs through for the caller to report.
+        race = torch.empty_like(logp).exponential_(generator=generator).log_()
+        tok = (logp - race).argmax(dim=-1)
         lp = logp.gather(1, tok[:, None]).squeeze(1)
         tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
         tokens.append(tok)
