@@ -147,12 +147,15 @@ class ValueHead(nn.Module):
         return self.linear(hidden.float()).squeeze(-1)
 
 
-def policy_forward(model, rollout: Rollout, *, temperature: float = 1.0, hidden: bool = False):
+def policy_forward(model, rollout: Rollout, *, temperature: float = 1.0, hidden: bool = False,
+                   entropy_grad: bool = False):
     """One forward of ``model`` over prompt + continuation.
 
     Returns ``(logprobs, entropy, hidden_states)``, each ``(N, T)`` (hidden ``(N, T, H)``
     or None): the log-prob of each continuation token, the entropy of the policy at
-    that state, and the last hidden state at the position that predicts it.
+    that state, and the last hidden state at the position that predicts it. The
+    entropy carries gradients only with ``entropy_grad=True`` (an entropy bonus);
+    otherwise it is a detached statistic for logging.
     """
     ids = torch.cat([rollout.query_ids, rollout.tokens], dim=1)
     mask = torch.cat([rollout.query_mask, torch.ones_like(rollout.tokens)], dim=1)
@@ -161,8 +164,9 @@ def policy_forward(model, rollout: Rollout, *, temperature: float = 1.0, hidden:
     start = rollout.query_ids.shape[1] - 1
     logits = out.logits[:, start:-1].float() / temperature
     logprobs = token_logprobs(logits, rollout.tokens)
-    probs = torch.softmax(logits, dim=-1)
-    entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        probs = torch.softmax(logits, dim=-1)
+        entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
     h = out.hidden_states[-1][:, start:-1] if hidden else None
     return logprobs, entropy, h
 
@@ -260,7 +264,7 @@ class Agent:
             self.env.reset(seed=self.config.seed)
             self._env_started = True
         obs = self.env.observation()
-        query_ids, query_mask = to_left_padded(obs["input_ids"], obs["attention_mask"])
+        query_ids, query_mask = to_left_padded(obs["input_ids"], obs["attention_mask"], self.env.max_prompt_tokens)
         self.policy.eval()
         with self.autocast():
             tokens, logprobs = sample_continuations(

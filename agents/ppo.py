@@ -150,7 +150,8 @@ class PPO(Agent):
         """Log-probs, entropy and values of the current policy and critic on a batch."""
         with self.autocast():
             logprobs, entropy, hidden = policy_forward(self.policy, batch, temperature=self.config.temperature,
-                                                       hidden=self.value_model is None)
+                                                       hidden=self.value_model is None,
+                                                       entropy_grad=self.config.ent_coef != 0)
             if self.value_model is not None:
                 _, _, hidden = policy_forward(self.value_model, batch, hidden=True)
         return logprobs, entropy, self.value_head(hidden)

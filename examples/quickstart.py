@@ -26,7 +26,7 @@ venv.reset(seed=0)
 policy = venv.reference_model  # pi = pi_ref here, so the KL term is 0
 obs = venv.observation()
 
-ids, mask = to_left_padded(obs["input_ids"], obs["attention_mask"])
+ids, mask = to_left_padded(obs["input_ids"], obs["attention_mask"], venv.max_prompt_tokens)
 tokens, logprobs = sample_continuations(policy, ids, mask, venv.max_new_tokens, stop_token_ids=venv.stop_token_ids,
                                         pad_token_id=0, generator=torch.Generator().manual_seed(0))
 result = venv.score_sequences(tokens, logprobs)

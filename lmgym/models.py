@@ -212,10 +212,17 @@ def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Ten
     return ids.to(device), mask.to(device)
 
 
-def to_left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """Turn lmgym's left-aligned observations into the left-padded layout ``generate`` expects (no host sync)."""
+def to_left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int | None = None):
+    """Turn lmgym's left-aligned observations into the left-padded layout ``generate`` expects (no host sync).
+
+    ``width`` keeps only the last ``width`` columns (an upper bound on the tokens per row,
+    e.g. the environment's ``max_prompt_tokens`` right after a reset), so no model runs
+    over columns that are padding in every row.
+    """
     # A stable sort on the mask moves padding (0) to the front and keeps token order.
     order = torch.sort(attention_mask.to(torch.int8), dim=1, stable=True).indices
+    if width is not None:
+        order = order[:, -width:]
     return input_ids.gather(1, order), attention_mask.gather(1, order).long()
 
 
@@ -374,10 +381,11 @@ def sample_continuations(model, input_ids: torch.Tensor, attention_mask: torch.T
     tokens, logprobs = [], []
     for t in range(max_new_tokens):
         logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-        # Exponential race (the Gumbel-max trick): argmax of log p - log E, E ~ Exp(1), samples from p
-        # without a host round-trip, and lets non-finite log-probs through for the caller to report.
-        race = torch.empty_like(logp).exponential_(generator=generator).log_()
-        tok = (logp - race).argmax(dim=-1)
+        # The Gumbel-max trick: argmax(log p + G), G = -log(-log U), samples from p without a host
+        # round-trip (unlike multinomial on some devices) and lets non-finite log-probs through for the
+        # caller to report.
+        gumbel = torch.rand(logp.shape, generator=generator, device=device).log_().neg_().log_().neg_()
+        tok = (logp + gumbel).argmax(dim=-1)
         lp = logp.gather(1, tok[:, None]).squeeze(1)
         tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
         tokens.append(tok)

@@ -20,10 +20,10 @@ import time
 
 import torch
 
-from lmgym.models import resolve_device, sample_continuations, tiny_model, to_left_padded
+from lmgym.models import resolve_device, sample_continuations, tiny_model, to_left_padded, token_logprobs
 from lmgym.vector import TextGenVectorEnv
 
-__all__ = ["bench_model", "environment_rollout"]
+__all__ = ["bench_model", "environment_rollout", "agent_iteration"]
 
 
 def bench_model(size: str = "4M", seed: int = 0):
@@ -72,7 +72,7 @@ def environment_rollout(size: str = "4M", batch: int = 64, new_tokens: int = 32,
 
     def baseline():
         obs = env.observation()
-        ids, mask = to_left_padded(obs["input_ids"], obs["attention_mask"])
+        ids, mask = to_left_padded(obs["input_ids"], obs["attention_mask"], env.max_prompt_tokens)
         out = policy.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=new_tokens,
                               min_new_tokens=new_tokens, pad_token_id=0, top_k=0, top_p=1.0)
         full_mask = torch.cat([mask, torch.ones_like(out[:, ids.shape[1]:])], dim=1)
@@ -82,14 +82,14 @@ def environment_rollout(size: str = "4M", batch: int = 64, new_tokens: int = 32,
 
     def submission():
         obs = env.observation()
-        ids, mask = to_left_padded(obs["input_ids"], obs["attention_mask"])
+        ids, mask = to_left_padded(obs["input_ids"], obs["attention_mask"], env.max_prompt_tokens)
         tokens, logprobs = sample_continuations(policy, ids, mask, new_tokens, stop_token_ids=never,
                                                 pad_token_id=0, generator=gen)
         return env.score_sequences(tokens, logprobs).rewards.sum()
 
     def stepping():
         obs = env.observation()
-        ids, mask = to_left_padded(obs["input_ids"], obs["attention_mask"])
+        ids, mask = to_left_padded(obs["input_ids"], obs["attention_mask"], env.max_prompt_tokens)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         out = policy(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         cache, lengths, total = out.past_key_values, mask.sum(1), 0.0
@@ -116,3 +116,92 @@ def environment_rollout(size: str = "4M", batch: int = 64, new_tokens: int = 32,
     results["ratio_b_over_a"] = results["b_submission_s"] / results["a_generate_plus_ref_s"]
     results["ratio_c_over_a"] = results["c_per_token_step_s"] / results["a_generate_plus_ref_s"]
     return results
+
+
+def agent_iteration(algo: str = "grpo", size: str = "4M", prompts: int = 8, group: int = 8, new_tokens: int = 32,
+                    device="auto", repeats: int = 3, seed: int = 0) -> dict:
+    """Time one lmgym GRPO or PPO iteration against a minimal hand-written loop doing the same work.
+
+    The floor, in plain PyTorch + transformers: ``model.generate`` of ``prompts * group``
+    completions, one reference forward, (PPO: one no-grad value forward,) one
+    forward + backward of the policy, and one AdamW step. lmgym's agent runs one
+    iteration with one epoch and one minibatch, so it does the same work.
+    """
+    from lmgym.agents import GRPO, PPO
+    from lmgym.agents.base import ValueHead
+
+    if algo not in ("grpo", "ppo"):
+        raise ValueError(f"algo must be 'grpo' or 'ppo', got {algo!r}")
+    dev = resolve_device(device)
+    ref, tok = bench_model(size, seed)
+    ref = ref.to(dev)
+    batch = prompts * group
+    g = torch.Generator().manual_seed(seed)
+    prompt_ids = [torch.randint(1, len(tok), (12,), generator=g).tolist() for _ in range(prompts)]
+    never = [len(tok) - 1]
+
+    def reward(p, c):
+        return [float(len(x) % 7) for x in c]
+
+    env = TextGenVectorEnv(batch, model=ref, tokenizer=tok, reward_fn=reward, prompts=prompt_ids,
+                           group_size=group if algo == "grpo" else 1, max_new_tokens=new_tokens,
+                           stop_token_ids=never, device=dev)
+    cls = GRPO if algo == "grpo" else PPO
+    agent = cls(env, update_epochs=1, num_minibatches=1, seed=seed)
+
+    # The floor: its own policy copy, value head and optimizer.
+    policy = copy.deepcopy(ref).requires_grad_(True)
+    head = ValueHead(ref.config.hidden_size).to(dev)
+    params = list(policy.parameters()) + (list(head.parameters()) if algo == "ppo" else [])
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids, mask = to_left_padded(*[torch.as_tensor(x, device=dev) for x in _batch_prompts(prompt_ids, group)])
+    width = ids.shape[1]
+    autocast = torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+
+    def floor():
+        with torch.no_grad(), autocast:
+            out = policy.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, pad_token_id=0, top_k=0, top_p=1.0)
+            full_mask = torch.cat([mask, torch.ones_like(out[:, width:])], dim=1)
+            positions = (full_mask.cumsum(1) - 1).clamp(min=0)
+            ref_logits = ref(input_ids=out, attention_mask=full_mask, position_ids=positions).logits
+            ref_lp = token_logprobs(ref_logits[:, width - 1:-1], out[:, width:])
+            texts = tok.batch_decode(out[:, width:], skip_special_tokens=True)
+            scores = torch.tensor(reward(None, texts), device=dev)
+            if algo == "ppo":
+                h = policy(input_ids=out, attention_mask=full_mask, position_ids=positions,
+                           output_hidden_states=True).hidden_states[-1][:, width - 1:-1]
+                advantages = (scores[:, None] - head(h)).detach()
+            else:
+                grouped = scores.view(-1, group)
+                advantages = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4))
+                advantages = advantages.reshape(-1, 1)
+        with autocast:
+            out_p = policy(input_ids=out, attention_mask=full_mask, position_ids=positions,
+                           output_hidden_states=algo == "ppo")
+            lp = token_logprobs(out_p.logits[:, width - 1:-1], out[:, width:])
+            loss = -(lp * advantages).mean() + 0.05 * (torch.exp(ref_lp - lp) - (ref_lp - lp) - 1).mean()
+            if algo == "ppo":
+                loss = loss + 0.5 * ((head(out_p.hidden_states[-1][:, width - 1:-1]) - scores[:, None]) ** 2).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def lmgym_iteration():
+        agent.update(agent.collect())
+
+    results = {"algo": algo, "device": str(dev), "model_parameters": sum(p.numel() for p in ref.parameters()),
+               "completions": batch, "new_tokens": new_tokens}
+    results["floor_s"] = _time(floor, repeats, dev)
+    results["lmgym_s"] = _time(lmgym_iteration, repeats, dev)
+    results["ratio"] = results["lmgym_s"] / results["floor_s"]
+    return results
+
+
+def _batch_prompts(prompt_ids: list[list[int]], group: int):
+    """Right-padded (left-aligned) ids and mask of each prompt repeated ``group`` times."""
+    width = max(len(p) for p in prompt_ids)
+    ids = [p + [0] * (width - len(p)) for p in prompt_ids for _ in range(group)]
+    mask = [[1] * len(p) + [0] * (width - len(p)) for p in prompt_ids for _ in range(group)]
+    return ids, mask

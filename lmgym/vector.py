@@ -89,6 +89,11 @@ class TextGenVectorEnv(VectorEnv):
         return self.core.max_new_tokens
 
     @property
+    def max_prompt_tokens(self) -> int:
+        """The longest prompt; observations right after a reset hold at most this many tokens."""
+        return self.core.prompts.max_prompt_tokens
+
+    @property
     def group_size(self) -> int:
         return self.core.group_size
 
