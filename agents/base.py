@@ -97,6 +97,8 @@ class Rollout:
     """tokens per episode"""
     group_size: int = 1
     """G consecutive episodes share one prompt"""
+    prompts: list[str] = field(default_factory=list)
+    """each episode's prompt text"""
     completions: list[str] = field(default_factory=list)
     """decoded completions"""
     values: torch.Tensor | None = None
@@ -111,12 +113,14 @@ class Rollout:
         return self.tokens.shape[0]
 
     def select(self, idx: torch.Tensor) -> "Rollout":
-        """The rollout restricted to the episodes ``idx`` (tensors only)."""
+        """The rollout restricted to the episodes ``idx``."""
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             out[f.name] = v[idx] if isinstance(v, torch.Tensor) else v
-        out["completions"] = []
+        rows = idx.tolist()
+        out["prompts"] = [self.prompts[i] for i in rows] if self.prompts else []
+        out["completions"] = [self.completions[i] for i in rows] if self.completions else []
         return Rollout(**out)
 
 
@@ -283,7 +287,7 @@ class Agent:
         return Rollout(query_ids=query_ids, query_mask=query_mask, tokens=tokens, mask=result.mask,
                        logprobs=result.logprobs, ref_logprobs=result.ref_logprobs, rewards=result.rewards,
                        scores=result.scores, kl=result.kl, lengths=result.lengths, group_size=self.env.group_size,
-                       completions=result.completions)
+                       prompts=result.prompts, completions=result.completions)
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         """One training update on a rollout; returns metrics to log. Algorithms implement this."""

@@ -42,3 +42,22 @@ def tiny64(tiny):
 
 def rng(seed=0):
     return np.random.default_rng(seed)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def lmgym_home(tmp_path_factory):
+    """Keep the zoo cache of the test session in a temporary folder, never the user's cache."""
+    import os
+
+    path = tmp_path_factory.mktemp("lmgym-home")
+    old = os.environ.get("LMGYM_HOME")
+    os.environ["LMGYM_HOME"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("LMGYM_HOME", None)
+    else:
+        os.environ["LMGYM_HOME"] = old
+
+
+ZOO_STEPS = 30
+"""Training steps of the reduced zoo builds the tests use (the real ones take about a minute each)."""

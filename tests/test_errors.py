@@ -126,7 +126,7 @@ def test_unknown_task_and_kwargs(tiny):
         gym.make("lmgym/NoSuchTask-v0")
     with pytest.raises(TypeError, match="did you mean 'kl_coef'"):
         gym.make("lmgym/Copy-v0", kl_coeff=0.1)
-    with pytest.raises(TypeError, match="fixed by the diagnostic task"):
+    with pytest.raises(TypeError, match="fixed by this diagnostic task"):
         gym.make("lmgym/Copy-v0", reward_fn=count_good)
     with pytest.raises(TypeError, match="kl_coeff"):
         gym.make("lmgym/TextGen-v0", model=tiny[0], tokenizer=tiny[1], reward_fn=count_good, prompts=PROMPTS,

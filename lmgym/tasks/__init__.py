@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import gymnasium as gym
 
-from lmgym.tasks.diagnostic import DOCS as _DIAGNOSTIC_DOCS
-
-__all__ = ["register_all", "DIAGNOSTIC_IDS"]
+__all__ = ["register_all", "describe", "DIAGNOSTIC_IDS", "LANGUAGE_IDS", "DEFAULT_ZOO_MODELS"]
 
 DIAGNOSTIC_IDS = {
     "lmgym/TargetToken-v0": "target",
@@ -14,6 +12,14 @@ DIAGNOSTIC_IDS = {
     "lmgym/Reverse-v0": "reverse",
     "lmgym/Sort-v0": "sort",
 }
+LANGUAGE_IDS = {
+    "lmgym/Sentiment-v0": "sentiment",
+    "lmgym/Arithmetic-v0": "arithmetic",
+    "lmgym/Preference-v0": "preference",
+}
+DEFAULT_ZOO_MODELS = {"lmgym/Sentiment-v0": ["reviews"], "lmgym/Arithmetic-v0": ["arithmetic"],
+                      "lmgym/Preference-v0": ["assistant", "assistant-rm"]}
+"""The zoo entries each language task builds on first use."""
 
 
 def register_all() -> None:
@@ -21,16 +27,23 @@ def register_all() -> None:
     if "lmgym/TextGen-v0" not in gym.registry:
         gym.register("lmgym/TextGen-v0", entry_point="lmgym.env:TextGenEnv",
                      vector_entry_point="lmgym.vector:TextGenVectorEnv")
-    for env_id, task in DIAGNOSTIC_IDS.items():
-        if env_id not in gym.registry:
-            gym.register(env_id, entry_point="lmgym.tasks.diagnostic:make_env",
-                         vector_entry_point="lmgym.tasks.diagnostic:make_vec_env", kwargs={"task": task})
+    for ids, module in ((DIAGNOSTIC_IDS, "diagnostic"), (LANGUAGE_IDS, "language")):
+        for env_id, task in ids.items():
+            if env_id not in gym.registry:
+                gym.register(env_id, entry_point=f"lmgym.tasks.{module}:make_env",
+                             vector_entry_point=f"lmgym.tasks.{module}:make_vec_env", kwargs={"task": task})
 
 
 def describe(env_id: str) -> str:
     """The documentation of a registered lmgym task."""
     if env_id in DIAGNOSTIC_IDS:
-        return _DIAGNOSTIC_DOCS[DIAGNOSTIC_IDS[env_id]]
+        from lmgym.tasks.diagnostic import DOCS
+
+        return DOCS[DIAGNOSTIC_IDS[env_id]]
+    if env_id in LANGUAGE_IDS:
+        from lmgym.tasks.language import DOCS
+
+        return DOCS[LANGUAGE_IDS[env_id]]
     if env_id == "lmgym/TextGen-v0":
         from lmgym.env import TextGenEnv
 

@@ -9,12 +9,11 @@ agent's mean return divided by it is a fraction of the true optimum.
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import itertools
 
 from lmgym.env import TextGenEnv
 from lmgym.models import tiny_model
+from lmgym.tasks.options import check_options, constructor_options
 from lmgym.vector import TextGenVectorEnv
 
 __all__ = ["WORDS", "reference_model", "TargetCount", "SequenceMatch", "TASKS", "make_env", "make_vec_env"]
@@ -146,16 +145,9 @@ _FIXED = {"model", "tokenizer", "prompts", "reward_fn"}
 def _task_kwargs(task: str, vector: bool, kwargs: dict) -> dict:
     if task not in TASKS:
         raise ValueError(f"unknown diagnostic task {task!r}; known: {sorted(TASKS)}")
-    cls = TextGenVectorEnv if vector else TextGenEnv
     own = {"prompt_length", "reference_seed", "uniform_reference"}
-    allowed = (set(inspect.signature(cls.__init__).parameters) - {"self"} - _FIXED) | own
-    for key in kwargs:
-        if key in _FIXED:
-            raise TypeError(f"{key!r} is fixed by the diagnostic task; use lmgym/TextGen-v0 to choose your own")
-        if key not in allowed:
-            close = difflib.get_close_matches(key, sorted(allowed), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {sorted(allowed)}"
-            raise TypeError(f"unknown argument {key!r} for this diagnostic task{hint}")
+    allowed = (constructor_options(TextGenVectorEnv if vector else TextGenEnv) - _FIXED) | own
+    check_options(kwargs, allowed, "this diagnostic task", _FIXED, "; use lmgym/TextGen-v0 to choose your own")
     kwargs = dict(kwargs)
     length = kwargs.pop("prompt_length", 3)
     if not isinstance(length, int) or not 1 <= length <= 6:
