@@ -188,6 +188,13 @@ class TextGenCore:
         self.started = True
         self._fresh = True
 
+    def restart(self, rows: np.ndarray) -> None:
+        """Start a new episode in the given rows only (a partial reset); the others carry on."""
+        if len(rows):
+            self._restart_rows(rows)
+            self.pending_reset[rows] = False
+            self._fresh = not self.gen_len.any().item() and not self.pending_reset.any()
+
     def _restart_rows(self, rows: np.ndarray) -> None:
         chosen = self._prompts_for(rows)
         self._episodes[rows] += 1

@@ -23,7 +23,7 @@ import torch
 from lmgym.models import resolve_device, sample_continuations, tiny_model, to_left_padded, token_logprobs
 from lmgym.vector import TextGenVectorEnv
 
-__all__ = ["bench_model", "environment_rollout", "agent_iteration"]
+__all__ = ["bench_model", "environment_rollout", "agent_iteration", "sb3_bridge"]
 
 
 def bench_model(size: str = "4M", seed: int = 0):
@@ -205,3 +205,26 @@ def _batch_prompts(prompt_ids: list[list[int]], group: int):
     ids = [p + [0] * (width - len(p)) for p in prompt_ids for _ in range(group)]
     mask = [[1] * len(p) + [0] * (width - len(p)) for p in prompt_ids for _ in range(group)]
     return ids, mask
+
+
+def sb3_bridge(num_envs: int = 16, total_steps: int = 4096, task: str = "lmgym/TargetToken-v0",
+               seed: int = 0) -> dict:
+    """SB3 PPO ("MultiInputPolicy") environment steps per second over the lmgym VecEnv bridge vs. a
+    ``DummyVecEnv`` of single lmgym envs, same task, same number of envs, measured in one run."""
+    import gymnasium as gym
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from lmgym.agents.sb3 import LMGymVecEnv
+
+    def run(env) -> float:
+        model = PPO("MultiInputPolicy", env, n_steps=64, batch_size=256, seed=seed, device="cpu")
+        model.learn(num_envs * 64)  # warm-up
+        start = time.perf_counter()
+        model.learn(total_steps, reset_num_timesteps=True)
+        return total_steps / (time.perf_counter() - start)
+
+    dummy = run(DummyVecEnv([lambda: gym.make(task) for _ in range(num_envs)]))
+    bridge = run(LMGymVecEnv(gym.make_vec(task, num_envs=num_envs, device="cpu"), seed=seed))
+    return {"task": task, "num_envs": num_envs, "dummy_vec_env_steps_per_s": dummy,
+            "bridge_steps_per_s": bridge, "ratio_bridge_over_dummy": bridge / dummy}

@@ -116,15 +116,30 @@ class TextGenVectorEnv(VectorEnv):
         self.core.bind_policy(fn)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
-        """Start new episodes in every env. ``options={"prompts": [...]}`` fixes them (one per env or per group)."""
+        """Start new episodes.
+
+        ``options={"prompts": [...]}`` fixes the prompts (one per env or per group);
+        ``options={"reset_mask": mask}`` (Gymnasium's partial reset) restarts only the envs
+        where ``mask`` is True, drawing new prompts, and leaves the others as they are.
+        """
         if seed is not None:
             self._np_random, self._np_random_seed = seeding.np_random(seed)
         options = dict(options or {})
-        prompts = options.pop("prompts", None)
+        prompts, mask = options.pop("prompts", None), options.pop("reset_mask", None)
         if options:
-            raise ValueError(f"unknown reset options {sorted(options)}; the only option is 'prompts'")
+            raise ValueError(f"unknown reset options {sorted(options)}; the options are 'prompts' and 'reset_mask'")
         self.core.rng = self.np_random
-        self.core.reset(prompts=prompts)
+        if mask is not None:
+            if prompts is not None:
+                raise ValueError("reset takes either 'prompts' or 'reset_mask', not both")
+            if not self.core.started:
+                raise ValueError("a partial reset (reset_mask) needs a full reset() first")
+            mask = np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask, dtype=bool).reshape(-1)
+            if mask.shape != (self.num_envs,):
+                raise ValueError(f"reset_mask must have {self.num_envs} entries, got {mask.shape[0]}")
+            self.core.restart(np.flatnonzero(mask))
+        else:
+            self.core.reset(prompts=prompts)
         return self.core.observation(), {"prompt": np.array(self.prompts, dtype=object)}
 
     def step(self, actions, logprobs=None):
