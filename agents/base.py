@@ -396,17 +396,24 @@ class Agent:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, num_batches: int = 4) -> dict[str, float]:
+    def evaluate(self, num_batches: int = 4, seed: int | None = None) -> dict[str, float]:
         """Mean score, KL and return (score - beta * KL) of the current policy over fresh episodes.
 
-        Uses a separate generator, so evaluating does not change the training run.
+        Prompts and samples come from ``seed`` (default: the config's seed + 10000), so two
+        evaluations of one run (before and after training) see the same prompts and differ
+        only by the policy. The training run's own prompt stream and RNG are left untouched.
         """
-        saved = self.generator.get_state()
+        seed = self.config.seed + 10_000 if seed is None else seed
+        saved_generator, saved_started = self.generator, self._env_started
         env_state = self._env_snapshot() if self._env_started else None
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
         try:
+            self.env.reset(seed=seed)
+            self._env_started = True
             batches = [self.collect() for _ in range(num_batches)]
         finally:
-            self.generator.set_state(saved)
+            self.generator = saved_generator
+            self._env_started = saved_started
             if env_state is not None:
                 self._env_restore(env_state)
         scores = torch.cat([b.scores for b in batches])

@@ -1,30 +1,166 @@
-"""The ``lmgym`` command."""
+"""The ``lmgym`` command: ``train``, ``bench``, ``list`` and ``reward-model train``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
+DEFAULT_BENCH = dict(tasks=["lmgym/TargetToken-v0", "lmgym/Arithmetic-v0"], agents=["ppo", "grpo", "reinforce", "rloo"],
+                     seeds=[0, 1], steps=20_000)
+"""The default ``lmgym bench`` grid: a few minutes on a 2-core CPU."""
 
-def _list(args) -> int:
-    import gymnasium as gym
 
-    import lmgym  # noqa: F401
-    from lmgym.tasks import describe
+def _split_overrides(extra: list[str]) -> list[tuple[str, str]]:
+    """``--agent.name value`` (or ``--agent.name=value``) pairs from the arguments argparse did not know."""
+    pairs, i = [], 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--agent."):
+            raise SystemExit(f"lmgym: unrecognised argument {arg!r} (hyper-parameters are --agent.NAME VALUE)")
+        key = arg[len("--agent."):]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(extra):
+            value, i = extra[i + 1], i + 2
+        else:
+            raise SystemExit(f"lmgym: {arg} needs a value")
+        pairs.append((key, value))
+    return pairs
 
-    for env_id in sorted(k for k in gym.registry if k.startswith("lmgym/")):
-        print(f"{env_id:28s} {describe(env_id).strip().splitlines()[0]}")
+
+def _read_config(path: str | None) -> list[tuple[str, object]]:
+    if path is None:
+        return []
+    file = Path(path)
+    if not file.is_file():
+        raise SystemExit(f"lmgym: config file {file} does not exist")
+    if file.suffix == ".toml":
+        import tomllib
+
+        data = tomllib.loads(file.read_text())
+    else:
+        data = json.loads(file.read_text())
+    data = data.get("agent", data)
+    return list(data.items())
+
+
+def _fresh_dir(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3``... so an earlier run's logs and checkpoints are never overwritten."""
+    if not path.exists() or not any(path.iterdir()):
+        return path
+    n = 2
+    while (path.parent / f"{path.name}-{n}").exists():
+        n += 1
+    return path.parent / f"{path.name}-{n}"
+
+
+def _train(args, extra) -> int:
+    from lmgym.agents import CheckpointError
+    from lmgym.bench import BenchError, parse_overrides, run
+
+    try:
+        overrides = parse_overrides(_read_config(args.config) + _split_overrides(extra), args.agent)
+        base = Path(args.logdir) / args.task.split("/")[-1] / args.agent / f"seed{args.seed}"
+        logdir = base if args.resume else _fresh_dir(base)
+        result = run(args.task, args.agent, steps=args.steps, seconds=args.seconds, seed=args.seed,
+                     device=args.device, logdir=logdir, overrides=overrides, resume=args.resume)
+    except (BenchError, CheckpointError) as err:
+        print(f"lmgym: {err}", file=sys.stderr)
+        return 2
+    s, e = result["start"], result["end"]
+    print(f"\n{args.agent} on {args.task}, seed {args.seed}")
+    print(f"  score      {s['score']:.4f} -> {e['score']:.4f}")
+    print(f"  KL to ref  {s['kl']:.4f} -> {e['kl']:.4f}")
+    print(f"  return     {s['return']:.4f} -> {e['return']:.4f}"
+          + (f"  ({result['fraction_of_optimum']:.1%} of the exact optimum {result['optimum']:.4f})"
+             if result["fraction_of_optimum"] is not None else ""))
+    print(f"  wall time  {result['wall_seconds']:.1f} s, {result['tokens_per_s']:.0f} tokens/s, "
+          f"peak memory {result['peak_memory_mib']:.0f} MiB ({result['memory_kind']})")
+    print(f"  logs       {logdir} (tensorboard --logdir {logdir})")
+    if result["checkpoint"]:
+        print(f"  checkpoint {result['checkpoint']} (continue with --resume)")
     return 0
 
 
-def _reward_model_train(args) -> int:
-    import json
+def _bench(args, extra) -> int:
+    from lmgym.bench import BenchError, bench, parse_overrides
 
+    if args.throughput:
+        return _throughput(args)
+    grid = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in DEFAULT_BENCH.items()}
+    steps = grid["steps"] if args.seconds is None or args.steps is not None else None
+    try:
+        pairs = _read_config(args.config) + _split_overrides(extra)
+        overrides = {a: parse_overrides(pairs, a) for a in grid["agents"]} if pairs else {}
+        report = bench(args.out, tasks=grid["tasks"], agents=grid["agents"], seeds=grid["seeds"], steps=steps,
+                       seconds=args.seconds, device=args.device, overrides=overrides)
+    except BenchError as err:
+        print(f"lmgym: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    print((out / "results.md").read_text())
+    wall = sum(r["wall_seconds"] for r in report["runs"])
+    print(f"{len(report['runs'])} runs, {wall:.0f} s of training. Wrote {out / 'results.md'}, results.json, "
+          f"curves.png, frontier.png; TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
+    return 0
+
+
+def _throughput(args) -> int:
+    from lmgym import throughput
+
+    size = args.size
+    print(f"Speed ratios, each against a baseline measured in the same run ({size} model, device {args.device}):")
+    env = throughput.environment_rollout(size, batch=256 if size == "100M" else 64, device=args.device)
+    print(f"  env rollout, submission path / (generate + ref forward): {env['ratio_b_over_a']:.2f}  "
+          f"({env['b_submission_s'] * 1e3:.0f} vs {env['a_generate_plus_ref_s'] * 1e3:.0f} ms)")
+    print(f"  env rollout, per-token step   / (generate + ref forward): {env['ratio_c_over_a']:.2f}  "
+          f"({env['c_per_token_step_s'] * 1e3:.0f} vs {env['a_generate_plus_ref_s'] * 1e3:.0f} ms)")
+    results = {"environment": env}
+    for algo in ("grpo", "ppo"):
+        r = throughput.agent_iteration(algo, size, device=args.device)
+        results[algo] = r
+        print(f"  one {algo.upper()} iteration / hand-written floor: {r['ratio']:.2f}  "
+              f"({r['lmgym_s'] * 1e3:.0f} vs {r['floor_s'] * 1e3:.0f} ms)")
+    sb3 = throughput.sb3_bridge()
+    results["sb3"] = sb3
+    print(f"  SB3 PPO steps/s, VecEnv bridge / DummyVecEnv: {sb3['ratio_bridge_over_dummy']:.2f}  "
+          f"({sb3['bridge_steps_per_s']:.0f} vs {sb3['dummy_vec_env_steps_per_s']:.0f})")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "throughput.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def _list(args, extra) -> int:
+    import gymnasium as gym
+
+    import lmgym  # noqa: F401
+    from lmgym import zoo
+    from lmgym.tasks import DEFAULT_ZOO_MODELS, describe
+
+    for env_id in sorted(k for k in gym.registry if k.startswith("lmgym/")):
+        needs = DEFAULT_ZOO_MODELS.get(env_id)
+        if needs is None:
+            status = "no build needed" if env_id != "lmgym/TextGen-v0" else "bring your own model"
+        else:
+            built = all(zoo.is_built(n) for n in needs)
+            status = "default model built" if built else "default model builds on first use"
+        print(f"{env_id:24s} {describe(env_id).strip().splitlines()[0].split(': ', 1)[-1]:60s} [{status}]")
+    return 0
+
+
+def _reward_model_train(args, extra) -> int:
     from lmgym.reward_model import RewardModel, read_preferences, train_reward_model
 
-    groups = read_preferences(args.data)
-    held = read_preferences(args.eval_data) if args.eval_data else None
+    try:
+        groups = read_preferences(args.data)
+        held = read_preferences(args.eval_data) if args.eval_data else None
+    except (ValueError, FileNotFoundError) as err:
+        print(f"lmgym: {err}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         print(f"lmgym: {out} already exists and is not empty; pass --overwrite or choose another --out",
@@ -41,8 +177,39 @@ def _reward_model_train(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lmgym.bench import AGENT_NAMES
+
     parser = argparse.ArgumentParser(prog="lmgym", description="Language-model generation as a Gymnasium RL problem.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one agent on one task",
+                       description="Train one agent; hyper-parameters as --agent.NAME VALUE or --config FILE.")
+    p.add_argument("--task", required=True, help="e.g. lmgym/Sentiment-v0 (see lmgym list)")
+    p.add_argument("--agent", required=True, help=f"one of {', '.join(AGENT_NAMES)}")
+    p.add_argument("--steps", type=int, default=20_000, help="environment steps (generated tokens)")
+    p.add_argument("--seconds", type=float, help="wall-clock budget; stops at whichever comes first")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--logdir", default="runs", help="TensorBoard logs and checkpoints go under this folder")
+    p.add_argument("--resume", help="a checkpoint folder of an earlier run of the same task and agent")
+    p.add_argument("--config", help="JSON or TOML file of hyper-parameters ({'agent': {...}} or flat)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("bench", help="compare agents over seeds and tasks under one budget",
+                       description="Run a grid of agents x seeds x tasks and write results.md/json, curves.png, "
+                                   "frontier.png and TensorBoard runs. Re-running skips finished runs.")
+    p.add_argument("--tasks", nargs="+", help=f"default: {' '.join(DEFAULT_BENCH['tasks'])}")
+    p.add_argument("--agents", nargs="+", help=f"default: {' '.join(DEFAULT_BENCH['agents'])}")
+    p.add_argument("--seeds", nargs="+", type=int, help="default: 0 1")
+    p.add_argument("--steps", type=int, help=f"environment steps per run (default {DEFAULT_BENCH['steps']})")
+    p.add_argument("--seconds", type=float, help="wall-clock budget per run instead of (or with) --steps")
+    p.add_argument("--out", default="bench-out", help="output folder (default bench-out)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--config", help="JSON or TOML file of hyper-parameters applied to every agent")
+    p.add_argument("--throughput", action="store_true", help="run the speed benchmarks instead")
+    p.add_argument("--size", default="4M", choices=["4M", "100M"], help="model size for --throughput")
+    p.set_defaults(func=_bench)
+
     p = sub.add_parser("list", help="the registered tasks, one line each")
     p.set_defaults(func=_list)
 
@@ -65,8 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in ("train", "bench"):
+        parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    return args.func(args, extra)
 
 
 if __name__ == "__main__":
