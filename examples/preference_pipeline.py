@@ -13,7 +13,6 @@ import copy
 import gymnasium as gym
 import numpy as np
 
-import lmgym
 from lmgym import corpora, zoo
 from lmgym.agents import RLOO
 from lmgym.reward_model import (LearnedReward, RewardModel, read_preferences, sample_preferences,

@@ -31,7 +31,7 @@ from lmgym.optimum import soft_optimal_values
 from lmgym.prompts import Prompt, PromptSource
 from lmgym.rewards import RewardFunction
 
-__all__ = ["TextGenCore", "SequenceResult", "EpisodeError"]
+__all__ = ["TextGenCore", "CoreView", "SequenceResult", "EpisodeError"]
 
 
 class EpisodeError(RuntimeError):
@@ -450,3 +450,54 @@ class TextGenCore:
             tokens_buf[self.rows, col] = tokens[:, t]
             mask_buf[self.rows, col] = 1
         return torch.stack(out, dim=1)
+
+
+class CoreView:
+    """What the single and the vector environment both expose of their :class:`TextGenCore` (``self.core``)."""
+
+    core: TextGenCore
+
+    @property
+    def device(self) -> torch.device:
+        return self.core.device
+
+    @property
+    def reference_model(self):
+        """The frozen reference model pi_ref (agents start their policy as a copy of it)."""
+        return self.core.model
+
+    @property
+    def tokenizer(self):
+        return self.core.tokenizer
+
+    @property
+    def kl_coef(self) -> float:
+        """beta, the KL coefficient in the reward; agents with an adaptive KL controller set it."""
+        return self.core.kl_coef
+
+    @kl_coef.setter
+    def kl_coef(self, value: float) -> None:
+        self.core.set_kl_coef(value)
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.core.max_new_tokens
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The longest prompt; observations right after a reset hold at most this many tokens."""
+        return self.core.prompts.max_prompt_tokens
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return self.core.stop_token_ids
+
+    @property
+    def optimal_return(self) -> float:
+        """The exact optimal expected return of the KL-regularised objective (tiny vocabularies only)."""
+        return self.core.optimal_return()
+
+    def bind_policy(self, fn) -> None:
+        """Bind ``fn(observation, actions) -> log pi`` (batched torch tensors) so the KL term is exact
+        when no log-probs are handed over with the actions; ``None`` unbinds."""
+        self.core.bind_policy(fn)

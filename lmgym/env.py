@@ -6,7 +6,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from lmgym.core import EpisodeError, TextGenCore
+from lmgym.core import CoreView, EpisodeError, TextGenCore
 
 __all__ = ["TextGenEnv", "observation_space"]
 
@@ -19,7 +19,7 @@ def observation_space(vocab_size: int, max_len: int) -> spaces.Dict:
     })
 
 
-class TextGenEnv(gym.Env):
+class TextGenEnv(CoreView, gym.Env):
     """Generate a completion of a prompt token by token; score it with a reward function, minus a KL penalty.
 
     ## Description
@@ -104,33 +104,6 @@ class TextGenEnv(gym.Env):
         self.observation_space = observation_space(self.core.vocab_size, self.core.max_len)
         self._done = True
         self._last_completion = ""
-
-    # Attributes agents commonly need, named as in the rest of lmgym.
-    @property
-    def reference_model(self):
-        """The frozen reference model pi_ref (agents start their policy as a copy of it)."""
-        return self.core.model
-
-    @property
-    def tokenizer(self):
-        return self.core.tokenizer
-
-    @property
-    def kl_coef(self) -> float:
-        return self.core.kl_coef
-
-    @property
-    def max_new_tokens(self) -> int:
-        return self.core.max_new_tokens
-
-    @property
-    def optimal_return(self) -> float:
-        """The exact optimal expected return of the KL-regularised objective (tiny vocabularies only)."""
-        return self.core.optimal_return()
-
-    def bind_policy(self, fn) -> None:
-        """Bind ``fn(observation, actions) -> log pi`` (batched torch tensors) so the KL term is exact."""
-        self.core.bind_policy(fn)
 
     def _obs(self) -> dict[str, np.ndarray]:
         obs = self.core.observation()

@@ -9,13 +9,13 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from lmgym.core import SequenceResult, TextGenCore
+from lmgym.core import CoreView, SequenceResult, TextGenCore
 from lmgym.env import observation_space
 
 __all__ = ["TextGenVectorEnv"]
 
 
-class TextGenVectorEnv(VectorEnv):
+class TextGenVectorEnv(CoreView, VectorEnv):
     """A batch of :class:`lmgym.env.TextGenEnv` episodes stepped together on one device (the fast path).
 
     The MDP, rewards and observation layout are those of ``TextGenEnv``; here
@@ -63,57 +63,13 @@ class TextGenVectorEnv(VectorEnv):
         self.observation_space = batch_space(self.single_observation_space, num_envs)
 
     @property
-    def device(self) -> torch.device:
-        return self.core.device
-
-    @property
-    def reference_model(self):
-        """The frozen reference model pi_ref (agents start their policy as a copy of it)."""
-        return self.core.model
-
-    @property
-    def tokenizer(self):
-        return self.core.tokenizer
-
-    @property
-    def kl_coef(self) -> float:
-        """beta, the KL coefficient in the reward; agents with an adaptive KL controller set it."""
-        return self.core.kl_coef
-
-    @kl_coef.setter
-    def kl_coef(self, value: float) -> None:
-        self.core.set_kl_coef(value)
-
-    @property
-    def max_new_tokens(self) -> int:
-        return self.core.max_new_tokens
-
-    @property
-    def max_prompt_tokens(self) -> int:
-        """The longest prompt; observations right after a reset hold at most this many tokens."""
-        return self.core.prompts.max_prompt_tokens
-
-    @property
     def group_size(self) -> int:
         return self.core.group_size
-
-    @property
-    def stop_token_ids(self) -> list[int]:
-        return self.core.stop_token_ids
 
     @property
     def prompts(self) -> list[str]:
         """The prompt text of each env's current episode."""
         return [p.text for p in self.core.row_prompts]
-
-    @property
-    def optimal_return(self) -> float:
-        """The exact optimal expected return of the KL-regularised objective (tiny vocabularies only)."""
-        return self.core.optimal_return()
-
-    def bind_policy(self, fn) -> None:
-        """Bind ``fn(observation, actions) -> log pi`` so the KL term is exact when no log-probs are handed over."""
-        self.core.bind_policy(fn)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         """Start new episodes.

@@ -1,7 +1,6 @@
 """The built-in language tasks: valid Gymnasium/SB3 environments whose rewards do what their docs say."""
 
 import gymnasium as gym
-import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env

@@ -6,7 +6,6 @@ import math
 import gymnasium as gym
 import numpy as np
 import pytest
-import torch
 
 from lmgym.tasks import DIAGNOSTIC_IDS
 
