@@ -232,7 +232,8 @@ def _run_sb3(task, agent, *, budget, seconds, seed, device, logdir, overrides, e
     return {"start": start_eval, "end": end_eval, "optimum": optimum,
             "fraction_of_optimum": end_eval["return"] / optimum if optimum else None, "wall_seconds": wall,
             "env_steps": model.num_timesteps, "tokens_per_s": model.num_timesteps / wall if wall else 0.0,
-            "curve": [c for c in curve if not math.isnan(c[2])], "hyperparameters": kwargs, "kl_coef": beta,
+            "curve": [c for c in curve if not math.isnan(c[2])],
+            "hyperparameters": {k: str(v) if k == "device" else v for k, v in kwargs.items()}, "kl_coef": beta,
             "checkpoint": None}
 
 
@@ -277,11 +278,16 @@ def bench(out: str | os.PathLike, *, tasks: list[str], agents: list[str], seeds:
                      logdir=out / "tensorboard" / task.split("/")[-1] / agent / f"seed{seed}",
                      overrides=dict(overrides.get(agent, {})), progress=False)
         tmp = done_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1, default=float))
+        tmp.write_text(json.dumps(result, indent=1, default=_jsonable))
         os.replace(tmp, done_file)  # a run counts as finished only once its file is complete
         results.append(result)
     report = write_report(out, results, grid)
     return report
+
+
+def _jsonable(obj):
+    """numpy scalars as numbers; anything else JSON cannot hold (devices, paths) as text."""
+    return obj.item() if isinstance(obj, np.generic) else str(obj)
 
 
 def _summary(values: list[float]) -> tuple[float, float]:
@@ -312,7 +318,7 @@ def write_report(out: Path, results: list[dict], grid: dict) -> dict:
                 "optimum": runs[0]["optimum"], "memory_kind": runs[0]["memory_kind"],
             }
     report = {"grid": grid, "table": table, "runs": results}
-    (out / "results.json").write_text(json.dumps(report, indent=1, default=float))
+    (out / "results.json").write_text(json.dumps(report, indent=1, default=_jsonable))
     (out / "results.md").write_text(results_markdown(table, grid))
     _plot_curves(out / "curves.png", results, grid)
     _plot_frontier(out / "frontier.png", results, grid)

@@ -58,6 +58,13 @@ def test_bench_writes_every_artefact_and_resumes(tmp_path, capsys, monkeypatch):
     assert calls == [("lmgym/TargetToken-v0", "rloo")]
 
 
+def test_train_with_stable_baselines3(tmp_path, capsys):
+    args = ["train", "--task", "lmgym/TargetToken-v0", "--agent", "sb3-ppo", "--device", "cpu", "--logdir",
+            str(tmp_path), "--steps", "300", "--agent.n_steps", "16"]
+    assert main(args) == 0
+    assert "sb3-ppo on lmgym/TargetToken-v0" in capsys.readouterr().out
+
+
 def test_bench_refuses_a_folder_with_another_grid(tmp_path, capsys):
     out = tmp_path / "bench"
     base = ["bench", "--tasks", "lmgym/TargetToken-v0", "--seeds", "0", "--out", str(out), "--device", "cpu"] + TINY
