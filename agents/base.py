@@ -533,9 +533,14 @@ class Agent:
             except Exception as err:  # a truncated or foreign file
                 raise CheckpointError(f"{file} is missing or corrupt ({err}); the checkpoint cannot be loaded") from err
             try:
-                module.load_state_dict(weights, strict=False) if _has_tied(module) else module.load_state_dict(weights)
+                missing = module.load_state_dict(weights, strict=False).missing_keys
+                unexpected = set(weights) - set(module.state_dict())
             except RuntimeError as err:
                 raise CheckpointError(f"{file} does not match this agent's {name} ({err})") from err
+            if set(missing) - _tied_duplicates(module) or unexpected:
+                raise CheckpointError(f"{file} does not match this agent's {name}: missing "
+                                      f"{sorted(set(missing) - _tied_duplicates(module))[:3]}, unexpected "
+                                      f"{sorted(unexpected)[:3]}")
         if resume:
             try:
                 trainer = torch.load(path / "trainer_state.pt", map_location=self.device, weights_only=True)
@@ -554,20 +559,24 @@ class Agent:
         return self
 
 
+def _storage_key(v: torch.Tensor):
+    return v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)
+
+
 def _untie(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses tensors sharing memory (tied embeddings): keep one copy of each storage."""
     seen, out = set(), {}
     for k, v in weights.items():
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-        if key in seen:
-            continue
-        seen.add(key)
-        out[k] = v
+        if _storage_key(v) not in seen:
+            seen.add(_storage_key(v))
+            out[k] = v
     return out
 
 
-def _has_tied(module: nn.Module) -> bool:
-    return bool(getattr(getattr(module, "config", None), "tie_word_embeddings", False))
+def _tied_duplicates(module: nn.Module) -> set[str]:
+    """The state-dict keys that :func:`_untie` leaves out because they share memory with an earlier key."""
+    state = module.state_dict(keep_vars=True)
+    return set(state) - set(_untie({k: v.detach() for k, v in state.items()}))
 
 
 def _json_default(obj):

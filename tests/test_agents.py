@@ -133,3 +133,18 @@ def test_custom_agent_example_learns():
     example = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "examples", "custom_agent.py"))
     out = example["main"](total_steps=12_000, logdir=None)
     assert out["after"]["return"] > out["before"]["return"] + 0.2
+
+
+def test_checkpoint_of_a_model_with_tied_embeddings_round_trips(tmp_path):
+    from conftest import ZOO_STEPS
+
+    venv = gym.make_vec("lmgym/Arithmetic-v0", num_envs=8, zoo_steps=ZOO_STEPS, device="cpu")
+    assert venv.reference_model.config.tie_word_embeddings
+    agent = Reinforce(venv, learning_rate=1e-2)
+    agent.learn(8 * 3, progress=False)
+    agent.save(tmp_path / "ckpt")
+    other = Reinforce(gym.make_vec("lmgym/Arithmetic-v0", num_envs=8, zoo_steps=ZOO_STEPS, device="cpu"))
+    other.load(tmp_path / "ckpt")
+    a, b = weights(agent), weights(other)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert other.policy.lm_head.weight.data_ptr() == other.policy.model.embed_tokens.weight.data_ptr()
