@@ -233,3 +233,27 @@ def test_make_vec_returns_the_torch_vector_env(tiny):
     venv2 = gym.make_vec("lmgym/TextGen-v0", num_envs=2, model=tiny[0], tokenizer=tiny[1], reward_fn=count_good,
                          prompts=PROMPTS, kl_coef=0.2, device="cpu")
     assert venv2.kl_coef == 0.2 and lmgym.TextGenVectorEnv is type(venv2)
+
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+
+@settings(max_examples=15, deadline=None)
+@given(rows=st.lists(st.lists(st.integers(0, 12), min_size=5, max_size=5), min_size=3, max_size=3),
+       seed=st.integers(0, 1000))
+def test_submission_equals_stepping_for_any_tokens(tiny, rows, seed):
+    """Property: for any tokens (EOS anywhere), submitting equals stepping token by token."""
+    venv = make_vector(tiny, 3, max_new_tokens=5)
+    tokens = np.array(rows)
+    logprobs = -np.linspace(0.5, 2.5, 15, dtype=np.float32).reshape(3, 5)
+    venv.reset(seed=seed)
+    res = venv.score_sequences(tokens, logprobs)
+    venv.reset(seed=seed)
+    stepped = np.zeros((3, 5))
+    ended = np.zeros(3, dtype=bool)
+    for t in range(5):
+        _, r, term, trunc, _ = venv.step(tokens[:, t], logprobs[:, t])
+        stepped[~ended, t] = r.numpy()[~ended]
+        ended |= (term | trunc).numpy()
+    np.testing.assert_allclose(res.rewards.numpy(), stepped, atol=1e-5)
