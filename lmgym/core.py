@@ -20,6 +20,7 @@ agents such as PPO with ``ent_coef=beta`` do.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -85,6 +86,10 @@ class TextGenCore:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         self.device = resolve_device(device)
+        if isinstance(model, torch.nn.Module):
+            # pi_ref is a frozen *copy*: a caller who goes on training the object they passed
+            # must not move the reference, nor find their model frozen.
+            model = copy.deepcopy(model)
         self.model, self.tokenizer = load_model(model, device=self.device, dtype=dtype, tokenizer=tokenizer,
                                                 trust_remote_code=trust_remote_code)
         self.model.requires_grad_(False)

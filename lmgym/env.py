@@ -73,7 +73,8 @@ class TextGenEnv(CoreView, gym.Env):
 
     ## Arguments
 
-    - ``model``: reference LM, a local path, a hub name or a ``PreTrainedModel``.
+    - ``model``: reference LM, a local path, a hub name or a ``PreTrainedModel`` (the
+      environment keeps a frozen copy; the object you pass is left as it was).
     - ``reward_fn``: ``fn(prompts, completions) -> scores`` over lists of strings (see
       :class:`lmgym.rewards.RewardFunction`), called once per batch of finished episodes.
     - ``prompts``: a list of prompts (text or token ids) or any iterable of them.

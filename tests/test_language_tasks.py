@@ -2,6 +2,7 @@
 
 import gymnasium as gym
 import pytest
+import torch
 from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
@@ -60,7 +61,9 @@ def test_task_overrides_and_bad_arguments(tiny):
     env = gym.make("lmgym/Sentiment-v0", model=tiny[0], tokenizer=tiny[1], prompts=["the cat"],
                    reward_fn=lambda p, c: [1.0] * len(c), zoo_steps=ZOO_STEPS)
     env.reset(seed=0)
-    assert env.unwrapped.reference_model is tiny[0]
+    ref = env.unwrapped.reference_model
+    assert ref is not tiny[0] and all(torch.equal(a, b) for a, b in zip(ref.parameters(), tiny[0].parameters()))
+    assert all(p.requires_grad for p in tiny[0].parameters())  # the caller's model is not frozen
     with pytest.raises(TypeError, match="did you mean 'partial_credit'"):
         gym.make("lmgym/Arithmetic-v0", partial_credt=True, zoo_steps=ZOO_STEPS)
     with pytest.raises(ValueError, match="operations must be"):
