@@ -113,14 +113,13 @@ class Rollout:
         return self.tokens.shape[0]
 
     def select(self, idx: torch.Tensor) -> "Rollout":
-        """The rollout restricted to the episodes ``idx``."""
+        """The rollout's tensors restricted to the episodes ``idx`` (texts are left out: updates do not
+        read them, and gathering them would cost a host round-trip per minibatch)."""
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             out[f.name] = v[idx] if isinstance(v, torch.Tensor) else v
-        rows = idx.tolist()
-        out["prompts"] = [self.prompts[i] for i in rows] if self.prompts else []
-        out["completions"] = [self.completions[i] for i in rows] if self.completions else []
+        out["prompts"], out["completions"] = [], []
         return Rollout(**out)
 
 

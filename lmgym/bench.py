@@ -164,10 +164,9 @@ def _run_lmgym(task, agent, *, budget, seconds, seed, device, logdir, overrides,
     optimum = _optimum(venv)
     start_eval = learner.evaluate(eval_batches)
     curve, t0 = [], time.perf_counter()
-    wall_before = 0.0
 
     def record(agent_, metrics):
-        curve.append([agent_.global_step, time.perf_counter() - t0 + wall_before, metrics["objective/scores"],
+        curve.append([agent_.global_step, time.perf_counter() - t0, metrics["objective/scores"],
                       metrics["objective/kl"]])
         if seconds is not None and time.perf_counter() - t0 >= seconds:
             return False

@@ -125,7 +125,7 @@ class TextGenCore:
         self.gen_len = torch.zeros(n, dtype=torch.long, device=d)
         self.episode_kl = torch.zeros(n, dtype=torch.float32, device=d)
         self.rows = torch.arange(n, device=d)
-        self.row_prompts: list[Prompt] = []
+        self.row_prompts: list[Prompt | None] = [None] * n
         self.pending_reset = np.zeros(n, dtype=bool)  # episodes that ended last step (host side: known after the sync)
         self.started = False
         self._fresh = False  # every row is at the start of an episode
@@ -222,10 +222,7 @@ class TextGenCore:
         self.gen_len[idx] = 0
         self.episode_kl[idx] = 0
         for r, p in zip(rows, chosen):
-            if r < len(self.row_prompts):
-                self.row_prompts[r] = p
-            else:
-                self.row_prompts.append(p)
+            self.row_prompts[r] = p
 
     def observation(self) -> dict[str, torch.Tensor]:
         """The current states: left-aligned prompt + generated tokens, padded, and the mask of real tokens."""

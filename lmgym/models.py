@@ -12,6 +12,7 @@ position id it was computed with.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 from pathlib import Path
@@ -341,8 +342,6 @@ class CachedLM:
 
 def _copy_cache(cache):
     """A shallow copy whose layers can grow without touching the original tensors."""
-    import copy
-
     new = copy.copy(cache)
     new.layers = [copy.copy(layer) for layer in cache.layers]
     return new

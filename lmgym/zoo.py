@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -57,7 +57,6 @@ class ZooSpec:
     learning_rate: float = 3e-3
     builder: str = "lm"
     """``lm`` (train_lm) or the name of a function in lmgym.tasks.language that builds the entry"""
-    depends_on: tuple[str, ...] = field(default_factory=tuple)
     version: int = 1
 
 
@@ -72,7 +71,7 @@ ZOO: dict[str, ZooSpec] = {
                          "lmgym/Preference-v0)", corpus=corpora.assistant_corpus, steps=1000),
     "assistant-rm": ZooSpec("a Bradley-Terry reward model of the polite-and-concise labeller's preferences "
                             "(the reward of lmgym/Preference-v0)", builder="build_preference_reward_model",
-                            depends_on=("assistant",), steps=300),
+                            steps=300),
 }
 
 
