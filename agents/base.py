@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import time
 import weakref
@@ -209,7 +210,7 @@ class Agent:
         if self.device != env.device:
             raise ValueError(f"the agent runs on {self.device} but the environment on {env.device}; "
                              "create the environment with the same device")
-        self._check_batch_layout(env.core.num_envs)
+        self._check_batch_layout(env.num_envs)
         torch.manual_seed(self.config.seed)
         self.policy = (policy if policy is not None else copy.deepcopy(env.reference_model)).to(self.device)
         self.policy.requires_grad_(True)
@@ -351,13 +352,15 @@ class Agent:
         parameters (one host sync) checks that the weights are still finite and usable; if not,
         :class:`TrainingError` says so and the agent refuses to save them.
         """
-        named = {name: p for name, p in self.named_trainable_parameters().items() if p.requires_grad}
-        norm = float(torch.nn.utils.clip_grad_norm_(list(named.values()), self.config.max_grad_norm))
-        if not torch.isfinite(torch.tensor(norm)):
+        params = [p for p in self.parameters() if p.requires_grad]
+        norm = float(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm))
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)  # the clipped gradients are nan: never accumulate into them
             self.check_finite(grad_norm=torch.tensor(norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        problem = checkpoints.weight_problem(named)
+        names = {id(p): name for name, p in self.named_trainable_parameters().items()}
+        problem = checkpoints.weight_problem({names.get(id(p), f"parameter #{i}"): p for i, p in enumerate(params)})
         if problem is not None:
             raise TrainingError(f"the optimizer step at iteration {self.iteration}, environment step "
                                 f"{self.global_step} left the weights unusable ({problem}); they will not be saved"
@@ -557,8 +560,16 @@ class Agent:
             return None
         if self._saved_iteration == self.iteration and self.last_checkpoint is not None:
             return self.last_checkpoint  # this agent wrote this very state a moment ago (checkpoint_every)
-        path, replace = checkpoints.checkpoint_path(self.logdir, self.iteration, self.run_id)
-        self.last_checkpoint = self.save(path, overwrite=replace)
+        for _attempt in range(100):
+            path, replace = checkpoints.checkpoint_path(self.logdir, self.iteration, self.run_id)
+            try:
+                self.last_checkpoint = self.save(path, overwrite=replace)
+                break
+            except FileExistsError:  # another process took that name while we wrote: take the next one
+                continue
+        else:
+            raise CheckpointError(f"could not find a free checkpoint folder for iteration {self.iteration} under "
+                                  f"{self.logdir / 'checkpoints'}")
         self._saved_iteration = self.iteration
         return self.last_checkpoint
 

@@ -234,8 +234,10 @@ def _run_id_of(folder: Path) -> str | None:
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path:
     """The newest checkpoint of a run folder (the ``logdir`` of :class:`Agent`, or its ``checkpoints`` folder).
 
-    Newest means the highest iteration; among folders of one iteration (a resumed run writes
-    alongside), the one saved last. Raises :class:`CheckpointError` when there is none.
+    Newest means saved last (``saved_at`` in its state.json), highest iteration on a tie: a run
+    resumed from an earlier checkpoint into the same folder writes lower iterations (alongside
+    existing ones, see :func:`checkpoint_path`) that are newer than the first run's last one.
+    Raises :class:`CheckpointError` when there is none.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -252,7 +254,7 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path:
             found.append((int(match.group(1)), saved_at, child))
     if not found:
         raise CheckpointError(f"{run_dir} holds no checkpoint (looked for {folder}/iter-*/{STATE})")
-    return max(found, key=lambda t: (t[0], t[1]))[2]
+    return max(found, key=lambda t: (t[1], t[0]))[2]
 
 
 # ----------------------------------------------------------------------------- checking
@@ -274,9 +276,9 @@ def _float(value, what: str, *, low: float = 0.0) -> float:
     return float(value)
 
 
-def _dict(value, what: str) -> dict:
+def _dict(value, what: str, kind: str = "a JSON object") -> dict:
     if not isinstance(value, dict):
-        raise _Problem(f"{what} must be a JSON object, got {type(value).__name__}")
+        raise _Problem(f"{what} must be {kind}, got {type(value).__name__}")
     return value
 
 
@@ -459,9 +461,9 @@ def _check_trainer_state(agent, path: Path) -> dict:
     except Exception as err:
         raise CheckpointError(f"{file} is corrupt or unreadable ({err})") from err
     try:
-        trainer = _dict(trainer, "the trainer state")
+        trainer = _dict(trainer, "the trainer state", "a dict")
         _check_optimizer_state(agent.optimizer, trainer.get("optimizer"))
-        rng = _dict(trainer.get("rng"), "rng")
+        rng = _dict(trainer.get("rng"), "rng", "a dict")
         for key, scratch in (("torch_cpu", torch.Generator()), ("generator", torch.Generator(device=agent.device))):
             value = rng.get(key)
             if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
@@ -477,16 +479,16 @@ def _check_trainer_state(agent, path: Path) -> dict:
 
 def _check_optimizer_state(optimizer: torch.optim.Optimizer, saved) -> None:
     """The saved optimizer state fits this optimizer: groups, their sizes and settings, per-parameter state."""
-    saved = _dict(saved, "optimizer")
+    saved = _dict(saved, "optimizer", "a dict")
     groups, state = saved.get("param_groups"), saved.get("state")
     mine = optimizer.state_dict()["param_groups"]
     if not isinstance(groups, list) or len(groups) != len(mine):
         raise _Problem(f"optimizer.param_groups must be a list of {len(mine)} groups, got "
                        f"{len(groups) if isinstance(groups, list) else type(groups).__name__}")
-    state = _dict(state, "optimizer.state")
+    state = _dict(state, "optimizer.state", "a dict")
     shapes = {}
     for i, (group, own, params) in enumerate(zip(groups, mine, optimizer.param_groups)):
-        group = _dict(group, f"optimizer.param_groups[{i}]")
+        group = _dict(group, f"optimizer.param_groups[{i}]", "a dict")
         missing = sorted(set(own) - set(group))
         if missing:
             raise _Problem(f"optimizer.param_groups[{i}] lacks {missing}")
@@ -505,7 +507,7 @@ def _check_optimizer_state(optimizer: torch.optim.Optimizer, saved) -> None:
     for pid, entry in state.items():
         if pid not in shapes:
             raise _Problem(f"optimizer.state has an entry for parameter {pid!r}, which no group lists")
-        for key, value in _dict(entry, f"optimizer.state[{pid}]").items():
+        for key, value in _dict(entry, f"optimizer.state[{pid}]", "a dict").items():
             if not isinstance(value, torch.Tensor):
                 raise _Problem(f"optimizer.state[{pid}].{key} must be a tensor, got {type(value).__name__}")
             if value.dim() and value.shape != shapes[pid]:
@@ -593,8 +595,8 @@ def _restore_training_state(agent, path: Path, state: dict, trainer: dict, chang
     elif env is not None:
         # Another batch layout: the prompts in flight cannot be mapped onto the new rows, so the
         # stream continues from the checkpoint's RNG with a freshly drawn batch.
-        agent.env.core.rng.bit_generator.state = env["rng"]
-        agent.env.reset()
+        agent.env.np_random.bit_generator.state = env["rng"]
+        agent.env.reset()  # draws the new batch from env.np_random, which becomes the prompt RNG
         agent._env_started = True
         changed["layout"] = [state["layout"], layout]
 

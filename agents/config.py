@@ -44,7 +44,7 @@ class Range:
 
     def problem(self, value) -> str | None:
         if self.finite and not math.isfinite(value):
-            return f"must be a finite number{self._describe(', ')}, got {value!r}"
+            return f"must be a finite number{self._describe(' ')}, got {value!r}"
         ok = ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
               and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
         return None if ok else f"must be{self._describe(' ')}, got {value!r}"

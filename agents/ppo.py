@@ -207,5 +207,6 @@ class PPO(Agent):
         var = flat_ret.var()
         metrics["val/explained_variance"] = float(1 - (flat_ret - flat_val).var() / var) if var > 0 else 0.0
         if cfg.adaptive_kl:
-            self.env.kl_coef = self.kl_ctl.update(self.env.kl_coef, float(rollout.kl.sum(1).mean()), len(rollout))
+            episode_kl = float(rollout.kl.sum(1).mean())
+            self.env.kl_coef = self.kl_ctl.update(self.env.kl_coef, episode_kl, n_episodes=len(rollout))
         return metrics
