@@ -396,6 +396,8 @@ class Agent:
 
         if total_steps <= self.global_step:
             return self
+        check_config(self.config)  # settings changed on the agent since it was built are checked too
+        self._check_batch_layout(self.env.num_envs)
         self._open_writer()
         bar = tqdm(total=total_steps, initial=self.global_step, disable=not progress, unit="tok",
                    desc=f"{self.name}", dynamic_ncols=True)
@@ -582,6 +584,8 @@ class Agent:
         restored too, so :meth:`learn` continues the same run exactly; this agent's
         hyper-parameters (except ``seed``) and its environment's ``kl_coef`` apply from here on
         when they differ from the checkpoint's (a warning lists them, and ``state.json`` of the
-        next checkpoint records them). With ``resume=False`` only the weights are loaded.
+        next checkpoint records them). The environment may have another ``num_envs`` or
+        ``group_size``: the prompt stream then continues from the checkpoint's RNG with a new
+        batch of prompts. With ``resume=False`` only the weights are loaded.
         """
         return checkpoints.load(self, path, resume=resume)

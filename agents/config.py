@@ -76,9 +76,14 @@ def _field_specs(config_class: type) -> dict[str, tuple[Any, list]]:
         own = klass.__dict__.get("__annotations__", {})
         if not own or not dataclasses.is_dataclass(klass):
             continue
-        hints = typing.get_type_hints(klass, include_extras=True)
+        try:
+            hints = typing.get_type_hints(klass, include_extras=True)
+        except (NameError, TypeError):  # an annotation naming something out of reach (e.g. a class local to a function)
+            hints = {}
         for name in own:
-            hint = hints[name]
+            hint = hints.get(name, own[name])
+            if isinstance(hint, str):
+                hint = Any  # unresolvable: the type cannot be checked
             constraints = list(getattr(hint, "__metadata__", ()))
             base_type = typing.get_args(hint)[0] if constraints else hint
             inherited = specs.get(name, (None, []))[1]
@@ -88,24 +93,48 @@ def _field_specs(config_class: type) -> dict[str, tuple[Any, list]]:
 
 
 def _coerce(value, kind) -> tuple[Any, str | None]:
-    """``value`` as the declared type (ints for float fields, whole floats for int fields), or a problem."""
+    """``value`` as the declared type (ints for float fields, whole floats for int fields), or a problem.
+
+    Types other than bool, int, float, str, None and ``Literal`` are checked with ``isinstance``
+    where that is possible, and otherwise accepted as they are.
+    """
     options = typing.get_args(kind) if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union \
         else (kind,)
     if value is None:
-        return (None, None) if type(None) in options else (value, "must not be None")
+        return (None, None) if type(None) in options or Any in options else (value, "must not be None")
     for option in options:
-        if option is bool and isinstance(value, bool):
+        origin = typing.get_origin(option)
+        if option is Any:
             return value, None
-        if option is int and isinstance(value, int) and not isinstance(value, bool):
-            return value, None
-        if option is int and isinstance(value, float) and value.is_integer():
-            return int(value), None  # 1e4 from a command line or a JSON file
-        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value), None
-        if option is str and isinstance(value, str):
-            return value, None
-    names = " or ".join("None" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
+        if origin is typing.Literal:
+            if value in typing.get_args(option):
+                return value, None
+        elif option is bool:
+            if isinstance(value, bool):
+                return value, None
+        elif option is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value, None
+            if isinstance(value, float) and value.is_integer():
+                return int(value), None  # 1e4 from a command line or a JSON file
+        elif option is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value), None
+        elif isinstance(origin or option, type):
+            if isinstance(value, origin or option):
+                return value, None
+        else:
+            return value, None  # a typing construct we cannot check
+    names = " or ".join(_type_name(o) for o in options)
     return value, f"must be {'an' if names[0] in 'aeiou' else 'a'} {names}, got {value!r} ({type(value).__name__})"
+
+
+def _type_name(option) -> str:
+    if option is type(None):
+        return "None"
+    if typing.get_origin(option) is typing.Literal:
+        return "value in " + str(list(typing.get_args(option)))
+    return getattr(option, "__name__", str(option))
 
 
 def config_problems(config_class: type, values: dict) -> tuple[dict, list[str]]:
