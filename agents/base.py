@@ -235,7 +235,6 @@ class Agent:
         self.resumes: list[dict] = []
         """the run's lineage: each checkpoint it was resumed from, and the settings changed then"""
         self._reference_fingerprint: str | None = None
-        self._saved_iteration: int | None = None
 
     # ------------------------------------------------------------------ configuration
     @classmethod
@@ -359,9 +358,10 @@ class Agent:
             self.check_finite(grad_norm=torch.tensor(norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        names = {id(p): name for name, p in self.named_trainable_parameters().items()}
-        problem = checkpoints.weight_problem({names.get(id(p), f"parameter #{i}"): p for i, p in enumerate(params)})
-        if problem is not None:
+        if not checkpoints.weights_usable(params):
+            names = {id(p): name for name, p in self.named_trainable_parameters().items()}
+            problem = checkpoints.weight_problem({names.get(id(p), f"parameter #{i}"): p
+                                                  for i, p in enumerate(params)})
             raise TrainingError(f"the optimizer step at iteration {self.iteration}, environment step "
                                 f"{self.global_step} left the weights unusable ({problem}); they will not be saved"
                                 f"{self._last_good()}. Lower the learning rate (now "
@@ -402,6 +402,7 @@ class Agent:
         bar = tqdm(total=total_steps, initial=self.global_step, disable=not progress, unit="tok",
                    desc=f"{self.name}", dynamic_ncols=True)
         callbacks = list(callbacks or [])
+        saved_at = None
         try:
             while self.global_step < total_steps:
                 self._anneal(total_steps)
@@ -424,9 +425,10 @@ class Agent:
                 bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
                 if self.config.checkpoint_every and self.iteration % self.config.checkpoint_every == 0:
                     self.checkpoint()
+                    saved_at = self.iteration
                 if any(self._call(cb, metrics) is False for cb in callbacks):
                     break
-            if self.logdir is not None:
+            if self.logdir is not None and saved_at != self.iteration:  # not just written by checkpoint_every
                 self.checkpoint()
         finally:
             bar.close()
@@ -560,8 +562,6 @@ class Agent:
         """
         if self.logdir is None:
             return None
-        if self._saved_iteration == self.iteration and self.last_checkpoint is not None:
-            return self.last_checkpoint  # this agent wrote this very state a moment ago (checkpoint_every)
         for _attempt in range(100):
             path, replace = checkpoints.checkpoint_path(self.logdir, self.iteration, self.run_id)
             try:
@@ -572,7 +572,6 @@ class Agent:
         else:
             raise CheckpointError(f"could not find a free checkpoint folder for iteration {self.iteration} under "
                                   f"{self.logdir / 'checkpoints'}")
-        self._saved_iteration = self.iteration
         return self.last_checkpoint
 
     def load(self, path: str | os.PathLike, *, resume: bool = True) -> "Agent":

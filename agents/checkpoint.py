@@ -44,7 +44,8 @@ from safetensors.torch import load_file, save_file
 
 from lmgym.agents.config import config_problems
 
-__all__ = ["CheckpointError", "save", "load", "latest_checkpoint", "reference_fingerprint", "weight_problem",
+__all__ = ["CheckpointError", "save", "load", "latest_checkpoint", "reference_fingerprint", "weights_usable",
+           "weight_problem",
            "new_run_id", "FORMAT"]
 
 FORMAT = 1
@@ -91,19 +92,21 @@ def _tied_duplicates(module: nn.Module) -> set[str]:
     return set(state) - set(_untie({k: v.detach() for k, v in state.items()}))
 
 
-def weight_problem(named: dict[str, torch.Tensor]) -> str | None:
-    """None when every floating tensor is finite and their joint L2 norm fits in float32, else what is wrong.
+def weights_usable(tensors) -> bool:
+    """True when every floating tensor is finite and their joint L2 norm fits in float32.
 
-    The common case costs one fused norm over all tensors and one host sync. Weights whose
-    norm overflows float32 (some ``|w|`` above about 1e19) are as unusable as nan: every
-    forward pass through them overflows.
+    One fused norm over all the tensors and one host sync. Weights whose norm overflows float32
+    (some ``|w|`` above about 1e19) are as unusable as nan: every forward pass through them overflows.
     """
+    floats = [t.detach() for t in tensors if t.is_floating_point() and t.numel()]
+    return not floats or bool(torch.isfinite(torch.nn.utils.get_total_norm(floats, foreach=None)))
+
+
+def weight_problem(named: dict[str, torch.Tensor]) -> str | None:
+    """None when the weights are usable (:func:`weights_usable`), else which tensor is wrong and how."""
+    if weights_usable(named.values()):
+        return None
     floats = {k: v.detach() for k, v in named.items() if v.is_floating_point() and v.numel()}
-    if not floats:
-        return None
-    total = torch.nn.utils.get_total_norm(list(floats.values()), foreach=None)
-    if bool(torch.isfinite(total)):
-        return None
     bad = [k for k, v in floats.items() if not bool(torch.isfinite(v).all())]
     if bad:
         return f"{bad[0]} holds nan or inf" + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else "")
@@ -564,7 +567,7 @@ def load(agent, path: str | os.PathLike, *, resume: bool = True):
         module.load_state_dict(weights[name], strict=False)
     if resume:
         _restore_training_state(agent, path, state, trainer, changed)
-    agent.last_checkpoint, agent._saved_iteration = path, None
+    agent.last_checkpoint = path
     return agent
 
 
