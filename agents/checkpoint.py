@@ -428,6 +428,10 @@ def _check_env_snapshot(agent, env):
             isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
                                               for t in p) for p in prompts):
         raise _Problem(f"env.prompts must be a non-empty list of non-empty lists of token ids in [0, {vocab})")
+    longest, limit = max(len(p) for p in prompts), agent.env.max_prompt_tokens
+    if longest > limit:
+        raise _Problem(f"env.prompts holds a prompt of {longest} tokens; this environment's prompts have at most "
+                       f"{limit}")
     return env
 
 

@@ -185,6 +185,8 @@ CORRUPTIONS = {
                        r"env\.rng is not a valid PCG64 state"),
     "prompt token out of range": (lambda p: _state(p, lambda s: _set(s, ["env", "prompts", 0], [999])),
                                   r"env\.prompts must be"),
+    "prompt too long": (lambda p: _state(p, lambda s: _set(s, ["env", "prompts", 0], [1] * 40)),
+                        r"env\.prompts holds a prompt of 40 tokens"),
     "another reference": (lambda p: _state(p, lambda s: _set(s, ["task", "reference", "sha256"], "0" * 64)),
                           r"another task or reference model: reference model: the same architecture"),
     "optimizer without param groups": (lambda p: _trainer(p, lambda t: _set(t, ["optimizer"], {"state": {}})),
@@ -270,6 +272,11 @@ def test_checksums_catch_a_flipped_byte_and_unlisted_files(ppo_checkpoint, tmp_p
 
 
 def test_another_reference_model_is_refused_saying_what_differs(ppo_checkpoint):
+    from lmgym.agents.checkpoint import reference_fingerprint
+
+    # The fingerprint is the same for a float32 reference and its bfloat16 copy (a GPU's default dtype).
+    model = env().reference_model
+    assert reference_fingerprint(model) == reference_fingerprint(copy.deepcopy(model).to(torch.bfloat16))
     with pytest.raises(CheckpointError, match=r"reference_seed: '\(default\)' in the checkpoint, 3 here.*"
                                               r"same architecture \(llama, 2736 parameters\) with different weights"):
         PPO(env(reference_seed=3), adaptive_kl=True, learning_rate=1e-2).load(ppo_checkpoint)
