@@ -212,7 +212,9 @@ def checkpoint_path(logdir: Path, iteration: int, run_id: str) -> tuple[Path, bo
 
     ``iter-NNNNNN`` unless another run (an earlier run in the same folder, or the run this one
     resumed from) already wrote it: that one is kept and the new one goes alongside as
-    ``iter-NNNNNN-2`` (``-3``...). A folder this run wrote itself is replaced.
+    ``iter-NNNNNN-2`` (``-3``...). A folder this run wrote itself is replaced. A run is what
+    one agent trained since it was built or since its last :func:`load` (``run_id``); state.json
+    records the checkpoints it was resumed from under ``resumes``.
     """
     base = logdir / "checkpoints" / f"iter-{iteration:06d}"
     candidate, n = base, 1
@@ -571,6 +573,8 @@ def load(agent, path: str | os.PathLike, *, resume: bool = True):
         module.load_state_dict(weights[name], strict=False)
     if resume:
         _restore_training_state(agent, path, state, trainer, changed)
+    # Whatever follows is a new segment of the lineage: its checkpoints never replace the ones it came from.
+    agent.run_id = new_run_id()
     agent.last_checkpoint = path
     return agent
 

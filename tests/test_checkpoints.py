@@ -63,6 +63,8 @@ def test_resuming_into_the_same_logdir_writes_the_new_checkpoint_alongside(tmp_p
     assert all(torch.equal(mine[k], on_disk[k]) for k in on_disk)
     assert {p.name: (p / "policy.safetensors").read_bytes() for p in ckpts.iterdir() if p.name in before} == before
     assert latest_checkpoint(tmp_path) == final
+    lineage = json.loads((final / "state.json").read_text())["resumes"]
+    assert [(r["run_id"], r["iteration"]) for r in lineage] == [(first.run_id, 1)]
     # Writing the same iteration again from the same run replaces its own folder atomically.
     resumed.policy.lm_head.weight.data.mul_(0.5)
     assert resumed.checkpoint() == final
