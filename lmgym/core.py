@@ -318,7 +318,9 @@ class TextGenCore:
         if finished.size:
             info.update(self._finish(finished, rewards, kl_known=pol_lp is not None))
         if not (done | self.pending_reset).all():
-            self.ref.append(actions)
+            # Rows restarting this step ignore their action: it must not reach the model at a position
+            # past the end of their episode (one past a learned position table for the longest prompt).
+            self.ref.append(actions, live=active if restarting.size else None)
         if restarting.size:
             self._restart_rows(restarting)
         self.pending_reset = done

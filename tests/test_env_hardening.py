@@ -1,0 +1,140 @@
+"""Regression tests for issue 10 (environment core): each test failed before its fix."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from lmgym import TextGenVectorEnv
+from lmgym.models import word_tokenizer
+
+WORDS = ["a", "b", "c", "d", "e", "f"]
+PROMPTS = ["a b c", "b", "c d", "e f a", "d"]
+LONGEST_PROMPT = 3
+
+
+def length_reward(prompts, completions):
+    return [0.3 * len(c.split()) - 0.1 * p.count("a") for p, c in zip(prompts, completions)]
+
+
+def build(kind: str, tok, context: int):
+    """A tiny model of the given architecture, seeded, with a context of ``context`` positions."""
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, MistralConfig,
+                              MistralForCausalLM)
+
+    v = len(tok)
+    torch.manual_seed(0)
+    if kind == "gpt2":  # learned positions: position `context` does not exist
+        cfg = GPT2Config(vocab_size=v, n_positions=context, n_embd=32, n_layer=2, n_head=2,
+                         bos_token_id=0, eos_token_id=0, initializer_range=0.3)
+        return GPT2LMHeadModel(cfg).eval()
+    common = dict(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3, eos_token_id=0,
+                  pad_token_id=0, bos_token_id=None)
+    if kind == "mistral":  # every layer slides over the last 4 tokens
+        return MistralForCausalLM(MistralConfig(sliding_window=4, **common)).eval()
+    if kind == "gemma2":  # alternating sliding (window 3) and full layers
+        return Gemma2ForCausalLM(Gemma2Config(sliding_window=3, head_dim=16, **common)).eval()
+    raise ValueError(kind)
+
+
+@torch.no_grad()
+def reference_logprob(model64, ids: list[int], action: int) -> float:
+    """log pi_ref(action | ids) from one float64 forward over the whole prefix, without any cache."""
+    logits = model64(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1]
+    return float(torch.log_softmax(logits, dim=-1)[action])
+
+
+def run_against_reference(venv, model64, steps: int, seed: int, partial_resets: bool):
+    """Step with random actions (and random partial resets); check every live row's reward against float64."""
+    beta = venv.kl_coef
+    gen = np.random.default_rng(seed)
+    obs, _ = venv.reset(seed=seed)
+    pending = np.zeros(venv.num_envs, dtype=bool)
+    checked_after_restart = 0
+    restarted = np.zeros(venv.num_envs, dtype=bool)
+    for t in range(steps):
+        if partial_resets and t % 4 == 3:
+            mask = gen.random(venv.num_envs) < 0.5
+            mask[pending] = True  # finished rows may be restarted by the user as well
+            obs, _ = venv.reset(options={"reset_mask": mask})
+            pending[mask] = False
+            restarted |= mask
+        ids = obs["input_ids"].numpy()
+        am = obs["attention_mask"].numpy().astype(bool)
+        actions = gen.integers(0, len(WORDS) + 1, size=venv.num_envs)
+        actions[gen.random(venv.num_envs) < 0.7] = gen.integers(1, len(WORDS) + 1)  # mostly not EOS
+        logprobs = -gen.random(venv.num_envs) * 3
+        obs, rewards, term, trunc, info = venv.step(actions, logprobs=logprobs)
+        for i in range(venv.num_envs):
+            if pending[i]:
+                assert float(rewards[i]) == 0.0
+                restarted[i] = True
+                continue
+            ref = reference_logprob(model64, ids[i][am[i]].tolist(), int(actions[i]))
+            assert float(info["ref_logprob"][i]) == pytest.approx(ref, abs=2e-5)
+            expected = -beta * (logprobs[i] - ref)
+            if term[i] or trunc[i]:
+                expected += info["score"][i]
+            assert float(rewards[i]) == pytest.approx(expected, abs=2e-5)
+            checked_after_restart += bool(restarted[i])
+        pending = (term | trunc).numpy()
+    assert checked_after_restart > 10  # the restarted rows were really exercised
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "mistral", "gemma2"])
+@pytest.mark.parametrize("partial_resets", [False, True])
+def test_restarted_rows_match_float64_reference(kind, partial_resets):
+    """Items 1 and 2: learned positions with a context of exactly prompt + max_new_tokens, and sliding windows."""
+    tok = word_tokenizer(WORDS)
+    max_new = 5
+    model = build(kind, tok, context=LONGEST_PROMPT + max_new)
+    model64 = copy.deepcopy(model).double()
+    venv = TextGenVectorEnv(3, model=model, tokenizer=tok, reward_fn=length_reward, prompts=PROMPTS,
+                            max_new_tokens=max_new, kl_coef=0.1, device="cpu")
+    run_against_reference(venv, model64, steps=30, seed=1, partial_resets=partial_resets)
+
+
+def test_cache_is_compacted_over_many_restarts_with_a_sliding_window():
+    """Compaction under endless partial resets keeps sliding-window caches exact (and bounded)."""
+    tok = word_tokenizer(WORDS)
+    model = build("gemma2", tok, context=64)
+    venv = TextGenVectorEnv(2, model=model, tokenizer=tok, reward_fn=length_reward, prompts=PROMPTS,
+                            max_new_tokens=3, kl_coef=0.1, device="cpu")
+    run_against_reference(venv, copy.deepcopy(model).double(), steps=40, seed=3, partial_resets=True)
+    assert venv.core.ref.mask.shape[1] < 2 * venv.core.max_len + 1
+
+
+def test_models_whose_cache_cannot_be_edited_re_prefill(monkeypatch):
+    """The fallback for cache layouts without per-column edits (recurrent or chunked layers) is exact too."""
+    from lmgym import kv_cache
+
+    monkeypatch.setattr(kv_cache, "editable", lambda cache, config: False)
+    tok = word_tokenizer(WORDS)
+    model = build("mistral", tok, context=64)
+    venv = TextGenVectorEnv(3, model=model, tokenizer=tok, reward_fn=length_reward, prompts=PROMPTS,
+                            max_new_tokens=4, kl_coef=0.1, device="cpu")
+    run_against_reference(venv, copy.deepcopy(model).double(), steps=20, seed=2, partial_resets=True)
+    assert venv.core.ref._editable is False
+
+
+def test_ignored_action_of_a_finished_row_never_reaches_past_the_context():
+    """Item 1: a GPT-2 whose context is exactly prompt + max_new_tokens, the longest-prompt row truncated."""
+    tok = word_tokenizer(WORDS)
+    model = build("gpt2", tok, context=LONGEST_PROMPT + 5)
+    model64 = copy.deepcopy(model).double()
+    venv = TextGenVectorEnv(2, model=model, tokenizer=tok, reward_fn=length_reward, prompts=PROMPTS,
+                            max_new_tokens=5, kl_coef=0.1, device="cpu")
+    obs, _ = venv.reset(seed=0, options={"prompts": ["a b c", "b"]})
+    script = [[1, 2], [2, 0], [3, 1], [4, 2], [5, 3], [6, 4], [1, 5]]  # row 0 truncates at step 5
+    for t, actions in enumerate(script):
+        before = obs["input_ids"][1][obs["attention_mask"][1].bool()].tolist()
+        obs, rewards, term, trunc, info = venv.step(np.array(actions), logprobs=np.array([-1.0, -1.0]))
+        if t == 4:
+            assert bool(trunc[0]) and not (term[1] or trunc[1])
+        if t == 5:
+            assert float(rewards[0]) == 0.0  # the autoreset step of row 0
+        if t >= 3:  # row 1 restarted at step 3; its rewards stay exact next to the ignored action of row 0
+            ref = reference_logprob(model64, before, actions[1])
+            assert float(info["ref_logprob"][1]) == pytest.approx(ref, abs=2e-5)
