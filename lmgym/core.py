@@ -298,22 +298,28 @@ class TextGenCore:
             pol_lp = pol_lp.reshape(self.num_envs)
         else:
             pol_lp = None
+        # Rows restarting this step took no action: reward, log-probs and KL are 0 there, and the
+        # "_<key>" masks of Gymnasium's vector-info convention say which rows took a step.
+        zero = torch.zeros_like(ref_lp)
+        ref_lp = torch.where(active, ref_lp, zero)
+        if pol_lp is not None:
+            pol_lp = torch.where(active, pol_lp, zero)
         rewards, kl = self._token_rewards(ref_lp, pol_lp)
-        rewards = torch.where(active, rewards, torch.zeros_like(rewards))
+        rewards = torch.where(active, rewards, zero)
 
         col = (self.prompt_len + self.gen_len).clamp(max=self.max_len - 1)
         self.tokens[self.rows, col] = torch.where(active, actions, self.tokens[self.rows, col])
         self.obs_mask[self.rows, col] = torch.where(active, torch.ones_like(self.obs_mask[:, 0]),
                                                     self.obs_mask[self.rows, col])
         self.gen_len += active
-        self.episode_kl += torch.where(active, kl.nan_to_num(0.0), torch.zeros_like(kl))
+        self.episode_kl += torch.where(active, kl, zero)
         terminated = torch.isin(actions, self._stop) & active
         truncated = (self.gen_len >= self.max_new_tokens) & active & ~terminated
         done = (terminated | truncated).cpu().numpy()  # the one host sync per step: who needs scoring
 
-        info = {"ref_logprob": ref_lp}
+        info = {"ref_logprob": ref_lp, "_ref_logprob": active}
         if pol_lp is not None:  # without the policy's log-prob the KL is unknown, and left out
-            info.update(logprob=pol_lp, kl=kl)
+            info.update(logprob=pol_lp, _logprob=active, kl=kl, _kl=active)
         finished = np.flatnonzero(done)
         if finished.size:
             info.update(self._finish(finished, rewards, kl_known=pol_lp is not None))
@@ -426,19 +432,23 @@ class TextGenCore:
         if getattr(self, "_optimal_return", None) is None:
             if not self.prompts.finite:
                 raise ValueError("the exact optimum needs a known list of prompts, not a stream")
-            weights: dict[tuple[int, ...], int] = {}
+            # Episodes hand the reward the prompt text as given, which need not survive a
+            # decode(encode(text)) round trip: count (text, ids) pairs, never ids alone.
+            weights: dict[tuple[str, tuple[int, ...]], int] = {}
             for p in self.prompts.items:
-                weights[tuple(p.ids)] = weights.get(tuple(p.ids), 0) + 1
-            distinct = [list(k) for k in weights]
+                key = (p.text, tuple(p.ids))
+                weights[key] = weights.get(key, 0) + 1
+            distinct = list(weights)
 
-            def score(prompt_ids, completions):
-                text = self.tokenizer.decode(prompt_ids)
+            def score(k, completions):
+                text, prompt_ids = distinct[k]
                 return self.reward_fn([text] * len(completions),
                                       self.tokenizer.batch_decode(completions, skip_special_tokens=True),
-                                      [prompt_ids] * len(completions), completions)
+                                      [list(prompt_ids)] * len(completions), completions)
 
-            values = soft_optimal_values(self.model, distinct, score, max_new_tokens=self.max_new_tokens,
-                                         stop_token_ids=self.stop_token_ids, kl_coef=self.kl_coef)
+            values = soft_optimal_values(self.model, [list(ids) for _, ids in distinct], score,
+                                         max_new_tokens=self.max_new_tokens, stop_token_ids=self.stop_token_ids,
+                                         kl_coef=self.kl_coef)
             self._optimal_return = float(np.dot(list(weights.values()), values) / len(self.prompts.items))
         return self._optimal_return
 

@@ -35,8 +35,13 @@ class TextGenVectorEnv(CoreView, VectorEnv):
       per-token rewards, dones and infos stepping would have produced, from one
       reference forward over the batch. All envs then restart on new prompts.
 
-    Episode-end infos (``score``, ``completion``, ``episode_kl``, ``episode_length``)
-    are numpy arrays with Gymnasium's ``_name`` masks.
+    Per-step infos ``ref_logprob``, ``logprob`` and ``kl`` (the last two only when the
+    policy's log-prob is known) are ``(num_envs,)`` tensors, each with a boolean mask
+    ``_ref_logprob`` / ``_logprob`` / ``_kl`` (Gymnasium's vector-info convention) that is
+    False for envs whose action was ignored on an autoreset step; their values are 0
+    there, like the reward, so summing ``info["kl"]`` over an episode's steps gives its
+    ``episode_kl``. Episode-end infos (``score``, ``completion``, ``episode_kl``,
+    ``episode_length``) are numpy arrays with Gymnasium's ``_name`` masks.
 
     Args:
         num_envs: number of episodes stepped together.

@@ -138,3 +138,48 @@ def test_ignored_action_of_a_finished_row_never_reaches_past_the_context():
         if t >= 3:  # row 1 restarted at step 3; its rewards stay exact next to the ignored action of row 0
             ref = reference_logprob(model64, before, actions[1])
             assert float(info["ref_logprob"][1]) == pytest.approx(ref, abs=2e-5)
+
+
+def test_step_infos_of_autoreset_rows_are_zero_and_masked(tiny):
+    """Item 3: on an autoreset step the ignored action's log-probs and KL are 0 and masked out."""
+    model, tok = tiny
+    venv = TextGenVectorEnv(3, model=model, tokenizer=tok, reward_fn=length_reward, prompts=["the cat", "a"],
+                            max_new_tokens=3, kl_coef=0.1, device="cpu")
+    gen = np.random.default_rng(0)
+    venv.reset(seed=0)
+    running_kl = np.zeros(3)
+    pending = np.zeros(3, dtype=bool)
+    finished = 0
+    for _ in range(25):
+        actions = gen.integers(0, len(tok), size=3)
+        logprobs = -gen.random(3) * 2
+        _, _, term, trunc, info = venv.step(actions, logprobs=logprobs)
+        for key in ("kl", "logprob", "ref_logprob"):
+            np.testing.assert_array_equal(info["_" + key].numpy(), ~pending)
+            assert np.all(info[key].numpy()[pending] == 0.0)
+        running_kl += info["kl"].numpy()
+        done = (term | trunc).numpy()
+        for i in np.flatnonzero(done):
+            assert info["episode_kl"][i] == pytest.approx(running_kl[i], abs=1e-5)
+            running_kl[i] = 0.0
+            finished += 1
+        pending = done
+    assert finished >= 10
+
+
+def test_optimum_scores_the_prompt_text_episodes_see(tiny):
+    """Item 4: a prompt that does not survive decode(encode(text)) and a reward that reads the prompt."""
+    from lmgym import TextGenEnv
+
+    model, tok = tiny
+    prompts = ["the  cat", "dog"]  # the double space is lost by a decode round trip
+    assert tok.decode(tok("the  cat")["input_ids"]) != "the  cat"
+
+    def prompt_length(prompts, completions):  # the same for every completion: the optimum is its mean
+        return [len(p) / 10 for p in prompts]
+
+    env = TextGenEnv(model, prompt_length, prompts, tokenizer=tok, max_new_tokens=2, kl_coef=0.3)
+    assert env.optimal_return == pytest.approx((0.8 + 0.3) / 2, abs=1e-9)
+    env.reset(options={"prompt": "the  cat"})
+    _, _, _, _, info = env.step(0)
+    assert info["score"] == pytest.approx(0.8)
