@@ -34,6 +34,9 @@ from lmgym.rewards import RewardFunction
 
 __all__ = ["TextGenCore", "CoreView", "SequenceResult", "EpisodeError"]
 
+LOGPROB_ROUNDING = 1e-5
+"""How far above 0 a handed-over log-prob may lie (float rounding of a near-certain token)."""
+
 
 class EpisodeError(RuntimeError):
     """An environment method was called in a state where it cannot run (e.g. a step after the episode ended)."""
@@ -254,11 +257,25 @@ class TextGenCore:
                                 f"{what} contain a token id outside [0, {self.vocab_size})")
         return t
 
-    def _as_logprobs(self, values, shape: tuple[int, ...]) -> torch.Tensor:
+    def _as_logprobs(self, values, shape: tuple[int, ...], inside: torch.Tensor, what: str = "logprobs"):
+        """Log-probs as a float32 tensor, checked where ``inside`` (the steps that count) and 0 elsewhere.
+
+        A log-probability is finite and <= 0; a NaN would turn the rewards into NaN, and a
+        positive value means the caller handed over something else (a probability, a logit).
+        ``LOGPROB_ROUNDING`` above 0 is let through: float rounding of a near-certain token.
+        """
         t = torch.as_tensor(values, dtype=torch.float32, device=self.device)
         if tuple(t.shape) != shape:
-            raise ValueError(f"logprobs must have shape {shape} (one per action), got {tuple(t.shape)}")
-        return t
+            raise ValueError(f"{what} must have shape {shape} (one per action), got {tuple(t.shape)}")
+        ok = torch.isfinite(t) & (t <= LOGPROB_ROUNDING) | ~inside
+        if t.device.type == "cpu":
+            if not bool(ok.all()):
+                bad = t[~ok][0].item()
+                raise ValueError(f"{what} contain {bad}, which is not a log-probability: pass finite log pi(a|s) "
+                                 "values <= 0 (log_softmax of the policy's logits, gathered at the actions)")
+        else:  # checked on the device, without waiting for it
+            torch._assert_async(ok.all(), f"{what} must be finite log-probabilities <= 0")
+        return torch.where(inside, t, torch.zeros_like(t))
 
     # ------------------------------------------------------------------ the MDP
     def _token_rewards(self, ref_lp: torch.Tensor, pol_lp: torch.Tensor | None):
@@ -292,10 +309,10 @@ class TextGenCore:
 
         ref_lp = self.ref.next_logprobs.gather(1, actions[:, None]).squeeze(1)
         if logprobs is not None:
-            pol_lp = self._as_logprobs(logprobs, (self.num_envs,))
+            pol_lp = self._as_logprobs(logprobs, (self.num_envs,), active)
         elif self.policy_fn is not None:
-            pol_lp = torch.as_tensor(self.policy_fn(state, actions), dtype=torch.float32, device=self.device)
-            pol_lp = pol_lp.reshape(self.num_envs)
+            bound = torch.as_tensor(self.policy_fn(state, actions)).reshape(-1)
+            pol_lp = self._as_logprobs(bound, (self.num_envs,), active, "the bound policy's log-probs")
         else:
             pol_lp = None
         # Rows restarting this step took no action: reward, log-probs and KL are 0 there, and the
@@ -389,7 +406,6 @@ class TextGenCore:
             raise ValueError(f"tokens has {steps} columns; it needs between 1 and max_new_tokens="
                              f"{self.max_new_tokens}")
         tokens = self._as_token_tensor(tokens, (n, steps), "tokens")
-        pol_lp = self._as_logprobs(logprobs, (n, steps)) if logprobs is not None else None
 
         is_stop = torch.isin(tokens, self._stop)
         has_stop = is_stop.any(1)
@@ -400,15 +416,19 @@ class TextGenCore:
             row = int(torch.nonzero(~has_stop)[0])
             raise ValueError(f"row {row} has no stop token in its {steps} tokens and {steps} < max_new_tokens="
                              f"{self.max_new_tokens}, so its episode has not ended; submit full-length rows")
-        mask = (positions < lengths[:, None]).to(torch.float32)
+        inside = positions < lengths[:, None]
+        mask = inside.to(torch.float32)
         last = positions == (lengths - 1)[:, None]
+        # Steps after an episode's end count for nothing: their log-probs may be anything (padding).
+        pol_lp = self._as_logprobs(logprobs, (n, steps), inside) if logprobs is not None else None
 
-        ref_lp = self.ref.score_continuations(tokens)
+        ref_lp = torch.where(inside, self.ref.score_continuations(tokens), 0.0)
         if pol_lp is None and self.policy_fn is not None:
-            pol_lp = self._bound_policy_logprobs(tokens)
+            pol_lp = self._as_logprobs(self._bound_policy_logprobs(tokens), (n, steps), inside,
+                                       "the bound policy's log-probs")
         rewards, kl = self._token_rewards(ref_lp, pol_lp)
-        rewards = rewards * mask
-        kl = torch.where(mask.bool(), kl, torch.zeros_like(kl))
+        rewards = torch.where(inside, rewards, 0.0)
+        kl = torch.where(inside, kl, 0.0)
 
         lengths_host = lengths.tolist()
         tokens_host = tokens.tolist()
@@ -420,7 +440,7 @@ class TextGenCore:
         rewards = rewards + last * score_t[:, None]
         result = SequenceResult(
             rewards=rewards, terminated=last & has_stop[:, None], truncated=last & ~has_stop[:, None], mask=mask,
-            ref_logprobs=ref_lp * mask, logprobs=None if pol_lp is None else pol_lp * mask, kl=kl,
+            ref_logprobs=ref_lp, logprobs=pol_lp, kl=kl,
             scores=score_t, lengths=lengths, prompts=[p.text for p in self.row_prompts],
             completions=self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True))
         self._restart_rows(rows)

@@ -183,3 +183,34 @@ def test_optimum_scores_the_prompt_text_episodes_see(tiny):
     env.reset(options={"prompt": "the  cat"})
     _, _, _, _, info = env.step(0)
     assert info["score"] == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 5.0, float("inf"), float("-inf")])
+def test_handed_over_logprobs_must_be_log_probabilities(tiny, bad):
+    """Item 5: NaN, +inf, -inf or positive log-probs are refused, in step and in score_sequences."""
+    from lmgym import TextGenEnv
+
+    model, tok = tiny
+    env = TextGenEnv(model, length_reward, ["the cat"], tokenizer=tok, max_new_tokens=2)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="not a log-probability"):
+        env.step(3, logprob=bad)
+    venv = TextGenVectorEnv(2, model=model, tokenizer=tok, reward_fn=length_reward, prompts=["the cat"],
+                            max_new_tokens=2, device="cpu")
+    venv.reset(seed=0)
+    with pytest.raises(ValueError, match="not a log-probability"):
+        venv.score_sequences(np.array([[3, 4], [3, 4]]), logprobs=np.array([[-1.0, bad], [-1.0, -1.0]]))
+    venv.bind_policy(lambda obs, actions: torch.full((2,), bad))
+    with pytest.raises(ValueError, match="bound policy's log-probs contain"):
+        venv.step(np.array([3, 4]))
+
+
+def test_logprobs_after_an_episode_end_are_ignored(tiny):
+    """Padding after a stop token (any value) does not reach the rewards; a rounding of +1e-7 passes."""
+    model, tok = tiny
+    venv = TextGenVectorEnv(2, model=model, tokenizer=tok, reward_fn=length_reward, prompts=["the cat"],
+                            max_new_tokens=3, device="cpu")
+    venv.reset(seed=0)
+    out = venv.score_sequences(np.array([[3, 0, 5], [3, 4, 5]]),
+                               logprobs=np.array([[1e-7, -1.0, float("nan")], [-1.0, -1.0, -2.0]]))
+    assert torch.isfinite(out.rewards).all() and out.rewards[0, 2] == 0 and out.kl[0, 2] == 0
