@@ -21,18 +21,24 @@ agents such as PPO with ``ent_coef=beta`` do.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from lmgym import checks
 from lmgym.models import CachedLM, load_model, resolve_device
 from lmgym.optimum import soft_optimal_values
 from lmgym.prompts import Prompt, PromptSource
 from lmgym.rewards import RewardFunction
 
 __all__ = ["TextGenCore", "CoreView", "SequenceResult", "EpisodeError"]
+
+MAX_KL_COEF = 1e6
+"""The largest beta accepted. Rewards are float32 (finite up to 3.4e38) and beta multiplies a
+log-prob gap, which real float32 models keep far below 1e6 nats, so beta * gap stays finite; and a
+beta beyond 1e6 makes any score irrelevant to the objective (the optimum is pi_ref itself), which
+no one means: ``kl_coef=0`` switches the penalty off in the other direction."""
 
 LOGPROB_ROUNDING = 1e-5
 """How far above 0 a handed-over log-prob may lie (float rounding of a near-certain token)."""
@@ -82,12 +88,12 @@ class TextGenCore:
     def __init__(self, *, model, reward_fn, prompts, num_envs: int = 1, tokenizer=None, max_new_tokens: int = 32,
                  kl_coef: float = 0.05, group_size: int = 1, max_prompt_tokens: int | None = None,
                  stop_token_ids=None, device="auto", dtype="auto", trust_remote_code: bool = False):
-        if not isinstance(num_envs, int) or num_envs < 1:
-            raise ValueError(f"num_envs must be a positive int, got {num_envs!r}")
-        if not isinstance(group_size, int) or group_size < 1 or num_envs % group_size:
-            raise ValueError(f"group_size must be a positive int dividing num_envs={num_envs}, got {group_size!r}")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        num_envs = checks.integer(num_envs, "num_envs", low=1)
+        group_size = checks.integer(group_size, "group_size", low=1)
+        if num_envs % group_size:
+            raise ValueError(f"group_size must divide num_envs={num_envs}, got {group_size!r}")
+        max_new_tokens = checks.integer(max_new_tokens, "max_new_tokens", low=1)
+        trust_remote_code = checks.flag(trust_remote_code, "trust_remote_code")
         self.device = resolve_device(device)
         if isinstance(model, torch.nn.Module):
             # pi_ref is a frozen *copy*: a caller who goes on training the object they passed
@@ -137,10 +143,8 @@ class TextGenCore:
         self.rng = np.random.default_rng()
 
     def set_kl_coef(self, kl_coef: float) -> None:
-        if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)) or not math.isfinite(kl_coef) \
-                or kl_coef < 0:
-            raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef!r}")
-        self.kl_coef = float(kl_coef)
+        """Set beta: any real number type (numpy, 0-d torch) in ``[0, MAX_KL_COEF]``."""
+        self.kl_coef = checks.real(kl_coef, "kl_coef", low=0.0, high=MAX_KL_COEF)
         self._optimal_return = None  # the optimum depends on beta
 
     # ------------------------------------------------------------------ prompts and resets

@@ -214,3 +214,42 @@ def test_logprobs_after_an_episode_end_are_ignored(tiny):
     out = venv.score_sequences(np.array([[3, 0, 5], [3, 4, 5]]),
                                logprobs=np.array([[1e-7, -1.0, float("nan")], [-1.0, -1.0, -2.0]]))
     assert torch.isfinite(out.rewards).all() and out.rewards[0, 2] == 0 and out.kl[0, 2] == 0
+
+
+@pytest.mark.parametrize("beta", [np.float32(0.05), np.int64(0), torch.tensor(0.05), np.array(0.05), 3])
+def test_kl_coef_takes_any_real_number_type(tiny, beta):
+    """Item 6: numpy and 0-d torch scalars are kl_coefs; the reward uses them as floats."""
+    model, tok = tiny
+    venv = TextGenVectorEnv(2, model=model, tokenizer=tok, reward_fn=length_reward, prompts=["the cat"],
+                            max_new_tokens=2, kl_coef=beta, device="cpu")
+    assert type(venv.kl_coef) is float and venv.kl_coef == pytest.approx(float(beta))
+    venv.kl_coef = beta  # what an adaptive KL controller does
+    venv.reset(seed=0)
+    _, rewards, _, _, info = venv.step(np.array([3, 4]), logprobs=np.array([-1.0, -2.0]))
+    expected = -float(beta) * (np.array([-1.0, -2.0]) - info["ref_logprob"].numpy())
+    np.testing.assert_allclose(rewards.numpy(), expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("beta, err", [(True, TypeError), (1e300, ValueError), (2e6, ValueError),
+                                       (float("nan"), ValueError), (-0.1, ValueError), ("0.1", TypeError),
+                                       (torch.tensor([0.1, 0.2]), TypeError)])
+def test_kl_coef_refused(tiny, beta, err):
+    model, tok = tiny
+    with pytest.raises(err, match="kl_coef must be"):
+        TextGenVectorEnv(2, model=model, tokenizer=tok, reward_fn=length_reward, prompts=["the cat"],
+                         kl_coef=beta, device="cpu")
+
+
+@pytest.mark.parametrize("value, match", [
+    (None, "returned None; return one number"), ([None], "returned None for completion 0"),
+    (np.array([None]), "returned None for completion 0"), ([1e308], "beyond float32's range"),
+    ([-4e38], "beyond float32's range")])
+def test_reward_values_none_or_beyond_float32(tiny, value, match):
+    """Item 6: a reward returning None says so; a score float32 cannot hold is refused, not turned into inf."""
+    from lmgym import RewardError, TextGenEnv
+
+    model, tok = tiny
+    env = TextGenEnv(model, lambda p, c: value, ["the cat"], tokenizer=tok, max_new_tokens=1)
+    env.reset(seed=0)
+    with pytest.raises(RewardError, match=match):
+        env.step(3)
