@@ -253,3 +253,24 @@ def test_reward_values_none_or_beyond_float32(tiny, value, match):
     env.reset(seed=0)
     with pytest.raises(RewardError, match=match):
         env.step(3)
+
+
+def test_bytes_prompts_are_refused_and_numpy_prompts_are_lists(tiny):
+    """Item 7: bytes are not read as byte values; a numpy array of strings (or of ids) is a list of prompts."""
+    from lmgym import TextGenEnv
+
+    model, tok = tiny
+    with pytest.raises(TypeError, match="prompt #0 is bytes.*decode it"):
+        TextGenEnv(model, length_reward, [b"the cat"], tokenizer=tok)
+    with pytest.raises(TypeError, match="integer token ids"):
+        TextGenEnv(model, length_reward, [[1, 2.5]], tokenizer=tok)
+    env = TextGenEnv(model, length_reward, np.array(["the cat", "dog ran far"]), tokenizer=tok, max_new_tokens=2)
+    texts = {env.reset(seed=s)[1]["prompt"] for s in range(20)}
+    assert texts == {"the cat", "dog ran far"}
+    assert env.optimal_return is not None  # a known, finite list
+    ids = np.array([tok("the cat")["input_ids"], tok("dog ran")["input_ids"]])
+    venv = TextGenVectorEnv(2, model=model, tokenizer=tok, reward_fn=length_reward, prompts=ids, device="cpu")
+    obs, info = venv.reset(seed=0, options={"prompts": np.array(["the cat", "dog ran"])})
+    assert list(info["prompt"]) == ["the cat", "dog ran"]
+    with pytest.raises(TypeError, match="bytes"):
+        venv.reset(options={"prompts": [b"the cat", b"dog"]})
