@@ -21,6 +21,7 @@ agents such as PPO with ``ent_coef=beta`` do.
 from __future__ import annotations
 
 import copy
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,13 +117,19 @@ class TextGenCore:
                              "shorten the prompts or lower max_new_tokens")
         if stop_token_ids is None:
             if self.tokenizer.eos_token_id is None:
-                raise ValueError("the tokenizer has no EOS token: pass stop_token_ids")
+                raise ValueError("the tokenizer has no EOS token, so nothing would end an episode: pass "
+                                 "stop_token_ids=[...] (the token ids that end one)")
             stop_token_ids = [self.tokenizer.eos_token_id]
-        stop = sorted({int(t) for t in stop_token_ids})
-        if any(not 0 <= t < self.vocab_size for t in stop):
-            raise ValueError(f"stop_token_ids {stop} must lie in [0, {self.vocab_size})")
+        if isinstance(stop_token_ids, (str, bytes)) or not hasattr(stop_token_ids, "__iter__"):
+            raise TypeError(f"stop_token_ids must be a list of token ids, e.g. [{stop_token_ids!r}], "
+                            f"got {stop_token_ids!r}")
+        stop = sorted({checks.integer(t, "stop_token_ids entries") for t in stop_token_ids})
+        if not stop or any(not 0 <= t < self.vocab_size for t in stop):
+            raise ValueError(f"stop_token_ids {stop} must be a non-empty list of ids in [0, {self.vocab_size})")
         self.stop_token_ids = stop
         self._stop = torch.as_tensor(stop, device=self.device)
+        if self.tokenizer.pad_token_id is None:  # neither pad nor EOS: padding is masked, any id does
+            self.tokenizer.pad_token = self.tokenizer.convert_ids_to_tokens(stop[0])
         self.pad_token_id = int(self.tokenizer.pad_token_id)
         self.ref = CachedLM(self.model, max_sequence_length=self.max_len)
         self.policy_fn = None
@@ -241,11 +248,17 @@ class TextGenCore:
             t = values
         else:
             arr = np.asarray(values)
-            if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
-                if np.issubdtype(arr.dtype, np.floating) and arr.size and np.all(arr == np.round(arr)):
-                    arr = arr.astype(np.int64)  # SB3 and others hand over whole-number floats
-                else:
-                    raise TypeError(f"{what} must be integer token ids, got {arr.dtype} values {arr.ravel()[:4]}")
+            if arr.dtype == object and arr.size and all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                                        for v in arr.flat):
+                pass  # Python ints beyond int64: the range check below names them
+            elif np.issubdtype(arr.dtype, np.floating) and arr.size and np.isfinite(arr).all() \
+                    and np.all(arr == np.round(arr)):
+                pass  # SB3 and others hand over whole-number floats
+            elif arr.dtype == object or arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+                raise TypeError(f"{what} must be integer token ids, got {arr.dtype} values {arr.ravel()[:4]}")
+            if tuple(arr.shape) != shape:
+                raise ValueError(f"{what} must have shape {shape}, got {tuple(arr.shape)}")
+            self._check_token_range(arr, what)  # before the cast to int64, which would wrap 2**63 around
             t = torch.as_tensor(arr.astype(np.int64))
         if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
             raise TypeError(f"{what} must be an integer tensor of token ids, got {t.dtype}")
@@ -253,13 +266,22 @@ class TextGenCore:
             raise ValueError(f"{what} must have shape {shape}, got {tuple(t.shape)}")
         t = t.to(self.device, torch.long)
         if t.device.type == "cpu":
-            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.vocab_size):
-                bad = t[(t < 0) | (t >= self.vocab_size)][0].item()
-                raise ValueError(f"{what} contain token id {bad}, outside the action space [0, {self.vocab_size})")
+            self._check_token_range(t, what)
         else:  # checked on the device, without waiting for it
             torch._assert_async(((t >= 0) & (t < self.vocab_size)).all(),
                                 f"{what} contain a token id outside [0, {self.vocab_size})")
         return t
+
+    def _check_token_range(self, values, what: str) -> None:
+        """Raise naming the first token id outside ``[0, vocab_size)`` (numpy array, object array or tensor)."""
+        flat = values.reshape(-1)
+        if isinstance(flat, np.ndarray) and flat.dtype == object:  # Python ints of any size
+            outside = [v for v in flat if not 0 <= v < self.vocab_size]
+        else:
+            outside = flat[(flat < 0) | (flat >= self.vocab_size)]
+        if len(outside):
+            bad = outside[0].item() if hasattr(outside[0], "item") else outside[0]
+            raise ValueError(f"{what} contain token id {bad}, outside the action space [0, {self.vocab_size})")
 
     def _as_logprobs(self, values, shape: tuple[int, ...], inside: torch.Tensor, what: str = "logprobs"):
         """Log-probs as a float32 tensor, checked where ``inside`` (the steps that count) and 0 elsewhere.

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from lmgym import kv_cache
+from lmgym import checks, kv_cache
 
 __all__ = [
     "resolve_device",
@@ -77,20 +77,33 @@ def _check_source(name_or_path: str) -> None:
                                 "save_pretrained(), or a hub name when you are online")
 
 
+_TOKENIZER_FILES = ("tokenizer*", "vocab*", "*.model", "merges.txt", "special_tokens_map.json")
+"""What a folder holding a tokenizer has at least one of (fast, BPE, SentencePiece or tiktoken files)."""
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def load_tokenizer(name_or_path, *, trust_remote_code: bool = False):
     """Load a tokenizer by local path or hub name, with a pad token set (EOS when the tokenizer has none)."""
     from transformers import AutoTokenizer
 
+    trust_remote_code = checks.flag(trust_remote_code, "trust_remote_code")
     _check_source(name_or_path)
+    name = os.fspath(name_or_path)
+    folder = Path(name).expanduser()
+    if folder.is_dir() and not any(next(folder.glob(pattern), None) for pattern in _TOKENIZER_FILES):
+        raise FileNotFoundError(f"{name!r} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...): "
+                                "save the tokenizer there with tokenizer.save_pretrained(path), or pass tokenizer=")
     try:
-        tok = AutoTokenizer.from_pretrained(os.fspath(name_or_path), trust_remote_code=trust_remote_code)
-    except OSError as err:
-        raise OSError(f"could not load a tokenizer from {os.fspath(name_or_path)!r}: it is not a local directory "
-                      f"with tokenizer files and could not be fetched from the hub (offline?). ({err})") from err
-    if tok.pad_token_id is None:
-        if tok.eos_token_id is None:
-            raise ValueError(f"tokenizer {name_or_path!r} has neither a pad nor an EOS token; set one first")
-        tok.pad_token = tok.eos_token
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise OSError(f"could not load a tokenizer from {name!r}: it is not a local directory with complete "
+                      f"tokenizer files and could not be fetched from the hub (offline?). ({_first_line(err)})") \
+            from err
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token  # without either, the environment pads with its first stop token
     return tok
 
 
@@ -109,8 +122,14 @@ def load_model(name_or_path, *, device: str | torch.device = "auto", dtype="auto
     Returns:
         ``(model, tokenizer)`` with the model in eval mode on ``device``.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, PreTrainedModel
 
+    trust_remote_code = checks.flag(trust_remote_code, "trust_remote_code")
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)) \
+            and not all(hasattr(tokenizer, a) for a in ("decode", "batch_decode", "__call__", "__len__")):
+        raise TypeError(f"tokenizer must be a Hugging Face tokenizer, a path to one, or None (the model's own), "
+                        f"got {type(tokenizer).__name__}")
     dev = resolve_device(device)
     if isinstance(name_or_path, PreTrainedModel):
         model = name_or_path
@@ -127,11 +146,15 @@ def load_model(name_or_path, *, device: str | torch.device = "auto", dtype="auto
         except (OSError, ValueError) as err:
             raise OSError(f"could not load a causal LM from {os.fspath(name_or_path)!r}: it is not a complete local "
                           "model directory (config.json + weights, as save_pretrained writes) and could not be "
-                          f"fetched from the hub (offline?). ({err})") from err
+                          f"fetched from the hub (offline?). ({_first_line(err)})") from err
+        except (SafetensorError, EOFError) as err:  # a truncated or corrupt weight file
+            raise OSError(f"could not read the model weights in {os.fspath(name_or_path)!r}: a weight file is "
+                          f"truncated or corrupt ({type(err).__name__}: {_first_line(err)}); save the model again "
+                          "with save_pretrained()") from err
         model = model.to(dev)
     if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer or name_or_path, trust_remote_code=trust_remote_code)
-    elif tokenizer.pad_token_id is None:
+    elif tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}; "

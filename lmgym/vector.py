@@ -61,7 +61,7 @@ class TextGenVectorEnv(CoreView, VectorEnv):
                                 group_size=group_size, max_prompt_tokens=max_prompt_tokens,
                                 stop_token_ids=stop_token_ids, device=device, dtype=dtype,
                                 trust_remote_code=trust_remote_code)
-        self.num_envs = num_envs
+        self.num_envs = self.core.num_envs
         self.single_action_space = spaces.Discrete(self.core.vocab_size)
         self.action_space = batch_space(self.single_action_space, num_envs)
         self.single_observation_space = observation_space(self.core.vocab_size, self.core.max_len)

@@ -274,3 +274,96 @@ def test_bytes_prompts_are_refused_and_numpy_prompts_are_lists(tiny):
     assert list(info["prompt"]) == ["the cat", "dog ran"]
     with pytest.raises(TypeError, match="bytes"):
         venv.reset(options={"prompts": [b"the cat", b"dog"]})
+
+
+def _no_pad_no_eos_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(["x"] + WORDS)}, unk_token="x"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core)
+
+
+def test_loading_errors_name_the_file_and_the_fix(tiny, tmp_path):
+    """Item 8: a folder without tokenizer files, a truncated weight file."""
+    from lmgym.models import load_model
+
+    model, tok = tiny
+    model.save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="has no tokenizer files.*save_pretrained"):
+        load_model(tmp_path)
+    tok.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(OSError, match=f"model weights in '{tmp_path}'.*truncated or corrupt"):
+        load_model(tmp_path)
+
+
+def test_tokenizer_without_pad_or_eos_works_with_stop_token_ids(tiny):
+    """Item 8: the advice given (pass stop_token_ids) is enough; the first stop token pads observations."""
+    from lmgym import TextGenEnv
+
+    model, _ = tiny
+    tok = _no_pad_no_eos_tokenizer()
+    with pytest.raises(ValueError, match="no EOS token.*pass stop_token_ids"):
+        TextGenEnv(model, length_reward, ["a b"], tokenizer=tok)
+    env = TextGenEnv(model, length_reward, ["a b"], tokenizer=tok, stop_token_ids=[0], max_new_tokens=3)
+    obs, _ = env.reset(seed=0)
+    assert obs["input_ids"][2:].tolist() == [0] * (len(obs["input_ids"]) - 2)
+    _, reward, term, _, info = env.step(2)
+    _, reward, term, _, info = env.step(0)
+    assert term and info["completion"] == "b"
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(stop_token_ids=5), TypeError, r"stop_token_ids must be a list of token ids, e.g. \[5\]"),
+    (dict(stop_token_ids=[True]), TypeError, "stop_token_ids entries must be an int"),
+    (dict(tokenizer=5), TypeError, "tokenizer must be a Hugging Face tokenizer"),
+    (dict(trust_remote_code="yes"), TypeError, "trust_remote_code must be True or False"),
+    (dict(max_new_tokens=True), TypeError, "max_new_tokens must be an int"),
+    (dict(max_new_tokens=np.int64(0)), ValueError, "max_new_tokens must be an int >= 1"),
+])
+def test_bad_environment_arguments(tiny, kwargs, err, match):
+    from lmgym import TextGenEnv
+
+    model, tok = tiny
+    kwargs = {"tokenizer": tok, **kwargs}
+    with pytest.raises(err, match=match):
+        TextGenEnv(model, length_reward, ["the cat"], **kwargs)
+
+
+def test_bad_vector_and_task_arguments(tiny):
+    import gymnasium as gym
+
+    model, tok = tiny
+    with pytest.raises(TypeError, match="num_envs must be an int, got True"):
+        TextGenVectorEnv(True, model=model, tokenizer=tok, reward_fn=length_reward, prompts=["a"], device="cpu")
+    with pytest.raises(TypeError, match="reference_seed must be an int"):
+        gym.make("lmgym/TargetToken-v0", reference_seed="x")
+    with pytest.raises(TypeError, match="uniform_reference must be True or False, got 'no'"):
+        gym.make("lmgym/TargetToken-v0", uniform_reference="no")
+    venv = gym.make_vec("lmgym/TargetToken-v0", num_envs=np.int64(2), uniform_reference=np.bool_(True),
+                        device="cpu")
+    assert venv.num_envs == 2
+
+
+@pytest.mark.parametrize("action, err, match", [
+    (float("inf"), TypeError, "integer token ids"), (float("nan"), TypeError, "integer token ids"),
+    (2 ** 63, ValueError, "token id 9223372036854775808, outside"),
+    (np.uint64(2 ** 63), ValueError, "token id 9223372036854775808, outside"),
+    (2 ** 70, ValueError, "outside the action space"), (True, TypeError, "integer token ids"),
+    (1e30, ValueError, "outside the action space")])
+def test_actions_that_cannot_be_token_ids(tiny, action, err, match):
+    from lmgym import TextGenEnv
+
+    model, tok = tiny
+    env = TextGenEnv(model, length_reward, ["the cat"], tokenizer=tok, render_mode="ansi")
+    from lmgym import EpisodeError
+
+    with pytest.raises(EpisodeError, match="call reset"):
+        env.render()
+    env.reset(seed=0)
+    with pytest.raises(err, match=match):
+        env.step(action)
+    assert env.step(3)[0]["attention_mask"].sum() == 3  # the env is still usable
