@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
 __all__ = ["Prompt", "PromptSource"]
 
 
-class Prompt(tuple):
-    """A prompt as ``(text, token_ids)``."""
+class Prompt(NamedTuple):
+    """A prompt as ``(text, token_ids)`` (a named tuple, so it pickles and copies like one)."""
 
-    __slots__ = ()
-
-    def __new__(cls, text: str, ids: list[int]):
-        return super().__new__(cls, (text, ids))
-
-    @property
-    def text(self) -> str:
-        return self[0]
-
-    @property
-    def ids(self) -> list[int]:
-        return self[1]
+    text: str
+    ids: list[int]
 
 
 class PromptSource:

@@ -367,3 +367,61 @@ def test_actions_that_cannot_be_token_ids(tiny, action, err, match):
     with pytest.raises(err, match=match):
         env.step(action)
     assert env.step(3)[0]["attention_mask"].sum() == 3  # the env is still usable
+
+
+def _roundtrips():
+    import pickle
+
+    import cloudpickle
+
+    return [("pickle", lambda e: pickle.loads(pickle.dumps(e))), ("deepcopy", copy.deepcopy),
+            ("cloudpickle", lambda e: cloudpickle.loads(cloudpickle.dumps(e)))]
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "cloudpickle"])
+def test_environments_survive_pickling_and_copying(how):
+    """Item 12: a copy carries on exactly where the original was, independently of it."""
+    import gymnasium as gym
+
+    roundtrip = dict(_roundtrips())[how]
+    env = gym.make("lmgym/TargetToken-v0")
+    env.reset(seed=0)
+    env.step(1)
+    twin = roundtrip(env)
+    for action in [2, 1, 3, 1, 1]:
+        a, b = env.step(action), twin.step(action)
+        assert a[1:4] == b[1:4] and np.array_equal(a[0]["input_ids"], b[0]["input_ids"])
+        if a[2] or a[3]:
+            break
+    venv = gym.make_vec("lmgym/Copy-v0", num_envs=3, device="cpu")
+    venv.reset(seed=0)
+    venv.step(np.array([1, 0, 2]))
+    vtwin = roundtrip(venv)
+    gen = np.random.default_rng(0)
+    for _ in range(8):  # through autoresets and partial cache restarts
+        actions = gen.integers(0, 4, size=3)
+        out, twin_out = venv.step(actions), vtwin.step(actions)
+        torch.testing.assert_close(out[1], twin_out[1])
+        torch.testing.assert_close(out[0]["input_ids"], twin_out[0]["input_ids"])
+    assert vtwin.core.ref.cache is not venv.core.ref.cache
+
+
+def test_sb3_subprocess_vec_env_over_a_built_env():
+    """Item 12: SB3's SubprocVecEnv pickles the env factory (forkserver); the env steps in the subprocess."""
+    import gymnasium as gym
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+
+    env = gym.make("lmgym/TargetToken-v0")
+    local = DummyVecEnv([lambda: copy.deepcopy(env)])
+    remote = SubprocVecEnv([lambda: env], start_method="forkserver")
+    try:
+        local.seed(3)
+        remote.seed(3)
+        np.testing.assert_array_equal(local.reset()["input_ids"], remote.reset()["input_ids"])
+        for action in [1, 1, 2, 1, 3, 1, 1, 2]:
+            _, r_local, d_local, _ = local.step(np.array([action]))
+            _, r_remote, d_remote, _ = remote.step(np.array([action]))
+            np.testing.assert_allclose(r_remote, r_local, rtol=1e-6)
+            assert d_remote.tolist() == d_local.tolist()
+    finally:
+        remote.close()

@@ -75,10 +75,15 @@ def _transform_task(transform):
     return build
 
 
+def _reversed(words: list[str]) -> list[str]:
+    return words[::-1]
+
+
+# Module-level transforms (not lambdas): an environment holding its reward must pickle.
 TASKS = {
     "target": _target_token,
-    "copy": _transform_task(lambda x: list(x)),
-    "reverse": _transform_task(lambda x: list(reversed(x))),
+    "copy": _transform_task(list),
+    "reverse": _transform_task(_reversed),
     "sort": _transform_task(sorted),
 }
 
