@@ -7,7 +7,8 @@ position's logits. Rows may be re-prefilled independently (a vector environment
 resets episodes one at a time); their new keys and values are written into the
 rightmost columns and the columns before are masked out, which is exact because
 a cached key/value does not depend on the column it is stored in, only on the
-position id it was computed with.
+position id it was computed with (:mod:`lmgym.kv_cache` does this column surgery
+for full and sliding-window attention caches).
 """
 
 from __future__ import annotations
