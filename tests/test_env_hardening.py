@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmgym import TextGenVectorEnv
+from lmgym import EpisodeError, RewardError, TextGenEnv, TextGenVectorEnv
 from lmgym.models import word_tokenizer
 
 WORDS = ["a", "b", "c", "d", "e", "f"]
@@ -169,8 +169,6 @@ def test_step_infos_of_autoreset_rows_are_zero_and_masked(tiny):
 
 def test_optimum_scores_the_prompt_text_episodes_see(tiny):
     """Item 4: a prompt that does not survive decode(encode(text)) and a reward that reads the prompt."""
-    from lmgym import TextGenEnv
-
     model, tok = tiny
     prompts = ["the  cat", "dog"]  # the double space is lost by a decode round trip
     assert tok.decode(tok("the  cat")["input_ids"]) != "the  cat"
@@ -188,8 +186,6 @@ def test_optimum_scores_the_prompt_text_episodes_see(tiny):
 @pytest.mark.parametrize("bad", [float("nan"), 5.0, float("inf"), float("-inf")])
 def test_handed_over_logprobs_must_be_log_probabilities(tiny, bad):
     """Item 5: NaN, +inf, -inf or positive log-probs are refused, in step and in score_sequences."""
-    from lmgym import TextGenEnv
-
     model, tok = tiny
     env = TextGenEnv(model, length_reward, ["the cat"], tokenizer=tok, max_new_tokens=2)
     env.reset(seed=0)
@@ -246,8 +242,6 @@ def test_kl_coef_refused(tiny, beta, err):
     ([-4e38], "beyond float32's range")])
 def test_reward_values_none_or_beyond_float32(tiny, value, match):
     """Item 6: a reward returning None says so; a score float32 cannot hold is refused, not turned into inf."""
-    from lmgym import RewardError, TextGenEnv
-
     model, tok = tiny
     env = TextGenEnv(model, lambda p, c: value, ["the cat"], tokenizer=tok, max_new_tokens=1)
     env.reset(seed=0)
@@ -257,8 +251,6 @@ def test_reward_values_none_or_beyond_float32(tiny, value, match):
 
 def test_bytes_prompts_are_refused_and_numpy_prompts_are_lists(tiny):
     """Item 7: bytes are not read as byte values; a numpy array of strings (or of ids) is a list of prompts."""
-    from lmgym import TextGenEnv
-
     model, tok = tiny
     with pytest.raises(TypeError, match="prompt #0 is bytes.*decode it"):
         TextGenEnv(model, length_reward, [b"the cat"], tokenizer=tok)
@@ -302,8 +294,6 @@ def test_loading_errors_name_the_file_and_the_fix(tiny, tmp_path):
 
 def test_tokenizer_without_pad_or_eos_works_with_stop_token_ids(tiny):
     """Item 8: the advice given (pass stop_token_ids) is enough; the first stop token pads observations."""
-    from lmgym import TextGenEnv
-
     model, _ = tiny
     tok = _no_pad_no_eos_tokenizer()
     with pytest.raises(ValueError, match="no EOS token.*pass stop_token_ids"):
@@ -325,8 +315,6 @@ def test_tokenizer_without_pad_or_eos_works_with_stop_token_ids(tiny):
     (dict(max_new_tokens=np.int64(0)), ValueError, "max_new_tokens must be an int >= 1"),
 ])
 def test_bad_environment_arguments(tiny, kwargs, err, match):
-    from lmgym import TextGenEnv
-
     model, tok = tiny
     kwargs = {"tokenizer": tok, **kwargs}
     with pytest.raises(err, match=match):
@@ -355,12 +343,8 @@ def test_bad_vector_and_task_arguments(tiny):
     (2 ** 70, ValueError, "outside the action space"), (True, TypeError, "integer token ids"),
     (1e30, ValueError, "outside the action space")])
 def test_actions_that_cannot_be_token_ids(tiny, action, err, match):
-    from lmgym import TextGenEnv
-
     model, tok = tiny
     env = TextGenEnv(model, length_reward, ["the cat"], tokenizer=tok, render_mode="ansi")
-    from lmgym import EpisodeError
-
     with pytest.raises(EpisodeError, match="call reset"):
         env.render()
     env.reset(seed=0)
