@@ -43,6 +43,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from lmgym.agents.config import config_problems
+from lmgym.core import MAX_KL_COEF
 
 __all__ = ["CheckpointError", "save", "load", "latest_checkpoint", "reference_fingerprint", "weights_usable",
            "weight_problem",
@@ -275,9 +276,11 @@ def _int(value, what: str) -> int:
     return value
 
 
-def _float(value, what: str, *, low: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
-        raise _Problem(f"{what} must be a finite number >= {low:g}, got {value!r}")
+def _float(value, what: str, *, low: float = 0.0, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low <= value <= high:
+        bounds = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+        raise _Problem(f"{what} must be a finite number {bounds}, got {value!r}")
     return float(value)
 
 
@@ -393,8 +396,8 @@ def _check_state(agent, state, path: Path, resume: bool) -> dict:
         raise _Problem(f"iteration ({out['iteration']}) exceeds episodes ({out['episodes']}): each iteration "
                        "collects at least one episode")
     kl = _dict(state.get("kl_coef"), "kl_coef")
-    out["kl_initial"] = _float(kl.get("initial"), "kl_coef.initial")
-    out["kl_current"] = _float(kl.get("current"), "kl_coef.current")
+    out["kl_initial"] = _float(kl.get("initial"), "kl_coef.initial", high=MAX_KL_COEF)
+    out["kl_current"] = _float(kl.get("current"), "kl_coef.current", high=MAX_KL_COEF)
     out["task"] = _dict(state.get("task"), "task")
     layout = _dict(state.get("layout"), "layout")
     out["layout"] = {k: _int(layout.get(k), f"layout.{k}") for k in ("num_envs", "group_size")}

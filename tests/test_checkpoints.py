@@ -174,6 +174,8 @@ CORRUPTIONS = {
     "kl_coef x": (lambda p: _state(p, lambda s: _set(s, ["kl_coef", "current"], "x")), r"kl_coef\.current must be"),
     "kl_coef nan": (lambda p: _state(p, lambda s: _set(s, ["kl_coef", "current"], float("nan"))),
                     r"kl_coef\.current must be"),
+    "kl_coef 1e7": (lambda p: _state(p, lambda s: _set(s, ["kl_coef", "current"], 1e7)),
+                    r"kl_coef\.current must be a finite number in \[0, 1e\+06\]"),
     "kl_beta x in extra": (lambda p: _state(p, lambda s: _set(s, ["extra"], {"kl_beta": "x"})), r"extra: .*kl_beta"),
     "config lr abc": (lambda p: _state(p, lambda s: _set(s, ["config", "learning_rate"], "abc")),
                       r"config\.learning_rate must be a float"),
