@@ -297,8 +297,10 @@ def _read_json(file: Path):
         raise CheckpointError(f"{file} is corrupt or unreadable ({err})") from err
 
 
-def _check_manifest(path: Path, expected_weights: set[str]) -> None:
-    """Every file of the checkpoint is listed in manifest.json with its size and sha256, and matches it."""
+def _check_manifest(path: Path, expected_weights: set[str], hint: str = "") -> None:
+    """Every file of the checkpoint is listed in manifest.json with its size and sha256, and matches it.
+
+    ``hint`` explains a different set of modules (e.g. the settings that differ)."""
     file = path / MANIFEST
     if not file.is_file():
         raise CheckpointError(f"{path} has no {MANIFEST} (the checksums of its files): it was not written by this "
@@ -310,10 +312,11 @@ def _check_manifest(path: Path, expected_weights: set[str]) -> None:
         listed = set(files)
         present = {p.name for p in path.iterdir()} - {MANIFEST}
         if listed != expected:
-            missing, extra = sorted(expected - listed), sorted(listed - expected)
-            raise _Problem(f"files lists {sorted(listed)}; a checkpoint of this agent (its modules: "
-                           f"{sorted(expected_weights)}) has {sorted(expected)}"
-                           + (f" (missing {missing})" if missing else "") + (f" (unexpected {extra})" if extra else ""))
+            if {STATE, TRAINER} <= listed:
+                modules = sorted(f.removesuffix(".safetensors") for f in listed - {STATE, TRAINER})
+                raise CheckpointError(f"{path} holds the modules {modules}, this agent has "
+                                      f"{sorted(f.removesuffix('.safetensors') for f in expected_weights)}{hint}")
+            raise _Problem(f"files lists {sorted(listed)}, a checkpoint of this agent has {sorted(expected)}")
         if present != listed:
             raise _Problem(f"the folder holds files the manifest does not list ({sorted(present - listed)}) or lacks "
                            f"files it lists ({sorted(listed - present)})")
@@ -549,7 +552,11 @@ def load(agent, path: str | os.PathLike, *, resume: bool = True):
     raw = _read_json(path / STATE)
     if isinstance(raw, dict) and raw.get("agent") is not None and raw.get("agent") != agent.name:
         raise CheckpointError(f"{path} holds a {raw.get('agent')!r} agent, not {agent.name!r}")
-    _check_manifest(path, {f"{name}.safetensors" for name in agent.trainable_modules()})
+    saved_config = raw.get("config") if isinstance(raw, dict) and isinstance(raw.get("config"), dict) else {}
+    differing = [f"{k} {v!r} in the checkpoint, {getattr(agent.config, k)!r} here" for k, v in saved_config.items()
+                 if hasattr(agent.config, k) and v != getattr(agent.config, k)]
+    _check_manifest(path, {f"{name}.safetensors" for name in agent.trainable_modules()},
+                    hint=f" (settings that differ: {'; '.join(differing)})" if differing else "")
     try:
         state = _check_state(agent, raw, path, resume)
     except _Problem as err:

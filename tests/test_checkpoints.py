@@ -275,6 +275,13 @@ def test_checksums_catch_a_flipped_byte_and_unlisted_files(ppo_checkpoint, tmp_p
         PPO(env(), adaptive_kl=True, learning_rate=1e-2).load(path)
 
 
+def test_a_checkpoint_with_other_modules_is_refused_naming_the_setting(ppo_checkpoint):
+    with pytest.raises(CheckpointError, match=r"holds the modules \['policy', 'value_head'\], this agent has "
+                                              r"\['policy', 'value_head', 'value_model'\].*separate_value_model "
+                                              r"False in the checkpoint, True here"):
+        PPO(env(), adaptive_kl=True, learning_rate=1e-2, separate_value_model=True).load(ppo_checkpoint)
+
+
 def test_another_reference_model_is_refused_saying_what_differs(ppo_checkpoint):
     from lmgym.agents.checkpoint import reference_fingerprint
 
