@@ -1,4 +1,4 @@
-"""Where should the KL go? Each KL estimator (k1, k2, k3) in the reward or in the loss, scored against the exact optimum.
+"""Where should the KL go? Each KL estimator (k1, k2, k3) in the reward or in the loss, against the exact optimum.
 
     OMP_NUM_THREADS=1 python benchmarks/kl_placement.py                      # the full grid, ~10 CPU-minutes
     OMP_NUM_THREADS=1 python benchmarks/kl_placement.py --out docs/kl_placement.md

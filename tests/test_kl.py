@@ -64,7 +64,8 @@ def test_expected_estimates_and_loss_gradients_match_the_documented_kls():
     # In the reward the estimate is a fixed number whose expectation the policy gradient moves (score function):
     # k1 gives grad KL(pi || ref), k3 grad KL(pi || ref) - grad KL(ref || pi) (the module docstring's claims).
     for estimator, want in (("k1", grad_reverse), ("k3", grad_reverse - grad_forward)):
-        frozen = torch.tensor([hand_k(float(logpi[a]), float(ref[a]), estimator) for a in range(6)], dtype=torch.float64)
+        frozen = torch.tensor([hand_k(float(logpi[a]), float(ref[a]), estimator) for a in range(6)],
+                              dtype=torch.float64)
         got = grad_of(lambda: (logpi_fn().exp() * frozen).sum())
         np.testing.assert_allclose(got, want, atol=1e-12)
 
