@@ -8,7 +8,17 @@ from gymnasium import spaces
 
 from lmgym.core import CoreView, EpisodeError, TextGenCore
 
-__all__ = ["TextGenEnv", "observation_space"]
+__all__ = ["TextGenEnv", "observation_space", "UnsupportedRenderMode"]
+
+
+class UnsupportedRenderMode(TypeError, ValueError):
+    """A ``render_mode`` the environment does not have.
+
+    A ``TypeError`` because that is what Gymnasium-style constructors raise for an argument they
+    do not take, and what Stable-Baselines3's ``make_vec_env`` catches when its default
+    ``render_mode="rgb_array"`` is refused (it then builds the env without a render mode);
+    a ``ValueError`` too, since the value is what is wrong.
+    """
 
 
 def observation_space(vocab_size: int, max_len: int) -> spaces.Dict:
@@ -95,7 +105,7 @@ class TextGenEnv(CoreView, gym.Env):
                  kl_coef: float = 0.05, max_prompt_tokens: int | None = None, stop_token_ids=None,
                  device="cpu", dtype="auto", trust_remote_code: bool = False, render_mode: str | None = None):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode={render_mode!r} is not supported; use None or 'ansi'")
+            raise UnsupportedRenderMode(f"render_mode={render_mode!r} is not supported; use None or 'ansi'")
         self.core = TextGenCore(model=model, reward_fn=reward_fn, prompts=prompts, num_envs=1, tokenizer=tokenizer,
                                 max_new_tokens=max_new_tokens, kl_coef=kl_coef, max_prompt_tokens=max_prompt_tokens,
                                 stop_token_ids=stop_token_ids, device=device, dtype=dtype,

@@ -1,0 +1,58 @@
+"""The Gymnasium and Stable-Baselines3 conventions users rely on: make_vec_env, vector wrappers, time limits."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from stable_baselines3.common.env_util import make_vec_env
+
+from lmgym.tasks import DIAGNOSTIC_IDS, LANGUAGE_IDS
+
+from conftest import PROMPTS, ZOO_STEPS, count_good
+
+
+def task_kwargs(env_id, tiny):
+    """What an id needs beyond its defaults here: TextGen-v0 has no model of its own; language tasks build
+    their zoo model at the reduced test size."""
+    if env_id == "lmgym/TextGen-v0":
+        return dict(model=tiny[0], tokenizer=tiny[1], reward_fn=count_good, prompts=PROMPTS, max_new_tokens=4)
+    if env_id in LANGUAGE_IDS:
+        return dict(zoo_steps=ZOO_STEPS)
+    return {}
+
+
+# Every diagnostic id, and one language id: the language tasks share one entry point and differ only in
+# their zoo model, which takes long to build (the language-task tests check each one's env).
+COVERED = ["lmgym/TextGen-v0", *DIAGNOSTIC_IDS, "lmgym/Arithmetic-v0"]
+
+
+def test_every_registered_entry_point_is_covered():
+    lmgym_ids = [k for k in gym.registry if k.startswith("lmgym/")]
+    assert set(lmgym_ids) == {"lmgym/TextGen-v0", *DIAGNOSTIC_IDS, *LANGUAGE_IDS}
+    entry_points = {gym.spec(k).entry_point for k in lmgym_ids}
+    assert entry_points == {gym.spec(k).entry_point for k in COVERED}
+
+
+@pytest.mark.parametrize("env_id", COVERED)
+def test_sb3_make_vec_env_builds_and_steps_every_id(env_id, tiny):
+    # SB3 first asks for render_mode="rgb_array" and falls back to no render mode on a TypeError.
+    venv = make_vec_env(env_id, n_envs=2, seed=0, env_kwargs=task_kwargs(env_id, tiny))
+    obs = venv.reset()
+    assert obs["input_ids"].shape[0] == 2
+    ended = 0
+    for _ in range(12):
+        obs, rewards, dones, infos = venv.step(np.array([venv.action_space.sample() for _ in range(2)]))
+        assert rewards.shape == (2,) and np.isfinite(rewards).all()
+        ended += sum("episode" in i for i in infos)  # SB3's Monitor saw whole episodes
+    assert ended >= 1
+    assert venv.get_attr("render_mode") == [None, None]
+
+
+def test_unsupported_render_mode_is_refused_clearly():
+    with pytest.raises(TypeError, match="render_mode='rgb_array' is not supported; use None or 'ansi'"):
+        gym.make("lmgym/TargetToken-v0", render_mode="rgb_array")
+    with pytest.raises(ValueError):  # the value is what is wrong, so it is a ValueError too
+        gym.make("lmgym/TargetToken-v0", render_mode="human")
+    env = gym.make("lmgym/TargetToken-v0", render_mode="ansi")
+    env.reset(seed=0)
+    env.unwrapped.step(1)
+    assert env.render().endswith("| a")
