@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
+from gymnasium.wrappers import TimeLimit
 
 from lmgym.core import CoreView, EpisodeError, TextGenCore
 
@@ -27,6 +30,28 @@ def observation_space(vocab_size: int, max_len: int) -> spaces.Dict:
         "input_ids": spaces.MultiDiscrete(np.full(max_len, vocab_size, dtype=np.int64)),
         "attention_mask": spaces.MultiBinary(max_len),
     })
+
+
+def _refuse_short_time_limit(env: "TextGenEnv") -> None:
+    """Refuse a ``TimeLimit`` (``gym.make(id, max_episode_steps=k)``) that would cut episodes short.
+
+    An episode cut by a wrapper before its end never reaches the step that adds the task score, so
+    the return silently becomes the KL term alone. The wrapper sits above the environment and is
+    invisible to it except on the call stack of ``reset``, which runs through every wrapper.
+    """
+    frame = sys._getframe(2)
+    for _ in range(64):
+        if frame is None:
+            return
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, TimeLimit) and owner.unwrapped is env \
+                and owner._max_episode_steps < env.core.max_new_tokens:
+            raise ValueError(
+                f"a TimeLimit of {owner._max_episode_steps} steps (gym.make(..., max_episode_steps=...) or the "
+                f"TimeLimit wrapper) would cut episodes before max_new_tokens={env.core.max_new_tokens}, and a cut "
+                "episode gets no score; shorten episodes with max_new_tokens="
+                f"{owner._max_episode_steps} instead (it ends them with their score)")
+        frame = frame.f_back
 
 
 class TextGenEnv(CoreView, gym.Env):
@@ -122,6 +147,7 @@ class TextGenEnv(CoreView, gym.Env):
                 "attention_mask": obs["attention_mask"][0].cpu().numpy()}
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        _refuse_short_time_limit(self)
         super().reset(seed=seed)
         options = dict(options or {})
         prompt = options.pop("prompt", None)
@@ -134,7 +160,15 @@ class TextGenEnv(CoreView, gym.Env):
         return self._obs(), {"prompt": self.core.row_prompts[0].text}
 
     def step(self, action, logprob: float | None = None):
-        """Append ``action`` to the text. ``logprob`` is log pi(action|state), for the exact KL term."""
+        """Append ``action`` to the text. ``logprob`` is log pi(action|state), for the exact KL term.
+
+        ``gym.make`` returns this environment itself (lmgym registers its ids without Gymnasium's
+        order-enforcing and checker wrappers, since the environment enforces order itself), so
+        ``gym.make(id).step(action, logprob=...)`` works. A wrapper you add (``TimeLimit``,
+        SB3's ``Monitor``, ...) only passes ``step(action)`` on: call ``env.unwrapped.step(action,
+        logprob=...)``, or bind the policy (``env.unwrapped.bind_policy(fn)``) so the environment
+        asks it for the log-prob and every wrapper keeps working.
+        """
         if self._done:
             raise EpisodeError("the episode has ended (or never started): call reset() before step()")
         if isinstance(action, (str, bytes)):

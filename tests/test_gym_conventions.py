@@ -56,3 +56,51 @@ def test_unsupported_render_mode_is_refused_clearly():
     env.reset(seed=0)
     env.unwrapped.step(1)
     assert env.render().endswith("| a")
+
+
+def test_a_time_limit_shorter_than_the_horizon_is_refused():
+    """A TimeLimit cuts episodes before the step that adds the score: refused, pointing to max_new_tokens."""
+    from gymnasium.wrappers import TimeLimit
+
+    with pytest.raises(ValueError, match="max_new_tokens=3 instead"):
+        gym.make("lmgym/TargetToken-v0", max_episode_steps=3).reset(seed=0)
+    with pytest.raises(ValueError, match="TimeLimit of 2 steps"):
+        TimeLimit(gym.make("lmgym/Copy-v0"), 2).reset(seed=0)
+    with pytest.raises(ValueError, match="TimeLimit of 3 steps"):  # also under SB3's Monitor and DummyVecEnv
+        make_vec_env("lmgym/TargetToken-v0", n_envs=1, wrapper_class=TimeLimit,
+                     wrapper_kwargs=dict(max_episode_steps=3)).reset()
+    with pytest.raises(TypeError, match="max_new_tokens instead"):
+        gym.make_vec("lmgym/TargetToken-v0", num_envs=2, max_episode_steps=3)
+    # A limit at or above the horizon never cuts an episode: allowed, and episodes end with their score.
+    env = gym.make("lmgym/TargetToken-v0", max_episode_steps=6)
+    env.reset(seed=0)
+    done = False
+    while not done:
+        _, _, term, trunc, info = env.step(1)
+        done = term or trunc
+    assert info["score"] == 1.0
+    # The shorter horizon, asked for the right way, keeps the score.
+    env = gym.make("lmgym/TargetToken-v0", max_new_tokens=3)
+    env.reset(seed=0)
+    *_, info = [env.step(1) for _ in range(3)][-1]
+    assert info["score"] == 1.0
+
+
+def test_step_with_logprob_through_gym_make():
+    """gym.make returns the environment itself, so the policy's log-prob can be handed over with the action."""
+    env = gym.make("lmgym/TargetToken-v0")
+    assert env is env.unwrapped
+    env.reset(seed=0)
+    _, reward, _, _, info = env.step(1, logprob=-0.25)
+    beta = env.unwrapped.kl_coef
+    assert reward == pytest.approx(-beta * (-0.25 - info["ref_logprob"]), abs=1e-6)
+    assert info["kl"] == pytest.approx(-0.25 - info["ref_logprob"], abs=1e-6)
+    # The environment still enforces the order of calls itself.
+    from lmgym.core import EpisodeError
+
+    with pytest.raises(EpisodeError, match="call reset"):
+        gym.make("lmgym/TargetToken-v0").step(1)
+    # Gymnasium's passive checker is there for whoever asks for it.
+    checked = gym.make("lmgym/TargetToken-v0", disable_env_checker=False)
+    checked.reset(seed=0)
+    checked.step(1)
