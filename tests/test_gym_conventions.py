@@ -104,3 +104,33 @@ def test_step_with_logprob_through_gym_make():
     checked = gym.make("lmgym/TargetToken-v0", disable_env_checker=False)
     checked.reset(seed=0)
     checked.step(1)
+
+
+def test_numpy_output_runs_gymnasium_vector_wrappers():
+    """output="numpy": one batched env whose reset/step return numpy, so Gymnasium's vector wrappers work."""
+    from gymnasium.wrappers.vector import FlattenObservation, NormalizeReward, RecordEpisodeStatistics
+
+    n, steps = 4, 20
+    actions = np.random.default_rng(0).integers(0, 4, size=(steps, n))
+    reference = gym.make_vec("lmgym/TargetToken-v0", num_envs=n, device="cpu")  # torch output, the default
+    venv = gym.make_vec("lmgym/TargetToken-v0", num_envs=n, device="cpu", output="numpy")
+    env = NormalizeReward(FlattenObservation(RecordEpisodeStatistics(venv)), gamma=1.0)
+    vocab, length = 4, venv.core.max_len
+    obs, _ = env.reset(seed=0)
+    reference.reset(seed=0)
+    assert isinstance(obs, np.ndarray) and obs.shape == (n, length * vocab + length)  # one-hot ids + mask
+    returns, raw_returns, prev_done = np.zeros(n), [], np.zeros(n, dtype=bool)
+    for a in actions:
+        obs, reward, term, trunc, info = env.step(a)
+        _, ref_reward, ref_term, ref_trunc, _ = reference.step(a)
+        assert isinstance(reward, np.ndarray) and np.isfinite(reward).all()
+        np.testing.assert_array_equal(term, ref_term.numpy())
+        returns = np.where(prev_done, 0.0, returns + ref_reward.numpy())  # a NEXT_STEP reset step counts nothing
+        prev_done = term | trunc
+        if "episode" in info:
+            done = info["_episode"]
+            np.testing.assert_allclose(info["episode"]["r"][done], returns[done], rtol=1e-5)
+            raw_returns += list(returns[done])
+    assert len(raw_returns) >= n
+    with pytest.raises(ValueError, match="output must be 'torch' or 'numpy'"):
+        gym.make_vec("lmgym/TargetToken-v0", num_envs=2, output="pandas")
