@@ -7,8 +7,9 @@ JSONL file (``{"prompt", "chosen", "rejected"}`` per line, the common convention
 from rankings of K completions (``{"prompt", "completions", "ranking"}`` best first, or
 ``"scores"``), which expand into all K-choose-2 pairs kept in one batch, as
 InstructGPT does. After training, a bias makes the mean reward over the distinct
-training (prompt, completion) pairs zero (each counted once, however many pairs it is in). A trained model saves as safetensors + config and is itself a
-reward source: ``LearnedReward(model)(prompts, completions) -> scores``.
+training (prompt, completion) pairs zero (each counted once, however many pairs it is in).
+A trained model saves as safetensors + config and is itself a reward source:
+``LearnedReward(model)(prompts, completions) -> scores``.
 """
 
 from __future__ import annotations
