@@ -208,3 +208,22 @@ def test_bench_sb3_runs_log_under_lmgym_tag_names(tmp_path):
     assert shared <= sb3_tags, shared - sb3_tags
     assert not {"train/policy_gradient_loss", "rollout/ep_rew_mean"} & sb3_tags  # mapped, not duplicated
     assert [p.name for p in (tmp_path / "sb3").iterdir() if p.is_dir()] == []  # one run folder, as lmgym's
+
+
+@pytest.mark.slow
+def test_readme_sb3_snippet_trains_as_written(tmp_path, monkeypatch):
+    """The README's SB3 code block, run verbatim, reaches 90% of the exact optimum with both policies."""
+    import pathlib
+    import re
+
+    monkeypatch.chdir(tmp_path)  # the snippet saves a file
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    block = readme[readme.index("**Train with Stable-Baselines3.**"):]
+    code = re.search(r"```python\n(.*?)```", block, re.S).group(1)
+    namespace = {}
+    exec("import gymnasium as gym\nimport lmgym\n" + code, namespace)  # the tour's first block imports these
+    optimum = namespace["venv"].optimal_return
+    for name in ("mlp", "lm"):
+        result = evaluate_return(namespace[name], gym.make("lmgym/TargetToken-v0"), 400)
+        assert result["return"] / optimum >= 0.9, (name, result)
+    assert (tmp_path / "lm_ppo.zip").is_file()
