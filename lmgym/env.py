@@ -39,7 +39,7 @@ def _refuse_short_time_limit(env: "TextGenEnv") -> None:
     the return silently becomes the KL term alone. The wrapper sits above the environment and is
     invisible to it except on the call stack of ``reset``, which runs through every wrapper.
     """
-    frame = sys._getframe(2)
+    frame = sys._getframe(1).f_back  # the caller of reset(), then outwards through the wrappers
     for _ in range(64):
         if frame is None:
             return
