@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
 __all__ = ["Prompt", "PromptSource"]
 
 
-class Prompt(tuple):
-    """A prompt as ``(text, token_ids)``."""
+class Prompt(NamedTuple):
+    """A prompt as ``(text, token_ids)`` (a named tuple, so it pickles and copies like one)."""
 
-    __slots__ = ()
-
-    def __new__(cls, text: str, ids: list[int]):
-        return super().__new__(cls, (text, ids))
-
-    @property
-    def text(self) -> str:
-        return self[0]
-
-    @property
-    def ids(self) -> list[int]:
-        return self[1]
+    text: str
+    ids: list[int]
 
 
 class PromptSource:
@@ -32,7 +23,8 @@ class PromptSource:
     A list or tuple is sampled uniformly, with replacement, from the environment's
     seeded RNG, so ``reset(seed=...)`` fixes the prompt order. Any other iterable
     (a generator, a data set stream) is read in order, once; running out is an error.
-    A prompt is a string (tokenized with the tokenizer) or a sequence of token ids.
+    A prompt is a string (tokenized with the tokenizer) or a sequence of token ids;
+    a numpy array of strings (or a 2-D array of token ids) is a list of prompts.
 
     Args:
         prompts: the prompts.
@@ -45,6 +37,8 @@ class PromptSource:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):
             raise TypeError(f"prompts must be a list or an iterable of prompts, got {type(prompts).__name__}"
                             + (" (wrap a single prompt in a list)" if isinstance(prompts, str) else ""))
+        if hasattr(prompts, "tolist") and hasattr(prompts, "__len__"):
+            prompts = prompts.tolist()  # a numpy array (or tensor, pandas Series) is a list of prompts
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)
         self.items: list[Prompt] | None = None
@@ -78,10 +72,17 @@ class PromptSource:
                 raise ValueError(f"{where} {prompt!r} is empty after tokenization; an episode needs at least "
                                  "one prompt token to condition on")
             return Prompt(prompt, ids)
+        if isinstance(prompt, (bytes, bytearray)):  # iterating bytes would give byte values, not tokens
+            raise TypeError(f"{where} is bytes ({bytes(prompt)[:40]!r}); decode it to a string first, "
+                            "e.g. prompt.decode('utf-8')")
+        if hasattr(prompt, "tolist"):
+            prompt = prompt.tolist()  # a numpy / torch row of token ids
         try:
             ids = [int(t) for t in prompt]
         except (TypeError, ValueError) as err:
             raise TypeError(f"{where} must be a string or a sequence of token ids, got {prompt!r}") from err
+        if any(isinstance(t, bool) or t != i for t, i in zip(prompt, ids)):  # 1.5 or True is no token id
+            raise TypeError(f"{where} must be a string or a sequence of integer token ids, got {prompt!r}")
         if not ids:
             raise ValueError(f"{where} is empty; an episode needs at least one prompt token to condition on")
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
