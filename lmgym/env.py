@@ -85,8 +85,9 @@ class TextGenEnv(CoreView, gym.Env):
 
     plus the task score R(x, y) = ``reward_fn([x], [y])`` on the last step, so an
     episode's rewards sum to ``R(x, y) - beta * sum_t KL_t``. The policy's
-    log-prob ``log pi(a_t|s_t)`` comes from ``step(action, logprob=...)`` (on the
-    unwrapped env) or from a policy bound with ``bind_policy``. With neither, the
+    log-prob ``log pi(a_t|s_t)`` comes from ``step(action, logprob=...)`` (on this env,
+    which ``gym.make`` returns unwrapped; see :meth:`step`) or from a policy bound with
+    ``bind_policy``. With neither, the
     environment cannot see the policy and the per-step part is
     ``beta * log pi_ref(a_t|s_t)`` instead: in expectation this equals the
     KL-regularised objective once the agent adds an entropy bonus of weight beta

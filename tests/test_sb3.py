@@ -148,6 +148,9 @@ def test_deterministic_return_is_that_of_the_greedy_policy_and_below_the_optimum
     assert result["score"] == 1.0
     assert result["return"] == pytest.approx(expected, abs=1e-5)
     assert result["return"] <= env.unwrapped.optimal_return
+    # The same greedy policy over TargetToken's three prompts: below the exact optimum as well.
+    target = gym.make("lmgym/TargetToken-v0")
+    assert evaluate_return(model, target, 30, deterministic=True)["return"] <= target.unwrapped.optimal_return
     # The stochastic policy's return counts its own log-probs, and is below the optimum too.
     assert evaluate_return(model, env, 50)["return"] < env.unwrapped.optimal_return
 
