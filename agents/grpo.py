@@ -36,6 +36,9 @@ Where the KL goes (``kl_placement``, ``kl_estimator``; the bias of each choice i
   is added to each token's loss. With k3 its gradient is not that of the KL-regularised
   objective: on-policy, it is the gradient of the *forward* KL ``sum_t E_{s_t}[KL(pi_ref || pi)(s_t)]``
   with the states held fixed (k2: the reverse KL's, states held fixed; k1: zero in expectation).
+  The score enters through advantages divided by the group's std and the KL does not, so measured
+  against the objective the KL weighs ``beta * std_group(R)`` rather than beta (``scale_rewards=False``
+  keeps it at beta, up to the token averaging of ``loss_type``).
 - ``"reward"``: ``R_i = score_i - beta * sum_t k_t`` from the rollout's log-probs, normalised within
   the group like the score; k1 gives the unbiased gradient of ``E[R] - beta * KL(pi || pi_ref)``
   (up to the group normalisation, as for the score), k2 / k3 a biased one.
