@@ -24,7 +24,10 @@ and puts it in one of two places (``kl_placement``):
   misses ``E[sum_t grad k3_t] = sum_t E_{s_t}[grad KL(pi_ref || pi)(s_t)]``: the update is
   J's gradient plus ``beta`` times the per-state gradient of the forward KL, so it
   under-penalises. For k2 the penalty's expectation is not even the KL (it is
-  ``E[sum_t d_t^2 / 2]``), so the update ascends another objective.
+  ``E[sum_t d_t^2 / 2]``), so the update ascends another objective. In practice both punish a
+  token the policy under-samples (``pi << pi_ref``, ``d < 0``) as they punish an over-sampled one,
+  which pushes it further down, where k1's negative penalty (a bonus) would restore it: the
+  policy can collapse onto the best-scoring tokens (docs/kl_placement.md measures it).
 - ``"loss"``: the reward is the score alone and ``beta * k_t(theta)`` is added to the loss,
   differentiated through the current policy's log-prob on tokens sampled from pi_old.
   On-policy (pi_old = pi) its expected gradient, per visited state s with the state
