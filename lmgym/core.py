@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lmgym.chat import default_stop_token_ids, is_chat_messages
 from lmgym.models import CachedLM, load_model, resolve_device
 from lmgym.optimum import soft_optimal_values
 from lmgym.prompts import Prompt, PromptSource
@@ -105,10 +106,8 @@ class TextGenCore:
             raise ValueError(f"prompts of up to {self.prompts.max_prompt_tokens} tokens plus max_new_tokens="
                              f"{max_new_tokens} need {self.max_len} positions, but the model's context is {context}; "
                              "shorten the prompts or lower max_new_tokens")
-        if stop_token_ids is None:
-            if self.tokenizer.eos_token_id is None:
-                raise ValueError("the tokenizer has no EOS token: pass stop_token_ids")
-            stop_token_ids = [self.tokenizer.eos_token_id]
+        if stop_token_ids is None:  # EOS, and an instruct model's end-of-turn token from its generation config
+            stop_token_ids = default_stop_token_ids(self.model, self.tokenizer)
         stop = sorted({int(t) for t in stop_token_ids})
         if any(not 0 <= t < self.vocab_size for t in stop):
             raise ValueError(f"stop_token_ids {stop} must lie in [0, {self.vocab_size})")
@@ -168,7 +167,7 @@ class TextGenCore:
         return out
 
     def _fixed_prompts(self, prompts) -> list[Prompt]:
-        if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__"):
+        if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__") or is_chat_messages(prompts):
             prompts = [prompts]
         if len(prompts) not in (self.num_envs, self.num_envs // self.group_size):
             raise ValueError(f"options['prompts'] needs {self.num_envs} prompts (one per episode) or "
@@ -271,7 +270,7 @@ class TextGenCore:
     def _score(self, rows: np.ndarray, completion_ids: list[list[int]]) -> np.ndarray:
         prompts = [self.row_prompts[r] for r in rows]
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        return self.reward_fn([p.text for p in prompts], texts, [p.ids for p in prompts], completion_ids)
+        return self.reward_fn([p.given for p in prompts], texts, [p.ids for p in prompts], completion_ids)
 
     def step(self, actions, logprobs=None):
         """Advance every row by one token.

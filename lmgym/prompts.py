@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
+
+from lmgym.chat import is_chat_messages, render_chat
 
 __all__ = ["Prompt", "PromptSource"]
 
 
 class Prompt(tuple):
-    """A prompt as ``(text, token_ids)``."""
+    """A prompt as ``(text, token_ids, given)``.
+
+    ``text`` is the prompt as the model reads it (a chat prompt rendered with its template),
+    ``given`` the prompt as the user gave it (a string, or a list of chat messages), which
+    is what reward functions receive.
+    """
 
     __slots__ = ()
 
-    def __new__(cls, text: str, ids: list[int]):
-        return super().__new__(cls, (text, ids))
+    def __new__(cls, text: str, ids: list[int], given=None):
+        return super().__new__(cls, (text, ids, text if given is None else given))
 
     @property
     def text(self) -> str:
@@ -25,6 +32,11 @@ class Prompt(tuple):
     def ids(self) -> list[int]:
         return self[1]
 
+    @property
+    def given(self):
+        """The prompt as the user gave it: the text, or the chat messages."""
+        return self[2]
+
 
 class PromptSource:
     """Prompts for episodes.
@@ -32,7 +44,9 @@ class PromptSource:
     A list or tuple is sampled uniformly, with replacement, from the environment's
     seeded RNG, so ``reset(seed=...)`` fixes the prompt order. Any other iterable
     (a generator, a data set stream) is read in order, once; running out is an error.
-    A prompt is a string (tokenized with the tokenizer) or a sequence of token ids.
+    A prompt is a string (tokenized with the tokenizer), a list of chat messages
+    (``[{"role": "user", "content": ...}]``, rendered with the tokenizer's chat template
+    and ``add_generation_prompt=True``), or a sequence of token ids.
 
     Args:
         prompts: the prompts.
@@ -48,11 +62,15 @@ class PromptSource:
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)
         self.items: list[Prompt] | None = None
+        self._by_ids: dict[tuple[int, ...], Prompt] = {}
         self._stream = None
         if isinstance(prompts, Sequence):
             if len(prompts) == 0:
                 raise ValueError("prompts is empty: give at least one prompt")
             self.items = [self.encode(p, where=f"prompt #{i}") for i, p in enumerate(prompts)]
+            # Token ids back to the prompt they came from, so a prompt fixed by its ids (a resumed
+            # run, an evaluation restoring its state) keeps the form the reward function expects.
+            self._by_ids = {tuple(p.ids): p for p in reversed(self.items)}
             longest = max(len(p.ids) for p in self.items)
             if max_prompt_tokens is None:
                 max_prompt_tokens = longest
@@ -78,6 +96,12 @@ class PromptSource:
                 raise ValueError(f"{where} {prompt!r} is empty after tokenization; an episode needs at least "
                                  "one prompt token to condition on")
             return Prompt(prompt, ids)
+        if is_chat_messages(prompt):
+            ids = render_chat(self.tokenizer, prompt, where=where)
+            return Prompt(self.tokenizer.decode(ids), ids, [dict(m) for m in prompt])
+        if isinstance(prompt, Mapping):
+            raise TypeError(f"{where} is a single message {dict(prompt)!r}; a chat prompt is a list of messages, "
+                            "and prompts a list of those: [[{'role': 'user', 'content': ...}], ...]")
         try:
             ids = [int(t) for t in prompt]
         except (TypeError, ValueError) as err:
@@ -87,7 +111,8 @@ class PromptSource:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"{where} has token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
-        return Prompt(self.tokenizer.decode(ids), ids)
+        known = self._by_ids.get(tuple(ids))
+        return known if known is not None else Prompt(self.tokenizer.decode(ids), ids)
 
     @property
     def finite(self) -> bool:
