@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from lmgym.agents.policy import trainable_copy
 from lmgym.models import resolve_device, sample_continuations, token_logprobs, to_left_padded
 
 __all__ = ["AgentConfig", "Agent", "Rollout", "Callback", "TrainingError", "CheckpointError", "ValueHead",
@@ -63,7 +64,9 @@ class AgentConfig:
     temperature: float = 1.0
     """sampling temperature of the policy"""
     bf16: bool = True
-    """bfloat16 autocast for forward passes on a CUDA device (ignored on the CPU)"""
+    """bfloat16 autocast for forward passes on a CUDA device (ignored on the CPU); weights stay float32"""
+    disable_dropout: bool = True
+    """set every dropout probability of the trained model(s) to 0, so rollouts, ratios and values agree"""
     checkpoint_every: int = 0
     """write a checkpoint every this many iterations (0: only at the end of learn)"""
 
@@ -190,7 +193,9 @@ class Agent:
     Args:
         env: a :class:`lmgym.TextGenVectorEnv` (``gym.make_vec("lmgym/...", num_envs=N)``).
         config: the agent's config dataclass (defaults if None).
-        policy: the causal LM to train; by default a trainable copy of the env's reference model.
+        policy: the causal LM to train; by default a copy of the env's reference model. Either way
+            it is trained with float32 master weights (a half-precision model is cast in place)
+            and, with ``disable_dropout`` (default), no dropout.
         logdir: TensorBoard and checkpoint folder (None: no logs, no checkpoints).
         device: ``"auto"`` (CUDA when available) or any torch device; by default the env's.
         **overrides: config fields to change, e.g. ``learning_rate=3e-4``.
@@ -211,9 +216,9 @@ class Agent:
             raise ValueError(f"the agent runs on {self.device} but the environment on {env.device}; "
                              "create the environment with the same device")
         torch.manual_seed(self.config.seed)
-        self.policy = (policy if policy is not None else copy.deepcopy(env.reference_model)).to(self.device)
-        self.policy.requires_grad_(True)
-        self.policy.train()
+        # float32 master weights whatever the reference's dtype, dropout off (see lmgym.agents.policy)
+        self.policy = trainable_copy(policy if policy is not None else env.reference_model, self.device,
+                                     copy_model=policy is None, no_dropout=self.config.disable_dropout)
         self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         self.setup()
         self.optimizer = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad],

@@ -18,12 +18,12 @@ Per iteration:
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 
 from lmgym.agents.base import Agent, AgentConfig, Rollout, ValueHead, masked_mean, masked_whiten, policy_forward
+from lmgym.agents.policy import trainable_copy
 
 __all__ = ["PPOConfig", "PPO", "gae", "ppo_losses", "AdaptiveKLController"]
 
@@ -125,7 +125,8 @@ class PPO(Agent):
         self.value_head = ValueHead(hidden).to(self.device)
         self.value_model = None
         if self.config.separate_value_model:
-            self.value_model = copy.deepcopy(self.env.reference_model).to(self.device).requires_grad_(True).train()
+            self.value_model = trainable_copy(self.env.reference_model, self.device,
+                                              no_dropout=self.config.disable_dropout)
         self.kl_ctl = AdaptiveKLController(self.env.kl_coef, self.config.target_kl, self.config.kl_horizon)
 
     def parameters(self):
