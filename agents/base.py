@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from lmgym.agents.policy import trainable_copy
 from lmgym.models import resolve_device, sample_continuations, token_logprobs, to_left_padded
+from lmgym.sampling import Sampling
 
 __all__ = ["AgentConfig", "Agent", "Rollout", "Callback", "TrainingError", "CheckpointError", "ValueHead",
            "policy_forward", "masked_mean", "masked_whiten"]
@@ -62,7 +63,11 @@ class AgentConfig:
     gradient_accumulation_steps: int = 1
     """micro-batches per minibatch, to bound memory"""
     temperature: float = 1.0
-    """sampling temperature of the policy"""
+    """sampling temperature of the policy (> 0)"""
+    top_k: int = 0
+    """sample among the k most probable tokens only (0: all)"""
+    top_p: float = 1.0
+    """sample from the smallest set of most probable tokens reaching this probability, in (0, 1] (1: all)"""
     bf16: bool = True
     """bfloat16 autocast for forward passes on a CUDA device (ignored on the CPU); weights stay float32"""
     disable_dropout: bool = True
@@ -153,8 +158,8 @@ class ValueHead(nn.Module):
         return self.linear(hidden.float()).squeeze(-1)
 
 
-def policy_forward(model, rollout: Rollout, *, temperature: float = 1.0, hidden: bool = False,
-                   entropy_grad: bool = False):
+def policy_forward(model, rollout: Rollout, *, sampling: Sampling | None = None, temperature: float = 1.0,
+                   hidden: bool = False, entropy_grad: bool = False):
     """One forward of ``model`` over prompt + continuation.
 
     Returns ``(logprobs, entropy, hidden_states)``, each ``(N, T)`` (hidden ``(N, T, H)``
@@ -162,17 +167,29 @@ def policy_forward(model, rollout: Rollout, *, temperature: float = 1.0, hidden:
     that state, and the last hidden state at the position that predicts it. The
     entropy carries gradients only with ``entropy_grad=True`` (an entropy bonus);
     otherwise it is a detached statistic for logging.
+
+    Log-probs and entropy are those of the distribution the agent samples from:
+    ``sampling`` (temperature, top-k, top-p; see :mod:`lmgym.sampling`), or, without it,
+    the model's distribution at ``temperature``.
     """
+    sampling = sampling if sampling is not None else Sampling(temperature)
     ids = torch.cat([rollout.query_ids, rollout.tokens], dim=1)
     mask = torch.cat([rollout.query_mask, torch.ones_like(rollout.tokens)], dim=1)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=hidden)
     start = rollout.query_ids.shape[1] - 1
-    logits = out.logits[:, start:-1].float() / temperature
-    logprobs = token_logprobs(logits, rollout.tokens)
-    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        probs = torch.softmax(logits, dim=-1)
-        entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+    if not sampling.truncates:
+        logits = out.logits[:, start:-1].float() / sampling.temperature
+        logprobs = token_logprobs(logits, rollout.tokens)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            probs = torch.softmax(logits, dim=-1)
+            entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+    else:
+        logq, kept = sampling.log_probs(out.logits[:, start:-1])
+        logprobs = logq.gather(-1, rollout.tokens.unsqueeze(-1)).squeeze(-1)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            inside = logq.masked_fill(~kept, float("-inf"))
+            entropy = -(inside.exp() * logq.masked_fill(~kept, 0.0)).sum(-1)
     h = out.hidden_states[-1][:, start:-1] if hidden else None
     return logprobs, entropy, h
 
@@ -215,6 +232,11 @@ class Agent:
         if self.device != env.device:
             raise ValueError(f"the agent runs on {self.device} but the environment on {env.device}; "
                              "create the environment with the same device")
+        # The sampling transformation: the policy samples from it, its log-probs (handed to the
+        # environment and used in the ratios) are the transformed distribution's, and the
+        # environment scores the reference under the same transformation (lmgym.sampling).
+        self.sampling = Sampling(self.config.temperature, self.config.top_k, self.config.top_p)
+        env.sampling = self.sampling
         torch.manual_seed(self.config.seed)
         # float32 master weights whatever the reference's dtype, dropout off (see lmgym.agents.policy)
         self.policy = trainable_copy(policy if policy is not None else env.reference_model, self.device,
@@ -277,8 +299,8 @@ class Agent:
         with self.autocast():
             tokens, logprobs = sample_continuations(
                 self.policy, query_ids, query_mask, self.env.max_new_tokens, stop_token_ids=self.env.stop_token_ids,
-                pad_token_id=self.env.tokenizer.pad_token_id, temperature=self.config.temperature,
-                generator=self.generator)
+                pad_token_id=self.env.tokenizer.pad_token_id, temperature=self.sampling.temperature,
+                top_k=self.sampling.top_k, top_p=self.sampling.top_p, generator=self.generator)
         self.policy.train()
         if not bool(torch.isfinite(logprobs).all()):
             raise TrainingError(f"the policy's log-probs are not finite at iteration {self.iteration}: its weights "

@@ -150,7 +150,7 @@ class PPO(Agent):
     def forward(self, batch: Rollout):
         """Log-probs, entropy and values of the current policy and critic on a batch."""
         with self.autocast():
-            logprobs, entropy, hidden = policy_forward(self.policy, batch, temperature=self.config.temperature,
+            logprobs, entropy, hidden = policy_forward(self.policy, batch, sampling=self.sampling,
                                                        hidden=self.value_model is None,
                                                        entropy_grad=self.config.ent_coef != 0)
             if self.value_model is not None:

@@ -32,6 +32,7 @@ from lmgym.models import CachedLM, load_model, resolve_device
 from lmgym.optimum import soft_optimal_values
 from lmgym.prompts import Prompt, PromptSource
 from lmgym.rewards import RewardFunction
+from lmgym.sampling import Sampling
 
 __all__ = ["TextGenCore", "CoreView", "SequenceResult", "EpisodeError"]
 
@@ -116,6 +117,7 @@ class TextGenCore:
         self.pad_token_id = int(self.tokenizer.pad_token_id)
         self.ref = CachedLM(self.model, max_sequence_length=self.max_len)
         self.policy_fn = None
+        self.sampling = Sampling()
 
         n, d = num_envs, self.device
         self.tokens = torch.full((n, self.max_len), self.pad_token_id, dtype=torch.long, device=d)
@@ -138,6 +140,20 @@ class TextGenCore:
             raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef!r}")
         self.kl_coef = float(kl_coef)
         self._optimal_return = None  # the optimum depends on beta
+
+    def set_sampling(self, sampling) -> None:
+        """Score the reference under the agent's sampling transformation (see :mod:`lmgym.sampling`)."""
+        if sampling is None:
+            sampling = Sampling()
+        if not isinstance(sampling, Sampling):
+            raise TypeError(f"sampling must be an lmgym.sampling.Sampling, got {type(sampling).__name__}")
+        self.sampling = sampling
+
+    def _ref_next_logprobs(self) -> torch.Tensor:
+        """log pi_ref of every next token, transformed as the agent samples."""
+        if self.sampling.is_identity:
+            return self.ref.next_logprobs
+        return self.sampling.log_probs(self.ref.next_logprobs)[0]
 
     # ------------------------------------------------------------------ prompts and resets
     def bind_policy(self, fn) -> None:
@@ -289,7 +305,7 @@ class TextGenCore:
         active = ~torch.as_tensor(self.pending_reset, device=self.device)
         state = self.observation() if (logprobs is None and self.policy_fn is not None) else None
 
-        ref_lp = self.ref.next_logprobs.gather(1, actions[:, None]).squeeze(1)
+        ref_lp = self._ref_next_logprobs().gather(1, actions[:, None]).squeeze(1)
         if logprobs is not None:
             pol_lp = self._as_logprobs(logprobs, (self.num_envs,))
         elif self.policy_fn is not None:
@@ -394,7 +410,7 @@ class TextGenCore:
         mask = (positions < lengths[:, None]).to(torch.float32)
         last = positions == (lengths - 1)[:, None]
 
-        ref_lp = self.ref.score_continuations(tokens)
+        ref_lp = self.ref.score_continuations(tokens, self.sampling)
         if pol_lp is None and self.policy_fn is not None:
             pol_lp = self._bound_policy_logprobs(tokens)
         rewards, kl = self._token_rewards(ref_lp, pol_lp)
@@ -497,6 +513,20 @@ class CoreView:
     def optimal_return(self) -> float:
         """The exact optimal expected return of the KL-regularised objective (tiny vocabularies only)."""
         return self.core.optimal_return()
+
+    @property
+    def sampling(self):
+        """The sampling transformation (temperature, top-k, top-p) the reference's log-probs are taken under.
+
+        An agent that samples from a transformed policy q_pi sets this to the same
+        :class:`lmgym.sampling.Sampling`, so the KL term is ``log q_pi(a) - log q_ref(a)``
+        and vanishes when policy and reference coincide. Default: no transformation.
+        """
+        return self.core.sampling
+
+    @sampling.setter
+    def sampling(self, value) -> None:
+        self.core.set_sampling(value)
 
     def bind_policy(self, fn) -> None:
         """Bind ``fn(observation, actions) -> log pi`` (batched torch tensors) so the KL term is exact
