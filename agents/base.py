@@ -282,6 +282,13 @@ class Agent:
         """The modules whose weights a checkpoint holds, by name."""
         return {"policy": self.policy}
 
+    def save_pretrained(self, directory: str | os.PathLike, *, dtype=None, overwrite: bool = False) -> Path:
+        """Write the policy as a standard Hugging Face model folder (weights, config, tokenizer, generation
+        config with the environment's stop tokens and this agent's sampling); see :mod:`lmgym.agents.export`."""
+        from lmgym.agents.export import save_pretrained
+
+        return save_pretrained(self, directory, dtype=dtype, overwrite=overwrite)
+
     # ------------------------------------------------------------------ rollouts
     def autocast(self):
         enabled = self.config.bf16 and self.device.type == "cuda"

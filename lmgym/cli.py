@@ -176,6 +176,36 @@ def _reward_model_train(args, extra) -> int:
     return 0
 
 
+def _export(args, extra) -> int:
+    from lmgym.agents import CheckpointError
+    from lmgym.agents.export import ExportError, export_checkpoint
+
+    try:
+        out = export_checkpoint(args.source, args.out, model=args.model, dtype=args.dtype, overwrite=args.overwrite,
+                                device=args.device)
+    except (ExportError, CheckpointError, FileExistsError, OSError, ValueError) as err:
+        print(f"lmgym: {err}", file=sys.stderr)
+        return 2
+    print(f"exported to {out}: load it with AutoModelForCausalLM.from_pretrained({str(out)!r}) or "
+          f"transformers.pipeline('text-generation', model={str(out)!r})")
+    return 0
+
+
+def add_export_command(sub) -> None:
+    """``lmgym export CHECKPOINT_OR_RUN OUT``: a trained policy as a Hugging Face model folder."""
+    p = sub.add_parser("export", help="write a trained policy as a Hugging Face model folder",
+                       description="Export the policy of a checkpoint (or of a run folder's latest checkpoint) as a "
+                                   "standard Hugging Face folder: safetensors weights, config, tokenizer and a "
+                                   "generation config with the environment's stop tokens.")
+    p.add_argument("source", help="a checkpoint folder (checkpoints/iter-NNNNNN) or a run's log folder")
+    p.add_argument("out", help="the folder to write")
+    p.add_argument("--model", help="the base model the run started from, when the run folder does not record it")
+    p.add_argument("--dtype", help="cast the weights, e.g. bfloat16 (default: float32 as trained)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty out folder")
+    p.set_defaults(func=_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lmgym.bench import AGENT_NAMES
 
@@ -228,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=_reward_model_train)
+
+    add_export_command(sub)
     return parser
 
 
