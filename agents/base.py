@@ -429,21 +429,29 @@ class Agent:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, num_batches: int = 4, seed: int | None = None) -> dict[str, float]:
+    def evaluate(self, num_batches: int = 4, seed: int | None = None, prompts=None) -> dict:
         """Mean score, KL and return (score - beta * KL) of the current policy over fresh episodes.
 
         Prompts and samples come from ``seed`` (default: the config's seed + 10000), so two
         evaluations of one run (before and after training) see the same prompts and differ
         only by the policy. The training run's own prompt stream and RNG are left untouched.
+
+        With ``prompts`` (e.g. held-out prompts: text, chat messages or token ids), each of
+        them is evaluated instead, ``group_size`` times, and ``num_batches`` is ignored; the
+        result then also holds ``samples``, ``(prompt, completion, score)`` per episode.
         """
         seed = self.config.seed + 10_000 if seed is None else seed
         saved_generator, saved_started = self.generator, self._env_started
         env_state = self._env_snapshot() if self._env_started else None
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        samples = []
         try:
-            self.env.reset(seed=seed)
-            self._env_started = True
-            batches = [self.collect() for _ in range(num_batches)]
+            if prompts is None:
+                self.env.reset(seed=seed)
+                self._env_started = True
+                batches = [self.collect() for _ in range(num_batches)]
+            else:
+                batches = self._collect_on(list(prompts), seed, samples)
         finally:
             self.generator = saved_generator
             self._env_started = saved_started
@@ -452,8 +460,29 @@ class Agent:
         scores = torch.cat([b.scores for b in batches])
         kl = torch.cat([b.kl.sum(1) for b in batches])
         returns = torch.cat([b.returns for b in batches])
-        return {"score": float(scores.mean()), "kl": float(kl.mean()), "return": float(returns.mean()),
-                "return_std": float(returns.std()), "episodes": int(returns.numel())}
+        out = {"score": float(scores.mean()), "kl": float(kl.mean()), "return": float(returns.mean()),
+               "return_std": float(returns.std()) if returns.numel() > 1 else 0.0, "episodes": int(returns.numel())}
+        if prompts is not None:
+            out["samples"] = samples
+        return out
+
+    def _collect_on(self, prompts: list, seed: int, samples: list) -> list[Rollout]:
+        """Rollouts of every prompt in ``prompts``, ``group_size`` episodes each, in batches of the env's size."""
+        if not prompts:
+            raise ValueError("evaluate(prompts=...) needs at least one prompt")
+        per_batch = self.env.num_envs // self.env.group_size
+        batches = []
+        for start in range(0, len(prompts), per_batch):
+            chunk = prompts[start:start + per_batch]
+            real = len(chunk) * self.env.group_size
+            chunk = chunk + [chunk[0]] * (per_batch - len(chunk))  # fill the batch; the filler is dropped below
+            self.env.reset(seed=seed, options={"prompts": chunk})
+            self._env_started = True
+            rollout = self.collect()
+            keep = torch.arange(real, device=self.device)
+            samples.extend(zip(rollout.prompts[:real], rollout.completions[:real], rollout.scores[:real].tolist()))
+            batches.append(rollout.select(keep))
+        return batches
 
     # ------------------------------------------------------------------ logging
     def _open_writer(self) -> None:
