@@ -436,6 +436,9 @@ class TextGenCore:
 
     def optimal_return(self) -> float:
         """The exact optimal expected return over the prompt distribution (see :mod:`lmgym.optimum`)."""
+        if not self.sampling.is_identity:
+            raise ValueError(f"the exact optimum is that of sampling the model's own distribution; under "
+                             f"{self.sampling} the KL term compares transformed distributions and that optimum does not apply")
         if getattr(self, "_optimal_return", None) is None:
             if not self.prompts.finite:
                 raise ValueError("the exact optimum needs a known list of prompts, not a stream")

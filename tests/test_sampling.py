@@ -92,7 +92,8 @@ def test_environment_scores_the_reference_under_the_agents_sampling(tiny, tiny64
     stepped = torch.stack([venv.step(tokens[:, t])[4]["ref_logprob"] for t in range(5)], dim=1)
     for i in range(4):
         for t in range(5):
-            expected = slow_transformed_ref_logprob(tiny64, prompt_ids[i] + tokens[i, :t].tolist(), int(tokens[i, t]), s)
+            prefix = prompt_ids[i] + tokens[i, :t].tolist()
+            expected = slow_transformed_ref_logprob(tiny64, prefix, int(tokens[i, t]), s)
             assert abs(float(submitted.ref_logprobs[i, t]) - expected) < 1e-4
             assert abs(float(stepped[i, t]) - expected) < 1e-4
 
@@ -137,3 +138,11 @@ def test_sample_continuations_reports_the_sampled_distributions_log_probs(tiny, 
             prefix = ids[i].tolist() + tokens[i, :t].tolist()
             expected = slow_transformed_ref_logprob(tiny64, prefix, int(tokens[i, t]), s)
             assert abs(float(logprobs[i, t]) - expected) < 1e-4
+
+
+def test_exact_optimum_is_refused_under_a_sampling_transformation():
+    venv = gym.make_vec("lmgym/TargetToken-v0", num_envs=4, group_size=2)
+    assert venv.optimal_return > 0
+    GRPO(venv, temperature=0.7)
+    with pytest.raises(ValueError, match="optimum"):
+        venv.optimal_return
