@@ -8,6 +8,7 @@ are written once, here.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -24,7 +25,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from lmgym.agents.policy import trainable_copy
+from lmgym.agents.logprobs import accepts_logits_to_keep, chunked_token_logprobs
+from lmgym.agents.policy import build_policy
 from lmgym.models import resolve_device, sample_continuations, token_logprobs, to_left_padded
 from lmgym.sampling import Sampling
 
@@ -72,6 +74,10 @@ class AgentConfig:
     """bfloat16 autocast for forward passes on a CUDA device (ignored on the CPU); weights stay float32"""
     disable_dropout: bool = True
     """set every dropout probability of the trained model(s) to 0, so rollouts, ratios and values agree"""
+    logprob_chunk_size: int = 0
+    """> 0: compute update log-probs this many positions at a time, recomputed in backward (saves memory)"""
+    gradient_checkpointing: bool = False
+    """recompute the policy's activations in backward instead of storing them (saves memory, costs time)"""
     checkpoint_every: int = 0
     """write a checkpoint every this many iterations (0: only at the end of learn)"""
 
@@ -159,7 +165,7 @@ class ValueHead(nn.Module):
 
 
 def policy_forward(model, rollout: Rollout, *, sampling: Sampling | None = None, temperature: float = 1.0,
-                   hidden: bool = False, entropy_grad: bool = False):
+                   hidden: bool = False, entropy_grad: bool = False, chunk_size: int = 0):
     """One forward of ``model`` over prompt + continuation.
 
     Returns ``(logprobs, entropy, hidden_states)``, each ``(N, T)`` (hidden ``(N, T, H)``
@@ -170,14 +176,26 @@ def policy_forward(model, rollout: Rollout, *, sampling: Sampling | None = None,
 
     Log-probs and entropy are those of the distribution the agent samples from:
     ``sampling`` (temperature, top-k, top-p; see :mod:`lmgym.sampling`), or, without it,
-    the model's distribution at ``temperature``.
+    the model's distribution at ``temperature``. ``chunk_size > 0`` takes the memory-saving
+    path of :mod:`lmgym.agents.logprobs` (no full-vocabulary logits kept for backward).
     """
     sampling = sampling if sampling is not None else Sampling(temperature)
     ids = torch.cat([rollout.query_ids, rollout.tokens], dim=1)
     mask = torch.cat([rollout.query_mask, torch.ones_like(rollout.tokens)], dim=1)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=hidden)
     start = rollout.query_ids.shape[1] - 1
+    # A LoRA policy runs with its adapters on (lmgym.agents.lora); other models have no such switch.
+    with (model.active() if hasattr(model, "active") else contextlib.nullcontext()):
+        if chunk_size:
+            keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True,
+                        use_cache=False, **keep)
+            states = out.hidden_states[-1][:, start:-1]
+            logprobs, entropy = chunked_token_logprobs(states, rollout.tokens, model.get_output_embeddings(), sampling,
+                                                       chunk_size, entropy_grad)
+            return logprobs, entropy, states if hidden else None
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=hidden,
+                    use_cache=False)
     if not sampling.truncates:
         logits = out.logits[:, start:-1].float() / sampling.temperature
         logprobs = token_logprobs(logits, rollout.tokens)
@@ -213,6 +231,9 @@ class Agent:
         policy: the causal LM to train; by default a copy of the env's reference model. Either way
             it is trained with float32 master weights (a half-precision model is cast in place)
             and, with ``disable_dropout`` (default), no dropout.
+        peft_config: train LoRA adapters instead (a ``peft.LoraConfig`` or a dict of its arguments;
+            needs ``pip install lmgym[lora]``): they are injected into the env's reference model,
+            which then serves as pi_ref with its adapters disabled, so no second copy is held.
         logdir: TensorBoard and checkpoint folder (None: no logs, no checkpoints).
         device: ``"auto"`` (CUDA when available) or any torch device; by default the env's.
         **overrides: config fields to change, e.g. ``learning_rate=3e-4``.
@@ -221,8 +242,8 @@ class Agent:
     config_class = AgentConfig
     name = "agent"
 
-    def __init__(self, env, config: AgentConfig | None = None, *, policy=None, logdir: str | os.PathLike | None = None,
-                 device=None, **overrides):
+    def __init__(self, env, config: AgentConfig | None = None, *, policy=None, peft_config=None,
+                 logdir: str | os.PathLike | None = None, device=None, **overrides):
         if not hasattr(env, "score_sequences"):
             raise TypeError(f"{type(self).__name__} needs an lmgym TextGenVectorEnv (gym.make_vec('lmgym/...')), "
                             f"got {type(env).__name__}")
@@ -238,9 +259,9 @@ class Agent:
         self.sampling = Sampling(self.config.temperature, self.config.top_k, self.config.top_p)
         env.sampling = self.sampling
         torch.manual_seed(self.config.seed)
-        # float32 master weights whatever the reference's dtype, dropout off (see lmgym.agents.policy)
-        self.policy = trainable_copy(policy if policy is not None else env.reference_model, self.device,
-                                     copy_model=policy is None, no_dropout=self.config.disable_dropout)
+        # float32 master weights whatever the reference's dtype, dropout off, or LoRA adapters on the
+        # reference itself (see lmgym.agents.policy and lmgym.agents.lora)
+        self.policy = build_policy(env, self.config, self.device, policy=policy, peft_config=peft_config)
         self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         self.setup()
         self.optimizer = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad],
@@ -282,14 +303,22 @@ class Agent:
         """The modules whose weights a checkpoint holds, by name."""
         return {"policy": self.policy}
 
-    def save_pretrained(self, directory: str | os.PathLike, *, dtype=None, overwrite: bool = False) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, *, dtype=None, merge: bool = True,
+                        overwrite: bool = False) -> Path:
         """Write the policy as a standard Hugging Face model folder (weights, config, tokenizer, generation
-        config with the environment's stop tokens and this agent's sampling); see :mod:`lmgym.agents.export`."""
+        config with the environment's stop tokens and this agent's sampling); a LoRA policy merged, or as
+        its adapters alone with ``merge=False``. See :mod:`lmgym.agents.export`."""
         from lmgym.agents.export import save_pretrained
 
-        return save_pretrained(self, directory, dtype=dtype, overwrite=overwrite)
+        return save_pretrained(self, directory, dtype=dtype, merge=merge, overwrite=overwrite)
 
     # ------------------------------------------------------------------ rollouts
+    def policy_active(self):
+        """A context in which the policy's forwards and backwards run as the policy (a LoRA policy's adapters
+        on: see :mod:`lmgym.agents.lora`); a no-op for a policy that is a model of its own."""
+        active = getattr(self.policy, "active", None)
+        return active() if active is not None else contextlib.nullcontext()
+
     def autocast(self):
         enabled = self.config.bf16 and self.device.type == "cuda"
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
@@ -390,7 +419,8 @@ class Agent:
                 start = time.perf_counter()
                 rollout = self.collect()
                 collected = time.perf_counter()
-                metrics = self.update(rollout)
+                with self.policy_active():
+                    metrics = self.update(rollout)
                 done = time.perf_counter()
                 steps = int(rollout.lengths.sum())
                 self.global_step += steps

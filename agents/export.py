@@ -56,7 +56,7 @@ def generation_config_for(agent):
 
 
 def save_pretrained(agent, directory: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
-                    overwrite: bool = False) -> Path:
+                    merge: bool = True, overwrite: bool = False) -> Path:
     """Write ``agent``'s policy as a Hugging Face model folder (see the module docstring).
 
     Args:
@@ -65,6 +65,9 @@ def save_pretrained(agent, directory: str | os.PathLike, *, dtype: str | torch.d
             unless ``overwrite=True``.
         dtype: cast the weights on export (e.g. ``"bfloat16"`` halves the size); default:
             the policy's float32 master weights.
+        merge: for a LoRA policy, write the reference with the adapters merged into it (a
+            plain model folder); ``False`` writes the adapters alone (``adapter_config.json``
+            and ``adapter_model.safetensors``, for ``peft.PeftModel.from_pretrained``).
 
     Returns:
         the folder's path.
@@ -74,6 +77,14 @@ def save_pretrained(agent, directory: str | os.PathLike, *, dtype: str | torch.d
     directory = Path(directory)
     _prepare_out(directory, overwrite)
     model = agent.policy
+    lora = hasattr(model, "active")
+    if lora and dtype is not None:
+        raise ValueError("dtype applies to full models; a LoRA export keeps the adapters' and reference's dtypes")
+    if lora and merge:
+        # A merged copy: merging into the live model would change the shared reference.
+        model = copy.deepcopy(model.model).merge_and_unload()
+    elif lora:
+        model = model.model
     if dtype is not None:
         model = copy.deepcopy(model).to(resolve_dtype(dtype, agent.device))
         model.config.dtype = resolve_dtype(dtype, agent.device)
@@ -86,7 +97,8 @@ def save_pretrained(agent, directory: str | os.PathLike, *, dtype: str | torch.d
         spec = getattr(getattr(agent.env, "spec", None), "id", None)
         (tmp / "lmgym_export.json").write_text(json.dumps(
             {"agent": agent.name, "iteration": agent.iteration, "global_step": agent.global_step, "task": spec,
-             "stop_token_ids": list(agent.env.stop_token_ids)}, indent=1))
+             "stop_token_ids": list(agent.env.stop_token_ids),
+             "contents": "lora adapters" if lora and not merge else "model"}, indent=1))
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)

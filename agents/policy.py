@@ -22,7 +22,8 @@ import copy
 import torch
 import torch.nn as nn
 
-__all__ = ["trainable_copy", "to_float32_master_weights", "disable_dropout"]
+__all__ = ["build_policy", "trainable_copy", "to_float32_master_weights", "disable_dropout",
+           "enable_gradient_checkpointing"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -71,3 +72,44 @@ def trainable_copy(model: nn.Module, device: torch.device, *, copy_model: bool =
         disable_dropout(policy)
     policy.requires_grad_(True)
     return policy.train()
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in backward (Hugging Face's non-reentrant gradient checkpointing)."""
+    inner = getattr(model, "model", None)
+    base = inner.get_base_model() if inner is not None and hasattr(inner, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(base).__name__} does not support gradient checkpointing; "
+                         "set gradient_checkpointing=False")
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5
+        base.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def build_policy(env, config, device: torch.device, *, policy=None, peft_config=None) -> nn.Module:
+    """The module an agent trains, from its config (``disable_dropout``, ``gradient_checkpointing``,
+    ``logprob_chunk_size``): a float32 copy of the env's reference model, the user's ``policy``, or
+    LoRA adapters on the reference itself when ``peft_config`` is given."""
+    if config.logprob_chunk_size < 0:
+        raise ValueError(f"logprob_chunk_size must be >= 0 (0: off), got {config.logprob_chunk_size}")
+    if peft_config is not None:
+        if policy is not None:
+            raise ValueError("give either policy= (a model to train in full) or peft_config= (LoRA adapters on the "
+                             "environment's reference model), not both")
+        from lmgym.agents.lora import AdapterPolicy
+
+        module = AdapterPolicy(env.reference_model, peft_config)
+        if config.disable_dropout:
+            disable_dropout(module)  # the adapters' own lora_dropout too
+        module.train()
+    else:
+        module = trainable_copy(policy if policy is not None else env.reference_model, device,
+                                copy_model=policy is None, no_dropout=config.disable_dropout)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(module)
+    if config.logprob_chunk_size:
+        from lmgym.agents.logprobs import check_plain_output_head
+
+        check_plain_output_head(module)
+    return module

@@ -124,6 +124,9 @@ class PPO(Agent):
         hidden = self.policy.config.hidden_size
         self.value_head = ValueHead(hidden).to(self.device)
         self.value_model = None
+        if self.config.separate_value_model and hasattr(self.policy, "active"):
+            raise ValueError("separate_value_model copies the whole reference model, which LoRA avoids: with "
+                             "peft_config, keep the value head on the policy (separate_value_model=False)")
         if self.config.separate_value_model:
             self.value_model = trainable_copy(self.env.reference_model, self.device,
                                               no_dropout=self.config.disable_dropout)
@@ -151,6 +154,7 @@ class PPO(Agent):
         """Log-probs, entropy and values of the current policy and critic on a batch."""
         with self.autocast():
             logprobs, entropy, hidden = policy_forward(self.policy, batch, sampling=self.sampling,
+                                                       chunk_size=self.config.logprob_chunk_size,
                                                        hidden=self.value_model is None,
                                                        entropy_grad=self.config.ent_coef != 0)
             if self.value_model is not None:
