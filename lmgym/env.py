@@ -151,6 +151,8 @@ class TextGenEnv(CoreView, gym.Env):
         if self.render_mode != "ansi":
             return None
         core = self.core
+        if not core.started:
+            raise EpisodeError("nothing to render yet: call reset() before render()")
         gen = core.tokens[0, core.prompt_len[0]:core.prompt_len[0] + core.gen_len[0]].tolist()
         text = self._last_completion if self._done else core.tokenizer.decode(gen, skip_special_tokens=True)
         return f"{core.row_prompts[0].text if core.row_prompts else ''} | {text}"

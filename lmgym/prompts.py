@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -11,31 +12,21 @@ from lmgym.chat import is_chat_messages, render_chat
 __all__ = ["Prompt", "PromptSource"]
 
 
-class Prompt(tuple):
-    """A prompt as ``(text, token_ids, given)``.
+class Prompt(NamedTuple):
+    """A prompt as ``(text, token_ids, source)`` (a named tuple, so it pickles and copies like one).
 
-    ``text`` is the prompt as the model reads it (a chat prompt rendered with its template),
-    ``given`` the prompt as the user gave it (a string, or a list of chat messages), which
-    is what reward functions receive.
+    ``text`` is the prompt as the model reads it (a chat prompt rendered with its template);
+    ``source`` the prompt as the user gave it when that was not text (chat messages).
     """
 
-    __slots__ = ()
-
-    def __new__(cls, text: str, ids: list[int], given=None):
-        return super().__new__(cls, (text, ids, text if given is None else given))
-
-    @property
-    def text(self) -> str:
-        return self[0]
-
-    @property
-    def ids(self) -> list[int]:
-        return self[1]
+    text: str
+    ids: list[int]
+    source: Any = None
 
     @property
     def given(self):
-        """The prompt as the user gave it: the text, or the chat messages."""
-        return self[2]
+        """The prompt as the user gave it, which reward functions receive: the text, or the chat messages."""
+        return self.text if self.source is None else self.source
 
 
 class PromptSource:
@@ -46,7 +37,8 @@ class PromptSource:
     (a generator, a data set stream) is read in order, once; running out is an error.
     A prompt is a string (tokenized with the tokenizer), a list of chat messages
     (``[{"role": "user", "content": ...}]``, rendered with the tokenizer's chat template
-    and ``add_generation_prompt=True``), or a sequence of token ids.
+    and ``add_generation_prompt=True``), or a sequence of token ids; a numpy array of
+    strings (or a 2-D array of token ids) is a list of prompts.
 
     Args:
         prompts: the prompts.
@@ -59,6 +51,8 @@ class PromptSource:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):
             raise TypeError(f"prompts must be a list or an iterable of prompts, got {type(prompts).__name__}"
                             + (" (wrap a single prompt in a list)" if isinstance(prompts, str) else ""))
+        if hasattr(prompts, "tolist") and hasattr(prompts, "__len__"):
+            prompts = prompts.tolist()  # a numpy array (or tensor, pandas Series) is a list of prompts
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)
         self.items: list[Prompt] | None = None
@@ -102,10 +96,17 @@ class PromptSource:
         if isinstance(prompt, Mapping):
             raise TypeError(f"{where} is a single message {dict(prompt)!r}; a chat prompt is a list of messages, "
                             "and prompts a list of those: [[{'role': 'user', 'content': ...}], ...]")
+        if isinstance(prompt, (bytes, bytearray)):  # iterating bytes would give byte values, not tokens
+            raise TypeError(f"{where} is bytes ({bytes(prompt)[:40]!r}); decode it to a string first, "
+                            "e.g. prompt.decode('utf-8')")
+        if hasattr(prompt, "tolist"):
+            prompt = prompt.tolist()  # a numpy / torch row of token ids
         try:
             ids = [int(t) for t in prompt]
         except (TypeError, ValueError) as err:
             raise TypeError(f"{where} must be a string or a sequence of token ids, got {prompt!r}") from err
+        if any(isinstance(t, bool) or t != i for t, i in zip(prompt, ids)):  # 1.5 or True is no token id
+            raise TypeError(f"{where} must be a string or a sequence of integer token ids, got {prompt!r}")
         if not ids:
             raise ValueError(f"{where} is empty; an episode needs at least one prompt token to condition on")
         bad = [t for t in ids if not 0 <= t < self.vocab_size]

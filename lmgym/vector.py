@@ -35,8 +35,13 @@ class TextGenVectorEnv(CoreView, VectorEnv):
       per-token rewards, dones and infos stepping would have produced, from one
       reference forward over the batch. All envs then restart on new prompts.
 
-    Episode-end infos (``score``, ``completion``, ``episode_kl``, ``episode_length``)
-    are numpy arrays with Gymnasium's ``_name`` masks.
+    Per-step infos ``ref_logprob``, ``logprob`` and ``kl`` (the last two only when the
+    policy's log-prob is known) are ``(num_envs,)`` tensors, each with a boolean mask
+    ``_ref_logprob`` / ``_logprob`` / ``_kl`` (Gymnasium's vector-info convention) that is
+    False for envs whose action was ignored on an autoreset step; their values are 0
+    there, like the reward, so summing ``info["kl"]`` over an episode's steps gives its
+    ``episode_kl``. Episode-end infos (``score``, ``completion``, ``episode_kl``,
+    ``episode_length``) are numpy arrays with Gymnasium's ``_name`` masks.
 
     Args:
         num_envs: number of episodes stepped together.
@@ -56,7 +61,7 @@ class TextGenVectorEnv(CoreView, VectorEnv):
                                 group_size=group_size, max_prompt_tokens=max_prompt_tokens,
                                 stop_token_ids=stop_token_ids, device=device, dtype=dtype,
                                 trust_remote_code=trust_remote_code)
-        self.num_envs = num_envs
+        self.num_envs = self.core.num_envs
         self.single_action_space = spaces.Discrete(self.core.vocab_size)
         self.action_space = batch_space(self.single_action_space, num_envs)
         self.single_observation_space = observation_space(self.core.vocab_size, self.core.max_len)
