@@ -57,6 +57,6 @@ def default_stop_token_ids(model, tokenizer) -> list[int]:
     config = getattr(model, "generation_config", None)
     stop = set(_as_id_list(tokenizer.eos_token_id)) | set(_as_id_list(getattr(config, "eos_token_id", None)))
     if not stop:
-        raise ValueError("neither the tokenizer nor the model's generation config names an EOS token: "
-                         "pass stop_token_ids")
+        raise ValueError("the tokenizer has no EOS token and the model's generation config names none, so nothing "
+                         "would end an episode: pass stop_token_ids=[...] (the token ids that end one)")
     return sorted(stop)
