@@ -181,15 +181,16 @@ def rebuild_agent(checkpoint: Path, *, model=None, device="cpu"):
                           "checkpoint does not name: pass the base model (--model PATH / model=...)")
     config = agent_cls.config_class(**{k: v for k, v in state.get("config", {}).items()
                                        if k in agent_cls.config_class.__dataclass_fields__})
-    agent = agent_cls(env, config)
+    agent = agent_cls(env, config, peft_config=(run or {}).get("peft_config"))
     agent.load(checkpoint, resume=False)
     agent.iteration, agent.global_step = state.get("iteration", 0), state.get("global_step", 0)
     return agent
 
 
 def export_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *, model=None, dtype=None,
-                      overwrite: bool = False, device="cpu") -> Path:
-    """Export the policy of a checkpoint (or of a run folder's latest checkpoint) as a Hugging Face folder."""
+                      merge: bool = True, overwrite: bool = False, device="cpu") -> Path:
+    """Export the policy of a checkpoint (or of a run folder's latest checkpoint) as a Hugging Face folder
+    (a LoRA run's adapters merged, or alone with ``merge=False``)."""
     _prepare_out(Path(out), overwrite)
     agent = rebuild_agent(find_checkpoint(source), model=model, device=device)
-    return save_pretrained(agent, out, dtype=dtype, overwrite=overwrite)
+    return save_pretrained(agent, out, dtype=dtype, merge=merge, overwrite=overwrite)

@@ -29,7 +29,7 @@ def _require_peft():
 
 
 def make_peft_config(peft_config):
-    """A PEFT config from a ``PeftConfig`` or a dict of ``LoraConfig`` arguments (``task_type`` defaults to CAUSAL_LM)."""
+    """A PEFT config from a ``PeftConfig`` or a dict of ``LoraConfig`` arguments (task_type CAUSAL_LM by default)."""
     _require_peft()
     from peft import LoraConfig, PeftConfig
 

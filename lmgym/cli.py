@@ -194,6 +194,21 @@ def add_own_model_options(p) -> None:
     g.add_argument("--group-size", type=int, help="completions per prompt (default 4 for grpo / rloo, else 1)")
     g.add_argument("--dtype", default="auto", help="the reference model's dtype (the policy trains in float32)")
     g.add_argument("--trust-remote-code", action="store_true")
+    g.add_argument("--lora-r", type=int, default=0,
+                   help="train LoRA adapters of this rank instead of the whole model (needs lmgym[lora]; 0: off)")
+    g.add_argument("--lora-alpha", type=float, help="LoRA scaling alpha (default 2 x rank)")
+    g.add_argument("--lora-target-modules", default="all-linear",
+                   help="comma-separated module names, or all-linear (default)")
+
+
+def _lora_config(args) -> dict | None:
+    if args.lora_r < 0:
+        raise ValueError(f"--lora-r must be >= 0 (0: train the whole model), got {args.lora_r}")
+    if args.lora_r == 0:
+        return None
+    targets = args.lora_target_modules
+    return {"r": args.lora_r, "lora_alpha": args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r,
+            "target_modules": targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]}
 
 
 def _train_own(args, extra) -> int:
@@ -223,8 +238,9 @@ def _train_own(args, extra) -> int:
             overrides=overrides, num_envs=overrides.pop("num_envs", args.num_envs),
             group_size=overrides.pop("group_size", args.group_size),
             max_new_tokens=env.get("max_new_tokens", args.max_new_tokens), kl_coef=env.get("kl_coef", args.kl_coef),
-            sample_every=args.sample_every, resume=args.resume, trust_remote_code=args.trust_remote_code)
-    except (BenchError, CheckpointError, RewardError, ValueError, TypeError, OSError) as err:
+            sample_every=args.sample_every, resume=args.resume, trust_remote_code=args.trust_remote_code,
+            lora=_lora_config(args))
+    except (BenchError, CheckpointError, RewardError, ValueError, TypeError, OSError, ImportError) as err:
         print(f"lmgym: {err}", file=sys.stderr)
         return 2
     print(f"\n{args.agent} on {args.model}: {summary['iterations']} iterations, {summary['env_steps']} tokens, "
@@ -244,9 +260,9 @@ def _export(args, extra) -> int:
     from lmgym.agents.export import ExportError, export_checkpoint
 
     try:
-        out = export_checkpoint(args.source, args.out, model=args.model, dtype=args.dtype, overwrite=args.overwrite,
-                                device=args.device)
-    except (ExportError, CheckpointError, FileExistsError, OSError, ValueError) as err:
+        out = export_checkpoint(args.source, args.out, model=args.model, dtype=args.dtype,
+                                merge=not args.adapter_only, overwrite=args.overwrite, device=args.device)
+    except (ExportError, CheckpointError, FileExistsError, OSError, ValueError, ImportError) as err:
         print(f"lmgym: {err}", file=sys.stderr)
         return 2
     print(f"exported to {out}: load it with AutoModelForCausalLM.from_pretrained({str(out)!r}) or "
@@ -266,6 +282,8 @@ def add_export_command(sub) -> None:
     p.add_argument("--dtype", help="cast the weights, e.g. bfloat16 (default: float32 as trained)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty out folder")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="for a LoRA run: write the adapters alone (peft) instead of the merged model")
     p.set_defaults(func=_export)
 
 

@@ -132,12 +132,13 @@ def train_own_model(*, model: str, prompts, agent: str, reward=None, reward_mode
                     steps: int | None = 20_000, seconds: float | None = None, seed: int = 0, device="auto",
                     dtype="auto", logdir: str | os.PathLike, overrides: dict | None = None, num_envs: int = 16,
                     group_size: int | None = None, max_new_tokens: int = 32, kl_coef: float = 0.05,
-                    sample_every: int = 10, resume=None, trust_remote_code: bool = False,
+                    sample_every: int = 10, resume=None, trust_remote_code: bool = False, lora: dict | None = None,
                     progress: bool = True) -> dict:
     """Train ``agent`` on a model, prompt list and reward of your own; returns the run's summary.
 
     ``reward`` is a callable or a ``MODULE:FUNCTION`` string; ``reward_model`` a reward model
-    folder (give exactly one). ``overrides`` are the agent's hyper-parameters. Logs,
+    folder (give exactly one). ``overrides`` are the agent's hyper-parameters; ``lora`` (a dict
+    of ``peft.LoraConfig`` arguments) trains LoRA adapters instead of the whole model. Logs,
     checkpoints and ``lmgym_run.json`` (what ``lmgym export`` needs) go to ``logdir``.
     """
     import time
@@ -177,8 +178,8 @@ def train_own_model(*, model: str, prompts, agent: str, reward=None, reward_mode
         "model": str(local.resolve()) if local.exists() else model, "agent": agent, "num_envs": num_envs,
         "group_size": group_size, "max_new_tokens": max_new_tokens, "stop_token_ids": venv.stop_token_ids,
         "reward": reward if isinstance(reward, str) else None,
-        "reward_model": str(reward_model) if reward_model is not None else None}, indent=1))
-    learner = AGENTS[agent](venv, logdir=logdir, seed=seed, **(overrides or {}))
+        "reward_model": str(reward_model) if reward_model is not None else None, "peft_config": lora}, indent=1))
+    learner = AGENTS[agent](venv, logdir=logdir, seed=seed, peft_config=lora, **(overrides or {}))
     if resume is not None:
         learner.load(resume)
     watched = eval_prompts if eval_prompts else prompts[:max(1, num_envs // group_size)]

@@ -136,3 +136,24 @@ def test_reward_model_as_the_reward(workdir):
     RewardModel.from_pretrained_lm(model, tok).save(workdir / "rm")
     assert run(workdir, "--reward-model", str(workdir / "rm"), "--steps", "40") == 0
     assert (workdir / "runs" / "model" / "grpo" / "seed0" / "summary.json").is_file()
+
+
+def test_lora_run_exports_merged_or_as_adapters(workdir):
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert run(workdir, "--reward", "my_rewards:count_good", "--lora-r", "4", "--steps", "60") == 0
+    logdir = workdir / "runs" / "model" / "grpo" / "seed0"
+    assert json.loads((logdir / "lmgym_run.json").read_text())["peft_config"]["r"] == 4
+    assert main(["export", str(logdir), str(workdir / "merged")]) == 0
+    assert main(["export", str(logdir), str(workdir / "adapters"), "--adapter-only"]) == 0
+    assert (workdir / "adapters" / "adapter_model.safetensors").is_file()
+    base = AutoModelForCausalLM.from_pretrained(workdir / "model")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(workdir / "merged")(input_ids=ids).logits
+        base_logits = base(input_ids=ids).logits
+        adapted = PeftModel.from_pretrained(base, workdir / "adapters")(input_ids=ids).logits
+    torch.testing.assert_close(adapted, merged, atol=1e-5, rtol=1e-5)
+    assert (merged - base_logits).abs().max() > 1e-4  # the adapters trained
