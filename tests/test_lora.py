@@ -172,3 +172,18 @@ def test_lora_export_merged_or_adapters(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(agent.env.reference_model(input_ids=ids).logits,
                                    fresh_model()[0](input_ids=ids).logits, atol=1e-6, rtol=0)
+
+
+def test_lora_checkpoint_resumes(tmp_path):
+    model, tok = fresh_model()
+    _, agent = lora_agent(model, tok)
+    agent.learn(60, progress=False)
+    path = agent.save(tmp_path / "ckpt")
+    _, resumed = lora_agent(fresh_model()[0], tok)
+    resumed.load(path)
+    for (name, a), (_, b) in zip(agent.policy.named_parameters(), resumed.policy.named_parameters()):
+        assert torch.equal(a, b), name
+    agent.learn(120, progress=False)
+    resumed.learn(120, progress=False)
+    for (name, a), (_, b) in zip(agent.policy.named_parameters(), resumed.policy.named_parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
