@@ -109,18 +109,19 @@ def save_pretrained(agent, directory: str | os.PathLike, *, dtype: str | torch.d
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
-    """The checkpoint folder ``path`` names: itself, or a run folder's latest ``checkpoints/iter-*``."""
+    """The checkpoint folder ``path`` names: itself, or a run folder's newest ``checkpoints/iter-*``."""
     path = Path(path)
     if not path.exists():
         raise ExportError(f"{path} does not exist; pass a checkpoint folder or a run's log folder")
     if (path / "state.json").is_file():
         return path
-    found = sorted((path / "checkpoints").glob("iter-*")) if (path / "checkpoints").is_dir() else []
-    found = [p for p in found if (p / "state.json").is_file()]
-    if not found:
+    from lmgym.agents.checkpoint import CheckpointError, latest_checkpoint
+
+    try:
+        return latest_checkpoint(path)
+    except CheckpointError:
         raise ExportError(f"{path} is neither an lmgym checkpoint (no state.json) nor a run folder with "
-                          "checkpoints/iter-*; pass the folder a training run wrote")
-    return found[-1]
+                          "checkpoints/iter-*; pass the folder a training run wrote") from None
 
 
 def _run_info(checkpoint: Path) -> dict | None:
@@ -139,10 +140,10 @@ def _no_score(prompts, completions):
 def rebuild_agent(checkpoint: Path, *, model=None, device="cpu"):
     """An agent like the one that wrote ``checkpoint``, with the checkpoint's weights loaded (no optimizer state).
 
-    The environment is rebuilt from the task the checkpoint names (a built-in task), or,
-    for a run of your own model, from the run file ``lmgym train --model`` wrote (or
-    ``model``): only its model, tokenizer and stop tokens matter for an export, so it is
-    given a placeholder reward and prompt.
+    The environment is rebuilt with the arguments the checkpoint's task signature recorded,
+    from the task it names (a built-in task) or, for a run of your own model, from the model
+    the run file ``lmgym train --model`` wrote names (or ``model``): only its model,
+    tokenizer and stop tokens matter for an export, so it gets a placeholder reward and prompt.
     """
     import gymnasium as gym
 
@@ -158,22 +159,20 @@ def rebuild_agent(checkpoint: Path, *, model=None, device="cpu"):
         raise ExportError(f"{checkpoint} holds a {name!r} agent; only lmgym's own agents ({', '.join(AGENTS)}) "
                           "can be exported this way")
     agent_cls = AGENTS[name]
-    num_envs = int(task.get("num_envs", 1))
+    layout = state.get("layout") or {}
+    num_envs = int(layout.get("num_envs", task.get("num_envs", 1)))
     run = _run_info(checkpoint)
     grouped = name in ("grpo", "rloo") or state.get("config", {}).get("baseline") == "rloo"
     # The weights do not depend on the group size; any group size >= 2 dividing num_envs builds a grouped agent.
-    group = int(run["group_size"]) if run and run.get("group_size") else (num_envs if grouped else 1)
-    env_kwargs = dict(num_envs=num_envs, group_size=group, max_new_tokens=int(task.get("max_new_tokens", 16)),
-                      device=device)
+    group = int(layout.get("group_size") or (run or {}).get("group_size") or (num_envs if grouped else 1))
+    # The environment arguments the checkpoint's task signature recorded, so the rebuilt one matches it.
+    env_kwargs = {**(task.get("env_kwargs") or {}), "num_envs": num_envs, "group_size": group, "device": device}
     spec = task.get("spec")
     own_model = model if model is not None else (run or {}).get("model")
     if own_model is not None:
-        kwargs = dict(model=own_model, reward_fn=_no_score, prompts=[[0]], max_prompt_tokens=1)
-        if run and run.get("stop_token_ids"):
-            kwargs["stop_token_ids"] = run["stop_token_ids"]
         if run and run.get("tokenizer"):
-            kwargs["tokenizer"] = run["tokenizer"]
-        env = gym.make_vec("lmgym/TextGen-v0", **env_kwargs, **kwargs)
+            env_kwargs["tokenizer"] = run["tokenizer"]
+        env = gym.make_vec("lmgym/TextGen-v0", model=own_model, reward_fn=_no_score, prompts=[[0]], **env_kwargs)
     elif spec and spec in gym.registry and spec != "lmgym/TextGen-v0":
         env = gym.make_vec(spec, **env_kwargs)
     else:
