@@ -151,6 +151,7 @@ def test_lora_adapters_are_float32_on_a_bf16_reference():
 
 
 def test_lora_export_merged_or_adapters(tmp_path):
+    pytest.importorskip("peft")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
