@@ -186,7 +186,8 @@ class GRPO(Agent):
             for micro in self.micro_batches(idx):
                 batch = rollout.select(micro)
                 with self.autocast():
-                    logprobs, entropy, _ = policy_forward(self.policy, batch, temperature=cfg.temperature)
+                    logprobs, entropy, _ = policy_forward(self.policy, batch, sampling=self.sampling,
+                                                          chunk_size=cfg.logprob_chunk_size)
                 adv = advantages[micro]
                 token_loss, ratio, kl = grpo_token_loss(
                     logprobs, batch.logprobs, batch.ref_logprobs, adv, batch.mask, epsilon_low=cfg.epsilon_low,
