@@ -1,4 +1,4 @@
-"""lmgym's agents: PPO, GRPO, REINFORCE and RLOO behind one ``Agent`` interface.
+"""lmgym's agents: PPO, NLPO, GRPO, REINFORCE and RLOO behind one ``Agent`` interface.
 
 Each trains on a :class:`lmgym.TextGenVectorEnv` (``gym.make_vec("lmgym/...", num_envs=N)``)::
 
@@ -10,12 +10,13 @@ from lmgym.agents.base import Agent, AgentConfig, Callback, Rollout, TrainingErr
 from lmgym.agents.checkpoint import CheckpointError, latest_checkpoint
 from lmgym.agents.config import ConfigError
 from lmgym.agents.grpo import GRPO, GRPOConfig
+from lmgym.agents.nlpo import NLPO, NLPOConfig
 from lmgym.agents.ppo import PPO, PPOConfig
 from lmgym.agents.reinforce import RLOO, Reinforce, ReinforceConfig, RLOOConfig
 
-AGENTS = {"ppo": PPO, "grpo": GRPO, "reinforce": Reinforce, "rloo": RLOO}
+AGENTS = {"ppo": PPO, "grpo": GRPO, "reinforce": Reinforce, "rloo": RLOO, "nlpo": NLPO}
 """The built-in agents by name."""
 
 __all__ = ["Agent", "AgentConfig", "Callback", "Rollout", "TrainingError", "CheckpointError", "ConfigError",
-           "latest_checkpoint", "PPO", "PPOConfig",
+           "latest_checkpoint", "PPO", "PPOConfig", "NLPO", "NLPOConfig",
            "GRPO", "GRPOConfig", "Reinforce", "ReinforceConfig", "RLOO", "RLOOConfig", "AGENTS"]

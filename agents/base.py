@@ -27,7 +27,7 @@ from lmgym.agents.config import ConfigError, Range, check_config
 from lmgym.models import resolve_device, sample_continuations, token_logprobs, to_left_padded
 
 __all__ = ["AgentConfig", "Agent", "Rollout", "Callback", "TrainingError", "CheckpointError", "ConfigError",
-           "ValueHead", "policy_forward", "masked_mean", "masked_whiten"]
+           "ValueHead", "policy_forward", "continuation_logits", "restrict_logits", "masked_mean", "masked_whiten"]
 
 
 class TrainingError(RuntimeError):
@@ -150,27 +150,45 @@ class ValueHead(nn.Module):
         return self.linear(hidden.float()).squeeze(-1)
 
 
-def policy_forward(model, rollout: Rollout, *, temperature: float = 1.0, hidden: bool = False,
-                   entropy_grad: bool = False):
-    """One forward of ``model`` over prompt + continuation.
-
-    Returns ``(logprobs, entropy, hidden_states)``, each ``(N, T)`` (hidden ``(N, T, H)``
-    or None): the log-prob of each continuation token, the entropy of the policy at
-    that state, and the last hidden state at the position that predicts it. The
-    entropy carries gradients only with ``entropy_grad=True`` (an entropy bonus);
-    otherwise it is a detached statistic for logging.
-    """
+def continuation_logits(model, rollout: Rollout, *, temperature: float = 1.0, hidden: bool = False):
+    """One forward of ``model`` over prompt + continuation: the float32 next-token logits ``(N, T, V)`` at
+    ``temperature`` of the states where each continuation token was chosen, and (with ``hidden=True``)
+    the last hidden state ``(N, T, H)`` at the position that predicts it, else None."""
     ids = torch.cat([rollout.query_ids, rollout.tokens], dim=1)
     mask = torch.cat([rollout.query_mask, torch.ones_like(rollout.tokens)], dim=1)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=hidden)
     start = rollout.query_ids.shape[1] - 1
     logits = out.logits[:, start:-1].float() / temperature
+    return logits, (out.hidden_states[-1][:, start:-1] if hidden else None)
+
+
+def restrict_logits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """``logits`` with the tokens outside the boolean mask ``allowed`` given probability 0 after softmax.
+
+    The most negative finite float stands for -inf so that entropies (``p * logit``) stay 0, not nan.
+    """
+    return logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+
+
+def policy_forward(model, rollout: Rollout, *, temperature: float = 1.0, hidden: bool = False,
+                   entropy_grad: bool = False, action_mask: torch.Tensor | None = None):
+    """One forward of ``model`` over prompt + continuation.
+
+    Returns ``(logprobs, entropy, hidden_states)``, each ``(N, T)`` (hidden ``(N, T, H)``
+    or None): the log-prob of each continuation token, the entropy of the policy at
+    that state, and the last hidden state at the position that predicts it. The
+    entropy carries gradients only with ``entropy_grad=True`` (an entropy bonus);
+    otherwise it is a detached statistic for logging. ``action_mask`` (bool ``(N, T, V)``)
+    restricts the policy to the allowed tokens, renormalised (NLPO).
+    """
+    logits, h = continuation_logits(model, rollout, temperature=temperature, hidden=hidden)
+    if action_mask is not None:
+        logits = restrict_logits(logits, action_mask)
     logprobs = token_logprobs(logits, rollout.tokens)
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         probs = torch.softmax(logits, dim=-1)
         entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
-    h = out.hidden_states[-1][:, start:-1] if hidden else None
     return logprobs, entropy, h
 
 
@@ -292,10 +310,7 @@ class Agent:
         query_ids, query_mask = to_left_padded(obs["input_ids"], obs["attention_mask"], self.env.max_prompt_tokens)
         self.policy.eval()
         with self.autocast():
-            tokens, logprobs = sample_continuations(
-                self.policy, query_ids, query_mask, self.env.max_new_tokens, stop_token_ids=self.env.stop_token_ids,
-                pad_token_id=self.env.tokenizer.pad_token_id, temperature=self.config.temperature,
-                generator=self.generator)
+            tokens, logprobs = self.sample(query_ids, query_mask)
         self.policy.train()
         if not bool(torch.isfinite(logprobs).all()):
             raise TrainingError(f"the policy's log-probs are not finite at iteration {self.iteration}: its weights "
@@ -309,6 +324,17 @@ class Agent:
                        logprobs=result.logprobs, ref_logprobs=result.ref_logprobs, rewards=result.rewards,
                        scores=result.scores, kl=result.kl, lengths=result.lengths, group_size=self.env.group_size,
                        prompts=result.prompts, completions=result.completions)
+
+    def sample(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Continuations of the left-padded prompts and the sampling distribution's log-probs of their tokens.
+
+        The policy's own distribution at ``temperature``; an algorithm that samples from another one
+        (NLPO's masked nucleus) overrides this, and its log-probs are the ones the environment sees.
+        """
+        return sample_continuations(self.policy, query_ids, query_mask, self.env.max_new_tokens,
+                                    stop_token_ids=self.env.stop_token_ids,
+                                    pad_token_id=self.env.tokenizer.pad_token_id,
+                                    temperature=self.config.temperature, generator=self.generator)
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         """One training update on a rollout; returns metrics to log. Algorithms implement this."""

@@ -27,7 +27,7 @@ import lmgym  # noqa: F401  registers the environments
 
 __all__ = ["AGENT_NAMES", "RECOMMENDED", "run", "bench", "parse_overrides", "write_report"]
 
-AGENT_NAMES = ("ppo", "grpo", "reinforce", "rloo", "sb3-ppo")
+AGENT_NAMES = ("ppo", "grpo", "reinforce", "rloo", "sb3-ppo", "nlpo")
 GROUPED = {"grpo": 8, "rloo": 8}
 """Agents that need several completions per prompt, and how many."""
 
