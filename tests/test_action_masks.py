@@ -1,4 +1,4 @@
-"""The environments' action mask: a bound function's mask, checked, read by SB3's bridge and sb3-contrib's MaskablePPO."""
+"""The environments' action mask: bound, checked, read by SB3's bridge and sb3-contrib's MaskablePPO."""
 
 import copy
 import math
