@@ -8,6 +8,7 @@ are written once, here.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -24,10 +25,13 @@ import torch.nn as nn
 from lmgym.agents import checkpoint as checkpoints
 from lmgym.agents.checkpoint import CheckpointError
 from lmgym.agents.config import ConfigError, Range, check_config
+from lmgym.agents.logprobs import accepts_logits_to_keep, chunked_token_logprobs
+from lmgym.agents.policy import build_policy
 from lmgym.models import resolve_device, sample_continuations, token_logprobs, to_left_padded
+from lmgym.sampling import Sampling
 
 __all__ = ["AgentConfig", "Agent", "Rollout", "Callback", "TrainingError", "CheckpointError", "ConfigError",
-           "ValueHead", "policy_forward", "continuation_logits", "restrict_logits", "masked_mean", "masked_whiten"]
+           "ValueHead", "policy_forward", "masked_mean", "masked_whiten"]
 
 
 class TrainingError(RuntimeError):
@@ -61,9 +65,19 @@ class AgentConfig:
     gradient_accumulation_steps: Annotated[int, Range(ge=1)] = 1
     """micro-batches per minibatch, to bound memory"""
     temperature: Annotated[float, Range(gt=0)] = 1.0
-    """sampling temperature of the policy"""
+    """sampling temperature of the policy (> 0)"""
+    top_k: Annotated[int, Range(ge=0)] = 0
+    """sample among the k most probable tokens only (0: all)"""
+    top_p: Annotated[float, Range(gt=0, le=1)] = 1.0
+    """sample from the smallest set of most probable tokens reaching this probability, in (0, 1] (1: all)"""
     bf16: bool = True
-    """bfloat16 autocast for forward passes on a CUDA device (ignored on the CPU)"""
+    """bfloat16 autocast for forward passes on a CUDA device (ignored on the CPU); weights stay float32"""
+    disable_dropout: bool = True
+    """set every dropout probability of the trained model(s) to 0, so rollouts, ratios and values agree"""
+    logprob_chunk_size: Annotated[int, Range(ge=0)] = 0
+    """> 0: compute update log-probs this many positions at a time, recomputed in backward (saves memory)"""
+    gradient_checkpointing: bool = False
+    """recompute the policy's activations in backward instead of storing them (saves memory, costs time)"""
     checkpoint_every: Annotated[int, Range(ge=0)] = 0
     """write a checkpoint every this many iterations (0: only at the end of learn)"""
 
@@ -150,45 +164,59 @@ class ValueHead(nn.Module):
         return self.linear(hidden.float()).squeeze(-1)
 
 
-def continuation_logits(model, rollout: Rollout, *, temperature: float = 1.0, hidden: bool = False):
-    """One forward of ``model`` over prompt + continuation: the float32 next-token logits ``(N, T, V)`` at
-    ``temperature`` of the states where each continuation token was chosen, and (with ``hidden=True``)
-    the last hidden state ``(N, T, H)`` at the position that predicts it, else None."""
-    ids = torch.cat([rollout.query_ids, rollout.tokens], dim=1)
-    mask = torch.cat([rollout.query_mask, torch.ones_like(rollout.tokens)], dim=1)
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=hidden)
-    start = rollout.query_ids.shape[1] - 1
-    logits = out.logits[:, start:-1].float() / temperature
-    return logits, (out.hidden_states[-1][:, start:-1] if hidden else None)
-
-
-def restrict_logits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """``logits`` with the tokens outside the boolean mask ``allowed`` given probability 0 after softmax.
-
-    The most negative finite float stands for -inf so that entropies (``p * logit``) stay 0, not nan.
-    """
-    return logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
-
-
-def policy_forward(model, rollout: Rollout, *, temperature: float = 1.0, hidden: bool = False,
-                   entropy_grad: bool = False, action_mask: torch.Tensor | None = None):
+def policy_forward(model, rollout: Rollout, *, sampling: Sampling | None = None, temperature: float = 1.0,
+                   hidden: bool = False, entropy_grad: bool = False, chunk_size: int = 0,
+                   action_mask: torch.Tensor | None = None):
     """One forward of ``model`` over prompt + continuation.
 
     Returns ``(logprobs, entropy, hidden_states)``, each ``(N, T)`` (hidden ``(N, T, H)``
     or None): the log-prob of each continuation token, the entropy of the policy at
     that state, and the last hidden state at the position that predicts it. The
     entropy carries gradients only with ``entropy_grad=True`` (an entropy bonus);
-    otherwise it is a detached statistic for logging. ``action_mask`` (bool ``(N, T, V)``)
-    restricts the policy to the allowed tokens, renormalised (NLPO).
+    otherwise it is a detached statistic for logging.
+
+    Log-probs and entropy are those of the distribution the agent samples from:
+    ``sampling`` (temperature, top-k, top-p; see :mod:`lmgym.sampling`), or, without it,
+    the model's distribution at ``temperature``. ``chunk_size > 0`` takes the memory-saving
+    path of :mod:`lmgym.agents.logprobs` (no full-vocabulary logits kept for backward).
+    ``action_mask`` (bool ``(N, T, V)``) restricts that distribution further to the allowed tokens,
+    renormalised (NLPO's nucleus; not with ``chunk_size``).
     """
-    logits, h = continuation_logits(model, rollout, temperature=temperature, hidden=hidden)
-    if action_mask is not None:
-        logits = restrict_logits(logits, action_mask)
-    logprobs = token_logprobs(logits, rollout.tokens)
-    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        probs = torch.softmax(logits, dim=-1)
-        entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+    sampling = sampling if sampling is not None else Sampling(temperature)
+    if action_mask is not None and chunk_size:
+        raise ValueError("policy_forward: an action_mask needs the full logits; use chunk_size=0")
+    ids = torch.cat([rollout.query_ids, rollout.tokens], dim=1)
+    mask = torch.cat([rollout.query_mask, torch.ones_like(rollout.tokens)], dim=1)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    start = rollout.query_ids.shape[1] - 1
+    # A LoRA policy runs with its adapters on (lmgym.agents.lora); other models have no such switch.
+    with (model.active() if hasattr(model, "active") else contextlib.nullcontext()):
+        if chunk_size:
+            keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True,
+                        use_cache=False, **keep)
+            states = out.hidden_states[-1][:, start:-1]
+            logprobs, entropy = chunked_token_logprobs(states, rollout.tokens, model.get_output_embeddings(), sampling,
+                                                       chunk_size, entropy_grad)
+            return logprobs, entropy, states if hidden else None
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=hidden,
+                    use_cache=False)
+    if not sampling.truncates and action_mask is None:
+        logits = out.logits[:, start:-1].float() / sampling.temperature
+        logprobs = token_logprobs(logits, rollout.tokens)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            probs = torch.softmax(logits, dim=-1)
+            entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+    else:
+        logq, kept = sampling.log_probs(out.logits[:, start:-1])
+        if action_mask is not None:  # renormalise over the allowed tokens the sampler keeps
+            kept = action_mask if kept is None else kept & action_mask
+            logq = logq - torch.logsumexp(logq.masked_fill(~kept, float("-inf")), dim=-1, keepdim=True)
+        logprobs = logq.gather(-1, rollout.tokens.unsqueeze(-1)).squeeze(-1)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            inside = logq.masked_fill(~kept, float("-inf"))
+            entropy = -(inside.exp() * logq.masked_fill(~kept, 0.0)).sum(-1)
+    h = out.hidden_states[-1][:, start:-1] if hidden else None
     return logprobs, entropy, h
 
 
@@ -208,7 +236,12 @@ class Agent:
     Args:
         env: a :class:`lmgym.TextGenVectorEnv` (``gym.make_vec("lmgym/...", num_envs=N)``).
         config: the agent's config dataclass (defaults if None).
-        policy: the causal LM to train; by default a trainable copy of the env's reference model.
+        policy: the causal LM to train; by default a copy of the env's reference model. Either way
+            it is trained with float32 master weights (a half-precision model is cast in place)
+            and, with ``disable_dropout`` (default), no dropout.
+        peft_config: train LoRA adapters instead (a ``peft.LoraConfig`` or a dict of its arguments;
+            needs ``pip install lmgym[lora]``): they are injected into the env's reference model,
+            which then serves as pi_ref with its adapters disabled, so no second copy is held.
         logdir: TensorBoard and checkpoint folder (None: no logs, no checkpoints).
         device: ``"auto"`` (CUDA when available) or any torch device; by default the env's.
         **overrides: config fields to change, e.g. ``learning_rate=3e-4``.
@@ -217,8 +250,8 @@ class Agent:
     config_class = AgentConfig
     name = "agent"
 
-    def __init__(self, env, config: AgentConfig | None = None, *, policy=None, logdir: str | os.PathLike | None = None,
-                 device=None, **overrides):
+    def __init__(self, env, config: AgentConfig | None = None, *, policy=None, peft_config=None,
+                 logdir: str | os.PathLike | None = None, device=None, **overrides):
         if not hasattr(env, "score_sequences"):
             raise TypeError(f"{type(self).__name__} needs an lmgym TextGenVectorEnv (gym.make_vec('lmgym/...')), "
                             f"got {type(env).__name__}")
@@ -229,10 +262,17 @@ class Agent:
             raise ValueError(f"the agent runs on {self.device} but the environment on {env.device}; "
                              "create the environment with the same device")
         self._check_batch_layout(env.num_envs)
+        # The sampling transformation: the policy samples from it, its log-probs (handed to the
+        # environment and used in the ratios) are the transformed distribution's, and the
+        # environment scores the reference under the same transformation (lmgym.sampling).
+        self.sampling = Sampling(self.config.temperature, self.config.top_k, self.config.top_p)
+        env.sampling = self.sampling
         torch.manual_seed(self.config.seed)
-        self.policy = (policy if policy is not None else copy.deepcopy(env.reference_model)).to(self.device)
-        self.policy.requires_grad_(True)
-        self.policy.train()
+        # LoRA injects adapters into the reference itself: fingerprint its weights before that.
+        fingerprint = checkpoints.reference_fingerprint(env.reference_model) if peft_config is not None else None
+        # float32 master weights whatever the reference's dtype, dropout off, or LoRA adapters on the
+        # reference itself (see lmgym.agents.policy and lmgym.agents.lora)
+        self.policy = build_policy(env, self.config, self.device, policy=policy, peft_config=peft_config)
         self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         self.setup()
         self.optimizer = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad],
@@ -252,7 +292,7 @@ class Agent:
         """the environment's kl_coef when the run started (an adaptive controller moves env.kl_coef)"""
         self.resumes: list[dict] = []
         """the run's lineage: each checkpoint it was resumed from, and the settings changed then"""
-        self._reference_fingerprint: str | None = None
+        self._reference_fingerprint: str | None = fingerprint
 
     # ------------------------------------------------------------------ configuration
     @classmethod
@@ -295,7 +335,22 @@ class Agent:
         """The modules whose weights a checkpoint holds, by name."""
         return {"policy": self.policy}
 
+    def save_pretrained(self, directory: str | os.PathLike, *, dtype=None, merge: bool = True,
+                        overwrite: bool = False) -> Path:
+        """Write the policy as a standard Hugging Face model folder (weights, config, tokenizer, generation
+        config with the environment's stop tokens and this agent's sampling); a LoRA policy merged, or as
+        its adapters alone with ``merge=False``. See :mod:`lmgym.agents.export`."""
+        from lmgym.agents.export import save_pretrained
+
+        return save_pretrained(self, directory, dtype=dtype, merge=merge, overwrite=overwrite)
+
     # ------------------------------------------------------------------ rollouts
+    def policy_active(self):
+        """A context in which the policy's forwards and backwards run as the policy (a LoRA policy's adapters
+        on: see :mod:`lmgym.agents.lora`); a no-op for a policy that is a model of its own."""
+        active = getattr(self.policy, "active", None)
+        return active() if active is not None else contextlib.nullcontext()
+
     def autocast(self):
         enabled = self.config.bf16 and self.device.type == "cuda"
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
@@ -326,15 +381,13 @@ class Agent:
                        prompts=result.prompts, completions=result.completions)
 
     def sample(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Continuations of the left-padded prompts and the sampling distribution's log-probs of their tokens.
-
-        The policy's own distribution at ``temperature``; an algorithm that samples from another one
-        (NLPO's masked nucleus) overrides this, and its log-probs are the ones the environment sees.
-        """
-        return sample_continuations(self.policy, query_ids, query_mask, self.env.max_new_tokens,
-                                    stop_token_ids=self.env.stop_token_ids,
-                                    pad_token_id=self.env.tokenizer.pad_token_id,
-                                    temperature=self.config.temperature, generator=self.generator)
+        """Continuations of the left-padded prompts and the log-probs of their tokens under the distribution
+        sampled from: the policy's under :attr:`sampling`. An algorithm that samples from another
+        distribution (NLPO's masked nucleus) overrides this; its log-probs are the ones the environment sees."""
+        return sample_continuations(
+            self.policy, query_ids, query_mask, self.env.max_new_tokens, stop_token_ids=self.env.stop_token_ids,
+            pad_token_id=self.env.tokenizer.pad_token_id, temperature=self.sampling.temperature,
+            top_k=self.sampling.top_k, top_p=self.sampling.top_p, generator=self.generator)
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         """One training update on a rollout; returns metrics to log. Algorithms implement this."""
@@ -435,7 +488,8 @@ class Agent:
                 start = time.perf_counter()
                 rollout = self.collect()
                 collected = time.perf_counter()
-                metrics = self.update(rollout)
+                with self.policy_active():
+                    metrics = self.update(rollout)
                 done = time.perf_counter()
                 steps = int(rollout.lengths.sum())
                 self.global_step += steps
@@ -474,21 +528,29 @@ class Agent:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, num_batches: int = 4, seed: int | None = None) -> dict[str, float]:
+    def evaluate(self, num_batches: int = 4, seed: int | None = None, prompts=None) -> dict:
         """Mean score, KL and return (score - beta * KL) of the current policy over fresh episodes.
 
         Prompts and samples come from ``seed`` (default: the config's seed + 10000), so two
         evaluations of one run (before and after training) see the same prompts and differ
         only by the policy. The training run's own prompt stream and RNG are left untouched.
+
+        With ``prompts`` (e.g. held-out prompts: text, chat messages or token ids), each of
+        them is evaluated instead, ``group_size`` times, and ``num_batches`` is ignored; the
+        result then also holds ``samples``, ``(prompt, completion, score)`` per episode.
         """
         seed = self.config.seed + 10_000 if seed is None else seed
         saved_generator, saved_started = self.generator, self._env_started
         env_state = self._env_snapshot() if self._env_started else None
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        samples = []
         try:
-            self.env.reset(seed=seed)
-            self._env_started = True
-            batches = [self.collect() for _ in range(num_batches)]
+            if prompts is None:
+                self.env.reset(seed=seed)
+                self._env_started = True
+                batches = [self.collect() for _ in range(num_batches)]
+            else:
+                batches = self._collect_on(list(prompts), seed, samples)
         finally:
             self.generator = saved_generator
             self._env_started = saved_started
@@ -497,8 +559,29 @@ class Agent:
         scores = torch.cat([b.scores for b in batches])
         kl = torch.cat([b.kl.sum(1) for b in batches])
         returns = torch.cat([b.returns for b in batches])
-        return {"score": float(scores.mean()), "kl": float(kl.mean()), "return": float(returns.mean()),
-                "return_std": float(returns.std()), "episodes": int(returns.numel())}
+        out = {"score": float(scores.mean()), "kl": float(kl.mean()), "return": float(returns.mean()),
+               "return_std": float(returns.std()) if returns.numel() > 1 else 0.0, "episodes": int(returns.numel())}
+        if prompts is not None:
+            out["samples"] = samples
+        return out
+
+    def _collect_on(self, prompts: list, seed: int, samples: list) -> list[Rollout]:
+        """Rollouts of every prompt in ``prompts``, ``group_size`` episodes each, in batches of the env's size."""
+        if not prompts:
+            raise ValueError("evaluate(prompts=...) needs at least one prompt")
+        per_batch = self.env.num_envs // self.env.group_size
+        batches = []
+        for start in range(0, len(prompts), per_batch):
+            chunk = prompts[start:start + per_batch]
+            real = len(chunk) * self.env.group_size
+            chunk = chunk + [chunk[0]] * (per_batch - len(chunk))  # fill the batch; the filler is dropped below
+            self.env.reset(seed=seed, options={"prompts": chunk})
+            self._env_started = True
+            rollout = self.collect()
+            keep = torch.arange(real, device=self.device)
+            samples.extend(zip(rollout.prompts[:real], rollout.completions[:real], rollout.scores[:real].tolist()))
+            batches.append(rollout.select(keep))
+        return batches
 
     # ------------------------------------------------------------------ logging
     def _open_writer(self) -> None:

@@ -113,7 +113,8 @@ class GRPO(Agent):
             for micro in self.micro_batches(idx):
                 batch = rollout.select(micro)
                 with self.autocast():
-                    logprobs, entropy, _ = policy_forward(self.policy, batch, temperature=cfg.temperature)
+                    logprobs, entropy, _ = policy_forward(self.policy, batch, sampling=self.sampling,
+                                                          chunk_size=cfg.logprob_chunk_size)
                 adv = advantages[micro][:, None]
                 log_ratio = logprobs - batch.logprobs
                 ratio = log_ratio.exp()

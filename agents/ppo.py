@@ -20,7 +20,6 @@ Per iteration:
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Annotated
@@ -29,6 +28,7 @@ import torch
 
 from lmgym.agents.base import Agent, AgentConfig, Rollout, ValueHead, masked_mean, masked_whiten, policy_forward
 from lmgym.agents.config import Range
+from lmgym.agents.policy import trainable_copy
 
 __all__ = ["PPOConfig", "PPO", "gae", "ppo_losses", "AdaptiveKLController"]
 
@@ -139,8 +139,12 @@ class PPO(Agent):
         hidden = self.policy.config.hidden_size
         self.value_head = ValueHead(hidden).to(self.device)
         self.value_model = None
+        if self.config.separate_value_model and hasattr(self.policy, "active"):
+            raise ValueError("separate_value_model copies the whole reference model, which LoRA avoids: with "
+                             "peft_config, keep the value head on the policy (separate_value_model=False)")
         if self.config.separate_value_model:
-            self.value_model = copy.deepcopy(self.env.reference_model).to(self.device).requires_grad_(True).train()
+            self.value_model = trainable_copy(self.env.reference_model, self.device,
+                                              no_dropout=self.config.disable_dropout)
         self.kl_ctl = AdaptiveKLController(self.config.target_kl, self.config.kl_horizon)
 
     def parameters(self):
@@ -158,7 +162,8 @@ class PPO(Agent):
     def forward(self, batch: Rollout):
         """Log-probs, entropy and values of the current policy and critic on a batch."""
         with self.autocast():
-            logprobs, entropy, hidden = policy_forward(self.policy, batch, temperature=self.config.temperature,
+            logprobs, entropy, hidden = policy_forward(self.policy, batch, sampling=self.sampling,
+                                                       chunk_size=self.config.logprob_chunk_size,
                                                        hidden=self.value_model is None,
                                                        entropy_grad=self.config.ent_coef != 0)
             if self.value_model is not None:

@@ -116,7 +116,8 @@ class Reinforce(Agent):
             for micro in self.micro_batches(idx):
                 batch = rollout.select(micro)
                 with self.autocast():
-                    logprobs, entropy, _ = policy_forward(self.policy, batch, temperature=cfg.temperature)
+                    logprobs, entropy, _ = policy_forward(self.policy, batch, sampling=self.sampling,
+                                                          chunk_size=cfg.logprob_chunk_size)
                 sequence_logprob = (logprobs * batch.mask).sum(1)
                 loss = -(advantages[micro] * sequence_logprob).mean()
                 self.check_finite(**{"loss/policy": loss})

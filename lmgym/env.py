@@ -100,7 +100,8 @@ class TextGenEnv(CoreView, gym.Env):
 
     ## Episode End
 
-    - Termination: the agent emits a stop token (``stop_token_ids``, default EOS).
+    - Termination: the agent emits a stop token (``stop_token_ids``, default EOS and the
+      generation config's end-of-turn tokens).
     - Truncation: ``max_new_tokens`` tokens were generated.
 
     ``info`` carries at each step ``ref_logprob``, plus ``logprob`` and ``kl`` when the
@@ -113,12 +114,16 @@ class TextGenEnv(CoreView, gym.Env):
       environment keeps a frozen copy; the object you pass is left as it was).
     - ``reward_fn``: ``fn(prompts, completions) -> scores`` over lists of strings (see
       :class:`lmgym.rewards.RewardFunction`), called once per batch of finished episodes.
-    - ``prompts``: a list of prompts (text or token ids) or any iterable of them.
+    - ``prompts``: a list of prompts or any iterable of them. A prompt is text, token ids, or a
+      list of chat messages ``[{"role": "user", "content": ...}]`` rendered with the tokenizer's
+      chat template (``add_generation_prompt=True``); the reward function receives each prompt
+      in the form it was given and the completion decoded without special tokens.
     - ``tokenizer``: defaults to the model's.
     - ``max_new_tokens``: the horizon (default 32).
     - ``kl_coef``: beta, the KL coefficient (default 0.05; 0 switches the penalty off).
     - ``max_prompt_tokens``: the longest prompt (default: the longest in the list).
-    - ``stop_token_ids``: tokens that end an episode (default: EOS).
+    - ``stop_token_ids``: tokens that end an episode (default: the tokenizer's EOS and every
+      ``generation_config.eos_token_id`` of the model, e.g. an instruct model's end-of-turn token).
     - ``device``, ``dtype``: where and in which precision the reference model runs
       (default CPU, since observations are numpy).
     - ``trust_remote_code``: allow model code from the checkpoint (off by default).

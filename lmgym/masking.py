@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from lmgym.models import to_left_padded
+from lmgym.sampling import Sampling
 
 __all__ = ["check_top_p", "nucleus_mask", "NucleusMask"]
 
@@ -37,17 +38,15 @@ def nucleus_mask(logits: torch.Tensor, top_p: float, *, min_tokens_to_keep: int 
     Tokens are taken in order of decreasing probability until their total reaches ``top_p``
     (a token is kept when the mass of the more probable tokens before it is still below
     ``top_p``), and at least ``min_tokens_to_keep`` are kept. ``never_mask`` (token ids) are
-    always True. ``top_p = 1`` keeps every token (no floating-point tail is ever cut).
+    always True. ``top_p = 1`` keeps every token. The nucleus is :meth:`lmgym.sampling.Sampling.kept`'s,
+    the one the samplers' own ``top_p`` keeps.
     """
     top_p = check_top_p(top_p)
-    if top_p >= 1.0:
-        mask = torch.ones_like(logits, dtype=torch.bool)
-    else:
-        probs, order = torch.softmax(logits.float(), dim=-1).sort(dim=-1, descending=True)
-        mass_before = probs.cumsum(-1) - probs
-        keep_sorted = mass_before < top_p
-        keep_sorted[..., :max(1, min_tokens_to_keep)] = True
-        mask = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    logits = logits.float()
+    mask = Sampling(top_p=top_p).kept(logits)  # the nucleus as the samplers truncate (lmgym.sampling)
+    if min_tokens_to_keep > 1:
+        top = torch.topk(logits, min(min_tokens_to_keep, logits.shape[-1]), dim=-1).indices
+        mask = mask.scatter(-1, top, True)
     if never_mask is not None and len(never_mask):
         mask[..., never_mask.to(mask.device)] = True
     return mask

@@ -11,16 +11,16 @@ from lmgym import EpisodeError, TextGenEnv, TextGenVectorEnv
 from lmgym.agents.sb3 import LMGymVecEnv, bind_sb3_model
 from lmgym.masking import NucleusMask
 
-from conftest import PROMPTS, count_good
-from test_nlpo import reference_nucleus
+from conftest import count_good
+from test_nlpo import UNTIED_PROMPTS, reference_nucleus
 
 TOP_P = 0.6
 
 
 def vector_env(tiny, n=4, **kw):
     model, tok = tiny
-    return TextGenVectorEnv(n, model=model, tokenizer=tok, reward_fn=count_good, prompts=PROMPTS, max_new_tokens=5,
-                            kl_coef=0.1, device="cpu", **kw)
+    return TextGenVectorEnv(n, model=model, tokenizer=tok, reward_fn=count_good, prompts=UNTIED_PROMPTS,
+                            max_new_tokens=5, kl_coef=0.1, device="cpu", **kw)
 
 
 def masking_model(tiny):
@@ -69,7 +69,7 @@ def test_vector_env_reports_the_bound_mask(tiny):
     numpy_env.set_action_mask_fn(lambda o: torch.ones(4, 13, dtype=torch.bool))
     assert isinstance(numpy_env.action_masks(), np.ndarray)
 
-    single = TextGenEnv(tiny[0], count_good, PROMPTS, tokenizer=tiny[1], max_new_tokens=5)
+    single = TextGenEnv(tiny[0], count_good, UNTIED_PROMPTS, tokenizer=tiny[1], max_new_tokens=5)
     obs, _ = single.reset(seed=0)
     single.set_action_mask_fn(NucleusMask(model, top_p=TOP_P, never_mask=[0]))
     mask = single.action_masks()
