@@ -50,9 +50,10 @@ def tiny_venv(tiny, num_envs=32, max_new_tokens=6):
                             max_new_tokens=max_new_tokens, kl_coef=0.1, device="cpu")
 
 
-def test_no_token_outside_the_masking_policys_nucleus_is_ever_sampled(tiny):
+@pytest.mark.parametrize("temperature", [1.0, 1.5])
+def test_no_token_outside_the_masking_policys_nucleus_is_ever_sampled(tiny, temperature):
     top_p = 0.7
-    agent = NLPO(tiny_venv(tiny), mask_top_p=top_p, seed=3)
+    agent = NLPO(tiny_venv(tiny), mask_top_p=top_p, seed=3, temperature=temperature)
     # A masking policy that disagrees with the policy, so the policy's own samples would often leave its nucleus.
     with torch.no_grad():
         gen = torch.Generator().manual_seed(1)
@@ -65,13 +66,18 @@ def test_no_token_outside_the_masking_policys_nucleus_is_ever_sampled(tiny):
     sampled, outside_mass, masked_states = 0, 0.0, 0
     for _ in range(5):
         rollout = agent.collect()
+        # The update recomputes the same masked distribution: the PPO ratio starts at exactly 1.
+        with torch.no_grad():
+            update_logprobs = agent.forward(rollout)[0]
+        assert torch.allclose(update_logprobs * rollout.mask, rollout.logprobs * rollout.mask, atol=1e-5)
         for i in range(len(rollout)):
             prompt = rollout.query_ids[i][rollout.query_mask[i].bool()].tolist()
             n = int(rollout.lengths[i])
             ids = torch.tensor([prompt + rollout.tokens[i, :n].tolist()])
             with torch.no_grad():
-                mask_probs = torch.softmax(mask64(input_ids=ids).logits[0, len(prompt) - 1:-1], -1)
-                pol_logp = torch.log_softmax(policy64(input_ids=ids).logits[0, len(prompt) - 1:-1], -1)
+                # both at the agent's sampling temperature
+                mask_probs = torch.softmax(mask64(input_ids=ids).logits[0, len(prompt) - 1:-1] / temperature, -1)
+                pol_logp = torch.log_softmax(policy64(input_ids=ids).logits[0, len(prompt) - 1:-1] / temperature, -1)
             for t in range(n):
                 nucleus = reference_nucleus(mask_probs[t].tolist(), top_p) | never
                 token = int(rollout.tokens[i, t])
