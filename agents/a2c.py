@@ -64,7 +64,7 @@ def n_step_returns(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
     """
     steps = rewards.shape[1]
     returns = torch.zeros_like(rewards)
-    for k in range(n):
+    for k in range(min(n, steps)):
         # r_{t+k} for every t (0 beyond the horizon)
         returns[:, :steps - k] += gamma ** k * rewards[:, k:]
     bootstrap = torch.zeros_like(values)  # V(s_{t+n}), 0 where t + n lies beyond the rollout
