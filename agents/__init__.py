@@ -8,8 +8,10 @@ Each trains on a :class:`lmgym.TextGenVectorEnv` (``gym.make_vec("lmgym/...", nu
 """
 
 from lmgym.agents.a2c import A2C, A2CConfig
+from lmgym.agents.base import Agent, AgentConfig, Callback, Rollout, TrainingError
+from lmgym.agents.checkpoint import CheckpointError, latest_checkpoint
+from lmgym.agents.config import ConfigError
 from lmgym.agents.dpo import DPO, DPOConfig, OnlineDPO, OnlineDPOConfig
-from lmgym.agents.base import Agent, AgentConfig, Callback, CheckpointError, Rollout, TrainingError
 from lmgym.agents.grpo import GRPO, GRPOConfig
 from lmgym.agents.ppo import PPO, PPOConfig
 from lmgym.agents.reinforce import RLOO, Reinforce, ReinforceConfig, RLOOConfig
@@ -19,6 +21,7 @@ AGENTS = {"ppo": PPO, "grpo": GRPO, "reinforce": Reinforce, "rloo": RLOO, "a2c":
           "online-dpo": OnlineDPO}
 """The built-in agents by name."""
 
-__all__ = ["Agent", "AgentConfig", "Callback", "Rollout", "TrainingError", "CheckpointError", "PPO", "PPOConfig",
-           "GRPO", "GRPOConfig", "Reinforce", "ReinforceConfig", "RLOO", "RLOOConfig", "A2C", "A2CConfig", "RFT",
-           "RFTConfig", "DPO", "DPOConfig", "OnlineDPO", "OnlineDPOConfig", "AGENTS"]
+__all__ = ["Agent", "AgentConfig", "Callback", "Rollout", "TrainingError", "CheckpointError", "ConfigError",
+           "latest_checkpoint", "PPO", "PPOConfig", "GRPO", "GRPOConfig", "Reinforce", "ReinforceConfig", "RLOO",
+           "RLOOConfig", "A2C", "A2CConfig", "RFT", "RFTConfig", "DPO", "DPOConfig", "OnlineDPO", "OnlineDPOConfig",
+           "AGENTS"]

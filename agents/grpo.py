@@ -25,10 +25,12 @@ environment's ``kl_coef``, so the objective is the same one the other agents max
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
 from lmgym.agents.base import Agent, AgentConfig, Rollout, masked_mean, policy_forward
+from lmgym.agents.config import OneOf, Range
 
 __all__ = ["GRPOConfig", "GRPO", "group_advantages", "k3_kl", "aggregate_loss"]
 
@@ -41,17 +43,17 @@ class GRPOConfig(AgentConfig):
 
     learning_rate: float = 1e-4
     """AdamW learning rate"""
-    beta: float | None = None
-    """weight of the k3 KL to the reference in the loss (None: the environment's kl_coef)"""
-    epsilon_low: float = 0.2
+    beta: Annotated[float | None, Range(ge=0)] = None
+    """weight of the k3 KL to the reference in the loss (None: the environment's kl_coef, followed as it changes)"""
+    epsilon_low: Annotated[float, Range(ge=0, lt=1)] = 0.2
     """lower clipping epsilon of the ratio"""
-    epsilon_high: float = 0.28
+    epsilon_high: Annotated[float, Range(ge=0)] = 0.28
     """upper clipping epsilon of the ratio (DAPO's clip-higher)"""
     scale_rewards: bool = True
     """divide advantages by the group's standard deviation"""
-    loss_type: str = "grpo"
+    loss_type: Annotated[str, OneOf(*LOSS_TYPES)] = "grpo"
     """token-loss aggregation: grpo (per-sequence mean), bnpo (per-token mean), dr_grpo (constant normaliser)"""
-    advantage_eps: float = 1e-4
+    advantage_eps: Annotated[float, Range(ge=0)] = 1e-4
     """added to the group std"""
 
 
@@ -90,9 +92,12 @@ class GRPO(Agent):
         if self.env.group_size < 2:
             raise ValueError("GRPO compares completions within a group: make the environment with group_size >= 2, "
                              "e.g. gym.make_vec(id, num_envs=64, group_size=8)")
-        if self.config.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.config.loss_type!r}")
-        self.beta = self.env.kl_coef if self.config.beta is None else float(self.config.beta)
+
+    @property
+    def beta(self) -> float:
+        """The KL weight in the loss: the config's, or the environment's kl_coef (also after a resume that
+        changed it), so the loss optimises the objective the environment defines."""
+        return self.env.kl_coef if self.config.beta is None else self.config.beta
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         cfg = self.config
@@ -108,7 +113,8 @@ class GRPO(Agent):
             for micro in self.micro_batches(idx):
                 batch = rollout.select(micro)
                 with self.autocast():
-                    logprobs, entropy, _ = policy_forward(self.policy, batch, temperature=cfg.temperature)
+                    logprobs, entropy, _ = policy_forward(self.policy, batch, sampling=self.sampling,
+                                                          chunk_size=cfg.logprob_chunk_size)
                 adv = advantages[micro][:, None]
                 log_ratio = logprobs - batch.logprobs
                 ratio = log_ratio.exp()

@@ -13,17 +13,22 @@ Per iteration:
    ``L_clip = E[max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps))]`` (rho = pi / pi_old) and
    the clipped value loss ``L_value = 0.5 * E[max((V - G)^2, (clip(V, V_old +- eps_v) - G)^2)]``.
 5. Optionally adapt beta towards a target KL (Ziegler et al. 2019, section 2.2):
-   ``beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon)``.
+   ``beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon)``, with KL the
+   batch's mean KL per episode and ``n_steps`` the number of episodes in the batch, as in
+   lm-human-preferences and TRL (both horizon and n_steps count episodes, not tokens).
 """
 
 from __future__ import annotations
 
-import copy
+import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
 from lmgym.agents.base import Agent, AgentConfig, Rollout, ValueHead, masked_mean, masked_whiten, policy_forward
+from lmgym.agents.config import Range
+from lmgym.agents.policy import trainable_copy
 
 __all__ = ["PPOConfig", "PPO", "gae", "ppo_losses", "AdaptiveKLController"]
 
@@ -38,17 +43,17 @@ class PPOConfig(AgentConfig):
     """PPO epochs over each rollout"""
     num_minibatches: int = 4
     """minibatches per epoch"""
-    gamma: float = 1.0
+    gamma: Annotated[float, Range(ge=0, le=1)] = 1.0
     """discount factor"""
-    gae_lambda: float = 0.95
+    gae_lambda: Annotated[float, Range(ge=0, le=1)] = 0.95
     """GAE lambda"""
-    clip_coef: float = 0.2
+    clip_coef: Annotated[float, Range(gt=0)] = 0.2
     """surrogate clipping epsilon"""
-    clip_value: float = 0.2
+    clip_value: Annotated[float, Range(ge=0)] = 0.2
     """value clipping epsilon (0 disables value clipping)"""
-    vf_coef: float = 0.5
+    vf_coef: Annotated[float, Range(ge=0)] = 0.5
     """value loss weight"""
-    ent_coef: float = 0.0
+    ent_coef: Annotated[float, Range(ge=0)] = 0.0
     """entropy bonus weight"""
     norm_adv: bool = True
     """whiten advantages over the batch"""
@@ -56,10 +61,10 @@ class PPOConfig(AgentConfig):
     """critic on its own copy of the reference model instead of sharing the policy's trunk"""
     adaptive_kl: bool = False
     """adapt the environment's KL coefficient towards target_kl"""
-    target_kl: float = 6.0
+    target_kl: Annotated[float, Range(gt=0)] = 6.0
     """target KL per episode for the adaptive controller"""
-    kl_horizon: int = 10000
-    """horizon (environment steps) of the adaptive controller"""
+    kl_horizon: Annotated[int, Range(ge=1)] = 10000
+    """horizon of the adaptive controller, in episodes (lm-human-preferences and TRL: 10000)"""
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
@@ -99,16 +104,26 @@ def ppo_losses(new_logprobs, old_logprobs, advantages, new_values, old_values, r
     return policy_loss, value_loss, clipfrac, approx_kl
 
 
+@dataclass
 class AdaptiveKLController:
-    """Ziegler et al. (2019): move beta so the episode KL tracks ``target``."""
+    """Ziegler et al. (2019), section 2.2: move beta so the KL per episode tracks ``target``.
 
-    def __init__(self, beta: float, target: float, horizon: int):
-        self.beta, self.target, self.horizon = beta, target, horizon
+    ``beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon)``. As in
+    lm-human-preferences and TRL, ``n_steps`` is the number of episodes the update saw (the
+    batch size) and ``horizon`` is counted in episodes, so beta moves by at most 20% per
+    ``horizon`` episodes whatever the episode length. Beta itself lives in the environment
+    (``env.kl_coef``), which checkpoints record.
+    """
 
-    def update(self, kl: float, n_steps: int) -> float:
+    target: float
+    horizon: int
+
+    def update(self, beta: float, kl: float, n_episodes: int) -> float:
+        """The next beta after a batch of ``n_episodes`` episodes whose mean KL per episode is ``kl``."""
+        if not math.isfinite(kl):
+            raise ValueError(f"the KL of the batch is not finite ({kl}); beta cannot adapt")
         error = min(max(kl / self.target - 1.0, -0.2), 0.2)
-        self.beta *= 1.0 + error * n_steps / self.horizon
-        return self.beta
+        return beta * (1.0 + error * n_episodes / self.horizon)
 
 
 class PPO(Agent):
@@ -124,9 +139,13 @@ class PPO(Agent):
         hidden = self.policy.config.hidden_size
         self.value_head = ValueHead(hidden).to(self.device)
         self.value_model = None
+        if self.config.separate_value_model and hasattr(self.policy, "active"):
+            raise ValueError("separate_value_model copies the whole reference model, which LoRA avoids: with "
+                             "peft_config, keep the value head on the policy (separate_value_model=False)")
         if self.config.separate_value_model:
-            self.value_model = copy.deepcopy(self.env.reference_model).to(self.device).requires_grad_(True).train()
-        self.kl_ctl = AdaptiveKLController(self.env.kl_coef, self.config.target_kl, self.config.kl_horizon)
+            self.value_model = trainable_copy(self.env.reference_model, self.device,
+                                              no_dropout=self.config.disable_dropout)
+        self.kl_ctl = AdaptiveKLController(self.config.target_kl, self.config.kl_horizon)
 
     def parameters(self):
         params = list(self.policy.parameters()) + list(self.value_head.parameters())
@@ -140,16 +159,11 @@ class PPO(Agent):
             modules["value_model"] = self.value_model
         return modules
 
-    def extra_state(self) -> dict:
-        return {"kl_beta": self.kl_ctl.beta}
-
-    def load_extra_state(self, state: dict) -> None:
-        self.kl_ctl.beta = state["kl_beta"]
-
     def forward(self, batch: Rollout):
         """Log-probs, entropy and values of the current policy and critic on a batch."""
         with self.autocast():
-            logprobs, entropy, hidden = policy_forward(self.policy, batch, temperature=self.config.temperature,
+            logprobs, entropy, hidden = policy_forward(self.policy, batch, sampling=self.sampling,
+                                                       chunk_size=self.config.logprob_chunk_size,
                                                        hidden=self.value_model is None,
                                                        entropy_grad=self.config.ent_coef != 0)
             if self.value_model is not None:
@@ -198,5 +212,6 @@ class PPO(Agent):
         var = flat_ret.var()
         metrics["val/explained_variance"] = float(1 - (flat_ret - flat_val).var() / var) if var > 0 else 0.0
         if cfg.adaptive_kl:
-            self.env.kl_coef = self.kl_ctl.update(float(rollout.kl.sum(1).mean()), int(rollout.lengths.sum()))
+            episode_kl = float(rollout.kl.sum(1).mean())
+            self.env.kl_coef = self.kl_ctl.update(self.env.kl_coef, episode_kl, n_episodes=len(rollout))
         return metrics

@@ -20,11 +20,14 @@ minibatch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
 from lmgym.agents.base import Agent, AgentConfig, Rollout, masked_mean, policy_forward
+from lmgym.agents.config import OneOf, Range
 
 __all__ = ["ReinforceConfig", "Reinforce", "RLOOConfig", "RLOO", "leave_one_out_baseline"]
 
@@ -37,9 +40,9 @@ class ReinforceConfig(AgentConfig):
 
     learning_rate: float = 1e-4
     """AdamW learning rate"""
-    baseline: str = "moving_average"
+    baseline: Annotated[str, OneOf(*BASELINES)] = "moving_average"
     """moving_average, rloo (leave-one-out over the group) or none"""
-    baseline_decay: float = 0.9
+    baseline_decay: Annotated[float, Range(ge=0, le=1)] = 0.9
     """decay of the moving-average baseline"""
     normalize_advantages: bool = False
     """divide R - b by the batch standard deviation"""
@@ -66,8 +69,6 @@ class Reinforce(Agent):
     name = "reinforce"
 
     def setup(self) -> None:
-        if self.config.baseline not in BASELINES:
-            raise ValueError(f"baseline must be one of {BASELINES}, got {self.config.baseline!r}")
         if self.config.baseline == "rloo" and self.env.group_size < 2:
             raise ValueError("the leave-one-out baseline needs k >= 2 completions per prompt: make the environment "
                              "with group_size >= 2, e.g. gym.make_vec(id, num_envs=64, group_size=4)")
@@ -76,8 +77,16 @@ class Reinforce(Agent):
     def extra_state(self) -> dict:
         return {"running_return": self.running_return}
 
+    def check_extra_state(self, state: dict) -> None:
+        if set(state) != {"running_return"}:
+            raise ValueError(f"expected the key running_return, found {sorted(state)}")
+        value = state["running_return"]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            raise ValueError(f"running_return must be a finite number or null, got {value!r}")
+
     def load_extra_state(self, state: dict) -> None:
-        self.running_return = state["running_return"]
+        self.running_return = None if state["running_return"] is None else float(state["running_return"])
 
     def baseline(self, returns: torch.Tensor) -> torch.Tensor:
         kind = self.config.baseline
@@ -107,7 +116,8 @@ class Reinforce(Agent):
             for micro in self.micro_batches(idx):
                 batch = rollout.select(micro)
                 with self.autocast():
-                    logprobs, entropy, _ = policy_forward(self.policy, batch, temperature=cfg.temperature)
+                    logprobs, entropy, _ = policy_forward(self.policy, batch, sampling=self.sampling,
+                                                          chunk_size=cfg.logprob_chunk_size)
                 sequence_logprob = (logprobs * batch.mask).sum(1)
                 loss = -(advantages[micro] * sequence_logprob).mean()
                 self.check_finite(**{"loss/policy": loss})
