@@ -23,10 +23,12 @@ Per iteration:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
 from lmgym.agents.base import Agent, AgentConfig, Rollout, ValueHead, masked_mean, masked_whiten, policy_forward
+from lmgym.agents.config import OneOf, Range
 from lmgym.agents.ppo import gae
 
 __all__ = ["A2CConfig", "A2C", "n_step_returns", "a2c_losses"]
@@ -40,17 +42,17 @@ class A2CConfig(AgentConfig):
 
     learning_rate: float = 1e-4
     """AdamW learning rate"""
-    gamma: float = 1.0
+    gamma: Annotated[float, Range(ge=0, le=1)] = 1.0
     """discount factor"""
-    advantage: str = "gae"
+    advantage: Annotated[str, OneOf(*ADVANTAGES)] = "gae"
     """advantage estimator: gae or n_step"""
-    gae_lambda: float = 1.0
+    gae_lambda: Annotated[float, Range(ge=0, le=1)] = 1.0
     """GAE lambda (1: Monte-Carlo return minus the value)"""
-    n_steps: int = 5
+    n_steps: Annotated[int, Range(ge=1)] = 5
     """bootstrap horizon of the n-step return (advantage='n_step')"""
-    vf_coef: float = 0.5
+    vf_coef: Annotated[float, Range(ge=0)] = 0.5
     """value loss weight"""
-    ent_coef: float = 0.0
+    ent_coef: Annotated[float, Range(ge=0)] = 0.0
     """entropy bonus weight"""
     norm_adv: bool = False
     """whiten advantages over the rollout"""
@@ -89,10 +91,6 @@ class A2C(Agent):
 
     def setup(self) -> None:
         cfg = self.config
-        if cfg.advantage not in ADVANTAGES:
-            raise ValueError(f"advantage must be one of {ADVANTAGES}, got {cfg.advantage!r}")
-        if not isinstance(cfg.n_steps, int) or cfg.n_steps < 1:
-            raise ValueError(f"n_steps must be a positive int, got {cfg.n_steps!r}")
         if cfg.update_epochs != 1 or cfg.num_minibatches != 1:
             raise ValueError("A2C takes one gradient step per rollout: keep update_epochs=1 and num_minibatches=1 "
                              "(several passes over a rollout are what PPO's clipping is for)")
@@ -107,8 +105,9 @@ class A2C(Agent):
     def forward(self, batch: Rollout):
         """Log-probs, entropy and values of the current actor and critic on a batch."""
         with self.autocast():
-            logprobs, entropy, hidden = policy_forward(self.policy, batch, temperature=self.config.temperature,
-                                                       hidden=True, entropy_grad=self.config.ent_coef != 0)
+            logprobs, entropy, hidden = policy_forward(self.policy, batch, sampling=self.sampling,
+                                                       chunk_size=self.config.logprob_chunk_size, hidden=True,
+                                                       entropy_grad=self.config.ent_coef != 0)
         return logprobs, entropy, self.value_head(hidden)
 
     def advantages(self, rollout: Rollout, values: torch.Tensor) -> torch.Tensor:

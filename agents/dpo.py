@@ -46,12 +46,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lmgym.agents.base import Agent, AgentConfig, Rollout, policy_forward
+from lmgym.agents.config import OneOf, Range
 from lmgym.models import left_pad
 
 __all__ = ["DPOLossConfig", "DPOConfig", "OnlineDPOConfig", "DPO", "OnlineDPO", "PreferenceBatch", "dpo_loss",
@@ -67,11 +69,11 @@ class DPOLossConfig(AgentConfig):
 
     learning_rate: float = 1e-4
     """AdamW learning rate"""
-    beta: float | None = None
+    beta: Annotated[float | None, Range(gt=0)] = None
     """the KL coefficient the loss assumes (None: the environment's kl_coef)"""
-    loss_type: str = "sigmoid"
+    loss_type: Annotated[str, OneOf(*LOSS_TYPES)] = "sigmoid"
     """sigmoid (DPO) or ipo (IPO)"""
-    label_smoothing: float = 0.0
+    label_smoothing: Annotated[float, Range(ge=0, lt=0.5)] = 0.0
     """probability that a pair's label is flipped (conservative DPO), in [0, 0.5)"""
 
 
@@ -81,7 +83,7 @@ class DPOConfig(DPOLossConfig):
 
     preferences: str | None = None
     """the preference JSONL to train on (pairs or rankings, as `lmgym reward-model train` reads)"""
-    batch_pairs: int = 64
+    batch_pairs: Annotated[int, Range(ge=1)] = 64
     """preference pairs per iteration (a prompt's pairs stay together)"""
 
 
@@ -89,7 +91,7 @@ class DPOConfig(DPOLossConfig):
 class OnlineDPOConfig(DPOLossConfig):
     """Online DPO hyper-parameters (group_size completions per prompt come from the environment)."""
 
-    labels: str = "bradley_terry"
+    labels: Annotated[str, OneOf(*ONLINE_LABELS)] = "bradley_terry"
     """pair labels from the task score: bradley_terry (soft, sigmoid(R_w - R_l)) or ranking (higher score wins)"""
 
 
@@ -167,11 +169,6 @@ class _DPOBase(Agent):
 
     def setup(self) -> None:
         cfg = self.config
-        if cfg.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {cfg.loss_type!r}")
-        if not 0 <= cfg.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing is the probability that a label is wrong and must lie in [0, 0.5), "
-                             f"got {cfg.label_smoothing!r}")
         self.beta = self.env.kl_coef if cfg.beta is None else float(cfg.beta)
         if not self.beta > 0:
             raise ValueError(f"DPO needs beta > 0 (the KL coefficient its loss assumes), got {self.beta!r}; set "
@@ -197,8 +194,8 @@ class _DPOBase(Agent):
                     local = torch.full((len(batch.sequence_group),), -1, dtype=torch.long, device=self.device)
                     local[rows] = torch.arange(len(rows), device=self.device)
                     with self.autocast():
-                        logprobs, _, _ = policy_forward(self.policy, batch.sequences(rows),
-                                                        temperature=cfg.temperature)
+                        logprobs, _, _ = policy_forward(self.policy, batch.sequences(rows), sampling=self.sampling,
+                                                        chunk_size=cfg.logprob_chunk_size)
                     mask = batch.mask[rows]
                     h = sequence_logratios(logprobs, batch.ref_logprobs[rows], mask)
                     chosen, rejected = local[batch.chosen[pairs]], local[batch.rejected[pairs]]
@@ -233,8 +230,9 @@ class DPO(_DPOBase):
             raise ValueError("DPO trains on preference pairs: pass preferences=PATH of a JSONL file (lmgym train "
                              "--agent dpo --agent.preferences FILE.jsonl), or use online DPO (online-dpo), which "
                              "ranks the environment's own samples")
-        if not isinstance(cfg.batch_pairs, int) or cfg.batch_pairs < 1:
-            raise ValueError(f"batch_pairs must be a positive int, got {cfg.batch_pairs!r}")
+        if self.sampling.truncates:
+            raise ValueError("offline DPO scores fixed completions, which top_k / top_p truncation could give zero "
+                             "probability: leave top_k=0 and top_p=1")
         self.groups = self.encode_preferences(cfg.preferences)
         self.data_epoch, self.data_cursor = 0, 0  # position in the seeded shuffle of the data
 
@@ -317,8 +315,9 @@ class DPO(_DPOBase):
         tokens, mask = tokens.to(device), mask.to(device)
         as_long = lambda values: torch.as_tensor(values, dtype=torch.long, device=device)  # noqa: E731
         with self.autocast():
+            # pi_ref under the same sampling transformation (temperature) as the policy, as the environment scores it
             ref_logprobs, _, _ = policy_forward(self.env.reference_model, _SequenceView(query_ids, query_mask, tokens),
-                                                temperature=self.config.temperature)
+                                                sampling=self.sampling)
         target = torch.full((len(chosen),), 1.0 - self.config.label_smoothing, device=device)
         return PreferenceBatch(query_ids=query_ids, query_mask=query_mask, tokens=tokens, mask=mask,
                                ref_logprobs=ref_logprobs * mask, sequence_group=as_long(sequence_group),
@@ -334,6 +333,16 @@ class DPO(_DPOBase):
 
     def extra_state(self) -> dict:
         return {"data_epoch": self.data_epoch, "data_cursor": self.data_cursor}
+
+    def check_extra_state(self, state: dict) -> None:
+        if set(state) != {"data_epoch", "data_cursor"}:
+            raise ValueError(f"expected the keys data_cursor and data_epoch, found {sorted(state)}")
+        for key, value in state.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{key} must be an int >= 0, got {value!r}")
+        if state["data_cursor"] > len(self.groups):
+            raise ValueError(f"data_cursor {state['data_cursor']} lies beyond the {len(self.groups)} prompts of "
+                             f"{self.config.preferences}: the checkpoint was trained on other preference data")
 
     def load_extra_state(self, state: dict) -> None:
         self.data_epoch, self.data_cursor = state["data_epoch"], state["data_cursor"]
@@ -351,8 +360,6 @@ class OnlineDPO(_DPOBase):
         if self.env.group_size < 2:
             raise ValueError("online DPO compares completions of one prompt: make the environment with "
                              "group_size >= 2, e.g. gym.make_vec(id, num_envs=64, group_size=4)")
-        if cfg.labels not in ONLINE_LABELS:
-            raise ValueError(f"labels must be one of {ONLINE_LABELS}, got {cfg.labels!r}")
         if cfg.labels == "bradley_terry" and cfg.label_smoothing:
             raise ValueError("label_smoothing applies to hard labels (labels='ranking'); Bradley-Terry labels "
                              "already carry the probability that each pair is ordered right")

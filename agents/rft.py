@@ -24,10 +24,12 @@ the completions with the highest ranking value.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
 from lmgym.agents.base import Agent, AgentConfig, Rollout, masked_mean, policy_forward
+from lmgym.agents.config import OneOf, Range
 
 __all__ = ["RFTConfig", "RFT", "select_best"]
 
@@ -40,11 +42,11 @@ class RFTConfig(AgentConfig):
 
     learning_rate: float = 1e-4
     """AdamW learning rate"""
-    keep_top: int = 1
+    keep_top: Annotated[int, Range(ge=1)] = 1
     """completions kept per prompt: the best ones by rank_by (needs group_size > keep_top)"""
     threshold: float | None = None
     """keep every completion whose ranking value is >= this, instead of the top keep_top per prompt"""
-    rank_by: str = "return"
+    rank_by: Annotated[str, OneOf(*RANK_BY)] = "return"
     """ranking value: return (score - beta * KL: the KL enters through the ranking) or score"""
 
 
@@ -67,10 +69,6 @@ class RFT(Agent):
 
     def setup(self) -> None:
         cfg = self.config
-        if cfg.rank_by not in RANK_BY:
-            raise ValueError(f"rank_by must be one of {RANK_BY}, got {cfg.rank_by!r}")
-        if not isinstance(cfg.keep_top, int) or cfg.keep_top < 1:
-            raise ValueError(f"keep_top must be a positive int, got {cfg.keep_top!r}")
         if cfg.threshold is None and self.env.group_size <= cfg.keep_top:
             raise ValueError(f"keeping the best {cfg.keep_top} of each prompt's completions needs more than "
                              f"{cfg.keep_top} per prompt: make the environment with group_size > keep_top, e.g. "
@@ -97,7 +95,8 @@ class RFT(Agent):
                 for micro in idx.tensor_split(min(cfg.gradient_accumulation_steps, len(idx))):
                     batch = rollout.select(micro)
                     with self.autocast():
-                        logprobs, entropy, _ = policy_forward(self.policy, batch, temperature=cfg.temperature)
+                        logprobs, entropy, _ = policy_forward(self.policy, batch, sampling=self.sampling,
+                                                              chunk_size=cfg.logprob_chunk_size)
                     loss = -masked_mean(logprobs, batch.mask)
                     self.check_finite(**{"loss/policy": loss})
                     share = batch.mask.sum() / tokens  # micro-batch token means, weighted into the minibatch's

@@ -213,10 +213,12 @@ def test_offline_dpo_errors(tmp_path):
     path = write_jsonl(tmp_path / "ok.jsonl", [{"prompt": "a", "chosen": "a a", "rejected": "b"}])
     with pytest.raises(ValueError, match="loss_type must be one of"):
         DPO(env, preferences=str(path), loss_type="hinge")
-    with pytest.raises(ValueError, match=r"label_smoothing .* \[0, 0.5\)"):
+    with pytest.raises(ValueError, match=r"label_smoothing must be >= 0 and < 0.5"):
         DPO(env, preferences=str(path), label_smoothing=0.5)
     with pytest.raises(ValueError, match="beta > 0"):
         DPO(diagnostic_env(8, kl_coef=0.0), preferences=str(path))
+    with pytest.raises(ValueError, match="top_k / top_p truncation"):
+        DPO(env, preferences=str(path), top_k=2)
 
 
 # ----------------------------------------------------------------------------- online DPO
@@ -290,7 +292,7 @@ def test_online_dpo_reaches_90_percent_of_the_exact_optimum():
 def test_online_dpo_errors():
     with pytest.raises(ValueError, match="group_size >= 2"):
         OnlineDPO(diagnostic_env(8))
-    with pytest.raises(ValueError, match="labels must be one of"):
+    with pytest.raises(ValueError, match=r"labels must be one of \['bradley_terry', 'ranking'\]"):
         OnlineDPO(diagnostic_env(8, 2), labels="votes")
     with pytest.raises(ValueError, match="label_smoothing applies to hard labels"):
         OnlineDPO(diagnostic_env(8, 2), label_smoothing=0.1)
