@@ -152,14 +152,18 @@ def test_offline_dpo_gradient_matches_a_float64_reference(tmp_path, loss_type, l
 def test_offline_dpo_from_bradley_terry_preferences_reaches_90_percent_of_the_optimum(tmp_path):
     """Pairs labelled by the task's own Bradley-Terry model and beta = kl_coef: DPO's implicit objective is the
     environment's, so the exact return of the trained policy approaches the exact optimum."""
-    records = bradley_terry_rankings(num_batches=400, k=16, seed=1)
+    # Bradley-Terry labels of a [0, 1] score are weak (P = 0.5 to 0.73), and beta = 0.05 turns a reward error
+    # into 20 times that error in log-probability, so DPO needs many labels: 12,800 rankings of 16 (1.5 million
+    # pairs), two passes. Measured over seeds 1-3 of data and agent: 90-95% of the optimum.
+    records = bradley_terry_rankings(num_batches=800, k=16, seed=1)
     path = write_jsonl(tmp_path / "bt.jsonl", records)
     venv = diagnostic_env()
-    agent = DPO(venv, preferences=str(path), learning_rate=1e-2, batch_pairs=2048, anneal_lr=True, seed=1)
+    agent = DPO(venv, preferences=str(path), learning_rate=1e-2, batch_pairs=4096, anneal_lr=True, seed=1)
     start = exact_return(agent.policy, venv)
-    agent.learn(1_400_000, progress=False)
+    agent.learn(1_900_000, progress=False)
     end = exact_return(agent.policy, venv)
     assert start / venv.optimal_return < 0.5
+    print(f"offline DPO: {end / venv.optimal_return:.1%} of the exact optimum")
     assert end / venv.optimal_return >= 0.9, f"offline DPO reached {end / venv.optimal_return:.1%} of the optimum"
 
 
@@ -272,7 +276,8 @@ def test_online_dpo_gradient_matches_a_float64_reference():
                 w, l = (i, j) if si >= sj else (j, i)
                 q = sigmoid(abs(si - sj))
                 diff = h[w] - h[l]
-                loss = loss - q * torch.log(torch.sigmoid(beta * diff)) - (1 - q) * torch.log(torch.sigmoid(-beta * diff))
+                loss = loss - q * torch.log(torch.sigmoid(beta * diff)) \
+                    - (1 - q) * torch.log(torch.sigmoid(-beta * diff))
                 pairs += 1
     (loss / pairs).backward()
     assert_gradients_match(recorder.grads[0], copies)
