@@ -166,6 +166,9 @@ def _reward_model_train(args, extra) -> int:
         print(f"lmgym: {out} already exists and is not empty; pass --overwrite or choose another --out",
               file=sys.stderr)
         return 2
+    import torch
+
+    torch.manual_seed(args.seed)  # the scalar head's initial weights: the same --seed gives the same model
     model = RewardModel.from_pretrained_lm(args.backbone, trust_remote_code=args.trust_remote_code)
     metrics = train_reward_model(model, groups, eval_groups=held, epochs=args.epochs,
                                  learning_rate=args.learning_rate, batch_pairs=args.batch_pairs, margin=args.margin,

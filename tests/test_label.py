@@ -361,3 +361,23 @@ def test_rankings_file_trains_a_reward_model_with_the_cli(tiny, tmp_path):
                      "--eval-data", str(path), "--epochs", "2", "--learning-rate", "1e-2"]) == 0
     metrics = json.loads((out / "training_metrics.json").read_text())
     assert metrics["steps"] == 2 and 0.0 <= metrics["eval_accuracy"] <= 1.0
+
+
+def test_reward_model_training_from_the_cli_is_reproducible(tiny, tmp_path):
+    """The same rankings and --seed give the same reward model (the head's initialisation is seeded too)."""
+    model, tok = tiny
+    backbone = tmp_path / "lm"
+    model.save_pretrained(backbone)
+    tok.save_pretrained(backbone)
+    path = tmp_path / "r.jsonl"
+    with RankingStore(path) as store:
+        for p, c in [("the cat", ("good day", "bad day", "very good")),
+                     ("the dog", ("ran far", "sat on mat", "good"))]:
+            store.append(ranking_record(LabelItem(item_id(p, c), p, c), [[2], [0], [1]], "ada"))
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert cli.main(["reward-model", "train", "--data", str(path), "--backbone", str(backbone), "--out", str(out),
+                         "--epochs", "2", "--learning-rate", "1e-2", "--seed", "3"]) == 0
+        runs.append(json.loads((out / "training_metrics.json").read_text()))
+    assert runs[0] == runs[1]
