@@ -53,7 +53,7 @@ def rank_with_the_synthetic_rater(url: str, screenshot: Path | None) -> float:
     def rater(prompt, completions):
         return corpora.polite_concise_labeller([prompt] * len(completions), completions)
 
-    driver = start_chromium(width=900, height=520)
+    driver = start_chromium(width=900, height=660)
     try:
         page = PageLabeller(driver)
         page.open(url, "synthetic-rater")

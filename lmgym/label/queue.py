@@ -63,7 +63,8 @@ class LabelQueue:
         return skips
 
     def next_for(self, session: str) -> tuple[LabelItem | None, dict, int]:
-        """The item ``session`` should rank now (None when none is left), the progress, and its skip count."""
+        """The item ``session`` should rank now (None when none is left), the progress, and how many of its
+        skipped items are still unranked."""
         ranked = self.store.ranked_ids()
         now = self.clock()
         with self._lock:
@@ -75,7 +76,7 @@ class LabelQueue:
                  if item.id not in ranked and item.id not in skips and item.id not in self._leases), None)
             if choice is not None:
                 self._leases[choice.id] = (session, now + self.lease_seconds)
-            return choice, self.progress(ranked), len(skips)
+            return choice, self.progress(ranked), len(skips - ranked)
 
     def _item(self, item_id: str) -> LabelItem:
         if item_id not in self.by_id:
