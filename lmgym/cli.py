@@ -182,7 +182,8 @@ def _reward_model_train(args, extra) -> int:
 def _label(args, extra) -> int:
     """Serve the labelling page until Ctrl-C; rankings are appended to --out as they arrive."""
     from lmgym.label import LabelQueue, RankingStore, read_candidates, read_prompts, sample_candidates
-    from lmgym.label.server import MissingDependency, bind_socket, create_app, is_loopback, serve
+    from lmgym.label.server import (MissingDependency, bind_socket, create_app, is_loopback, require_web_stack,
+                                    serve)
 
     if (args.candidates is None) == (args.model is None):
         print("lmgym: give either --candidates FILE.jsonl or --model PATH with --prompts FILE", file=sys.stderr)
@@ -196,6 +197,7 @@ def _label(args, extra) -> int:
               "(the page's URL then carries it)", file=sys.stderr)
         return 2
     try:
+        require_web_stack()
         if args.candidates is not None:
             items = read_candidates(args.candidates)
         else:

@@ -385,3 +385,29 @@ def test_reward_model_training_from_the_cli_is_reproducible(tiny, tmp_path):
                          "--epochs", "2", "--learning-rate", "1e-2", "--seed", "3"]) == 0
         runs.append(json.loads((out / "training_metrics.json").read_text()))
     assert runs[0] == runs[1]
+
+
+def test_cli_samples_candidates_from_a_model_and_resumes(tiny, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("starlette", reason="the label extra is not installed: pip install -e '.[label]'")
+    pytest.importorskip("uvicorn", reason="the label extra is not installed: pip install -e '.[label]'")
+    from lmgym.label import server
+
+    model, tok = tiny
+    folder = tmp_path / "lm"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the cat\nthe dog ran\n\nvery good day\n")
+    served = []
+    monkeypatch.setattr(server, "serve", lambda app, sock: served.append(sock.getsockname()))  # don't block
+    args = ["label", "--model", str(folder), "--prompts", str(prompts), "-k", "3", "--max-new-tokens", "5",
+            "--seed", "7", "--device", "cpu", "--out", str(tmp_path / "r.jsonl"), "--port", "0"]
+    assert cli.main(args) == 0
+    first = capsys.readouterr().out
+    assert "0 already ranked" in first and f"http://127.0.0.1:{served[0][1]}/" in first
+    items = sample_candidates(*tiny, ["the cat", "the dog ran", "very good day"], 3, max_new_tokens=5, seed=7)
+    assert f"{len(items)} prompts" in first
+    with RankingStore(tmp_path / "r.jsonl") as store:  # someone ranks the first; a restart skips it
+        store.append(ranking_record(items[0], [[i] for i in range(len(items[0].completions))], "ada"))
+    assert cli.main(args) == 0
+    assert f"{len(items)} prompts, 1 already ranked" in capsys.readouterr().out

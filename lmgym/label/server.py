@@ -28,7 +28,7 @@ from importlib import resources
 
 from lmgym.label.queue import AlreadyRanked, LabelQueue, UnknownItem
 
-__all__ = ["create_app", "bind_socket", "serve", "is_loopback", "MissingDependency"]
+__all__ = ["create_app", "bind_socket", "serve", "is_loopback", "require_web_stack", "MissingDependency"]
 
 MAX_BODY_BYTES = 16 * 1024
 """Largest request body accepted: a ranking is a few hundred bytes."""
@@ -41,7 +41,8 @@ class MissingDependency(ImportError):
     """The ``label`` extra (Starlette, uvicorn) is not installed."""
 
 
-def _require_web_stack():
+def require_web_stack() -> None:
+    """Raise MissingDependency (with the pip command) unless Starlette and uvicorn import."""
     try:
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
@@ -72,7 +73,7 @@ def _page_template() -> str:
 
 def create_app(queue: LabelQueue, *, token: str | None = None):
     """The Starlette application serving ``queue``; ``token`` (if given) guards every API route."""
-    _require_web_stack()
+    require_web_stack()
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -222,7 +223,7 @@ def bind_socket(host: str = "127.0.0.1", port: int = 8765) -> socket.socket:
 
 def serve(app, sock: socket.socket) -> None:
     """Run uvicorn on ``sock`` until Ctrl-C or SIGTERM (every confirmed ranking is already on disk)."""
-    _require_web_stack()
+    require_web_stack()
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
