@@ -28,10 +28,12 @@ import numpy as np
 import torch
 
 from lmgym import checks
+from lmgym.chat import default_stop_token_ids, is_chat_messages
 from lmgym.models import CachedLM, load_model, resolve_device
 from lmgym.optimum import soft_optimal_values
 from lmgym.prompts import Prompt, PromptSource
 from lmgym.rewards import RewardFunction
+from lmgym.sampling import Sampling
 
 __all__ = ["TextGenCore", "CoreView", "SequenceResult", "EpisodeError"]
 
@@ -115,11 +117,8 @@ class TextGenCore:
             raise ValueError(f"prompts of up to {self.prompts.max_prompt_tokens} tokens plus max_new_tokens="
                              f"{max_new_tokens} need {self.max_len} positions, but the model's context is {context}; "
                              "shorten the prompts or lower max_new_tokens")
-        if stop_token_ids is None:
-            if self.tokenizer.eos_token_id is None:
-                raise ValueError("the tokenizer has no EOS token, so nothing would end an episode: pass "
-                                 "stop_token_ids=[...] (the token ids that end one)")
-            stop_token_ids = [self.tokenizer.eos_token_id]
+        if stop_token_ids is None:  # EOS, and an instruct model's end-of-turn token from its generation config
+            stop_token_ids = default_stop_token_ids(self.model, self.tokenizer)
         if isinstance(stop_token_ids, (str, bytes)) or not hasattr(stop_token_ids, "__iter__"):
             raise TypeError(f"stop_token_ids must be a list of token ids, e.g. [{stop_token_ids!r}], "
                             f"got {stop_token_ids!r}")
@@ -133,6 +132,7 @@ class TextGenCore:
         self.pad_token_id = int(self.tokenizer.pad_token_id)
         self.ref = CachedLM(self.model, max_sequence_length=self.max_len)
         self.policy_fn = None
+        self.sampling = Sampling()
 
         n, d = num_envs, self.device
         self.tokens = torch.full((n, self.max_len), self.pad_token_id, dtype=torch.long, device=d)
@@ -153,6 +153,20 @@ class TextGenCore:
         """Set beta: any real number type (numpy, 0-d torch) in ``[0, MAX_KL_COEF]``."""
         self.kl_coef = checks.real(kl_coef, "kl_coef", low=0.0, high=MAX_KL_COEF)
         self._optimal_return = None  # the optimum depends on beta
+
+    def set_sampling(self, sampling) -> None:
+        """Score the reference under the agent's sampling transformation (see :mod:`lmgym.sampling`)."""
+        if sampling is None:
+            sampling = Sampling()
+        if not isinstance(sampling, Sampling):
+            raise TypeError(f"sampling must be an lmgym.sampling.Sampling, got {type(sampling).__name__}")
+        self.sampling = sampling
+
+    def _ref_next_logprobs(self) -> torch.Tensor:
+        """log pi_ref of every next token, transformed as the agent samples."""
+        if self.sampling.is_identity:
+            return self.ref.next_logprobs
+        return self.sampling.log_probs(self.ref.next_logprobs)[0]
 
     # ------------------------------------------------------------------ prompts and resets
     def bind_policy(self, fn) -> None:
@@ -182,7 +196,7 @@ class TextGenCore:
         return out
 
     def _fixed_prompts(self, prompts) -> list[Prompt]:
-        if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__"):
+        if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__") or is_chat_messages(prompts):
             prompts = [prompts]
         if len(prompts) not in (self.num_envs, self.num_envs // self.group_size):
             raise ValueError(f"options['prompts'] needs {self.num_envs} prompts (one per episode) or "
@@ -314,7 +328,7 @@ class TextGenCore:
     def _score(self, rows: np.ndarray, completion_ids: list[list[int]]) -> np.ndarray:
         prompts = [self.row_prompts[r] for r in rows]
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        return self.reward_fn([p.text for p in prompts], texts, [p.ids for p in prompts], completion_ids)
+        return self.reward_fn([p.given for p in prompts], texts, [p.ids for p in prompts], completion_ids)
 
     def step(self, actions, logprobs=None):
         """Advance every row by one token.
@@ -333,7 +347,7 @@ class TextGenCore:
         active = ~torch.as_tensor(self.pending_reset, device=self.device)
         state = self.observation() if (logprobs is None and self.policy_fn is not None) else None
 
-        ref_lp = self.ref.next_logprobs.gather(1, actions[:, None]).squeeze(1)
+        ref_lp = self._ref_next_logprobs().gather(1, actions[:, None]).squeeze(1)
         if logprobs is not None:
             pol_lp = self._as_logprobs(logprobs, (self.num_envs,), active)
         elif self.policy_fn is not None:
@@ -448,7 +462,7 @@ class TextGenCore:
         # Steps after an episode's end count for nothing: their log-probs may be anything (padding).
         pol_lp = self._as_logprobs(logprobs, (n, steps), inside) if logprobs is not None else None
 
-        ref_lp = torch.where(inside, self.ref.score_continuations(tokens), 0.0)
+        ref_lp = torch.where(inside, self.ref.score_continuations(tokens, self.sampling), 0.0)
         if pol_lp is None and self.policy_fn is not None:
             pol_lp = self._as_logprobs(self._bound_policy_logprobs(tokens), (n, steps), inside,
                                        "the bound policy's log-probs")
@@ -475,20 +489,26 @@ class TextGenCore:
 
     def optimal_return(self) -> float:
         """The exact optimal expected return over the prompt distribution (see :mod:`lmgym.optimum`)."""
+        if not self.sampling.is_identity:
+            raise ValueError(f"the exact optimum is that of sampling the model's own distribution; under "
+                             f"{self.sampling} the KL term compares transformed distributions and that optimum "
+                             "does not apply")
         if getattr(self, "_optimal_return", None) is None:
             if not self.prompts.finite:
                 raise ValueError("the exact optimum needs a known list of prompts, not a stream")
             # Episodes hand the reward the prompt text as given, which need not survive a
             # decode(encode(text)) round trip: count (text, ids) pairs, never ids alone.
             weights: dict[tuple[str, tuple[int, ...]], int] = {}
+            given = {}  # what the reward receives: the text, or a chat prompt's messages
             for p in self.prompts.items:
                 key = (p.text, tuple(p.ids))
                 weights[key] = weights.get(key, 0) + 1
+                given[key] = p.given
             distinct = list(weights)
 
             def score(k, completions):
                 text, prompt_ids = distinct[k]
-                return self.reward_fn([text] * len(completions),
+                return self.reward_fn([given[distinct[k]]] * len(completions),
                                       self.tokenizer.batch_decode(completions, skip_special_tokens=True),
                                       [list(prompt_ids)] * len(completions), completions)
 
@@ -556,6 +576,20 @@ class CoreView:
     def optimal_return(self) -> float:
         """The exact optimal expected return of the KL-regularised objective (tiny vocabularies only)."""
         return self.core.optimal_return()
+
+    @property
+    def sampling(self):
+        """The sampling transformation (temperature, top-k, top-p) the reference's log-probs are taken under.
+
+        An agent that samples from a transformed policy q_pi sets this to the same
+        :class:`lmgym.sampling.Sampling`, so the KL term is ``log q_pi(a) - log q_ref(a)``
+        and vanishes when policy and reference coincide. Default: no transformation.
+        """
+        return self.core.sampling
+
+    @sampling.setter
+    def sampling(self, value) -> None:
+        self.core.set_sampling(value)
 
     def bind_policy(self, fn) -> None:
         """Bind ``fn(observation, actions) -> log pi`` (batched torch tensors) so the KL term is exact

@@ -367,13 +367,18 @@ class CachedLM:
         return self.next_logprobs
 
     @torch.no_grad()
-    def score_continuations(self, tokens: torch.Tensor) -> torch.Tensor:
+    def score_continuations(self, tokens: torch.Tensor, sampling=None) -> torch.Tensor:
         """Log-probs ``(batch, T)`` of whole continuations ``tokens`` ``(batch, T)`` of the current rows.
 
         One forward over the continuations on top of the cached prompts. The
-        cache itself is left as it was (rows are expected to restart next).
+        cache itself is left as it was (rows are expected to restart next). With a
+        :class:`lmgym.sampling.Sampling`, the log-probs are those of the model's
+        distribution under that sampling transformation.
         """
-        first = self.next_logprobs.gather(1, tokens[:, :1])
+        if sampling is not None and sampling.is_identity:
+            sampling = None
+        first_lp = self.next_logprobs if sampling is None else sampling.log_probs(self.next_logprobs)[0]
+        first = first_lp.gather(1, tokens[:, :1])
         if tokens.shape[1] == 1:
             return first
         steps = tokens.shape[1] - 1
@@ -381,7 +386,8 @@ class CachedLM:
         positions = self.lengths[:, None] + torch.arange(steps, device=tokens.device)
         cache = _copy_cache(self.cache) if self._editable else copy.deepcopy(self.cache)
         out = self._forward(tokens[:, :-1], mask, positions, cache, last_only=False)
-        rest = token_logprobs(out.logits, tokens[:, 1:])
+        rest = (token_logprobs(out.logits, tokens[:, 1:]) if sampling is None
+                else sampling.token_log_probs(out.logits, tokens[:, 1:]))
         return torch.cat([first, rest], dim=1)
 
 
@@ -394,8 +400,8 @@ def _copy_cache(cache):
 
 @torch.no_grad()
 def sample_continuations(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
-                         stop_token_ids, pad_token_id: int, temperature: float = 1.0,
-                         generator: torch.Generator | None = None, check_every: int = 8):
+                         stop_token_ids, pad_token_id: int, temperature: float = 1.0, top_k: int = 0,
+                         top_p: float = 1.0, generator: torch.Generator | None = None, check_every: int = 8):
     """Sample continuations of left-padded prompts with a KV cache.
 
     Args:
@@ -403,15 +409,20 @@ def sample_continuations(model, input_ids: torch.Tensor, attention_mask: torch.T
         input_ids, attention_mask: left-padded prompts ``(batch, P)``.
         max_new_tokens: most tokens to sample per row.
         stop_token_ids: a row stops after emitting one of these; later slots hold ``pad_token_id``.
-        temperature: softmax temperature (1 samples the model's own distribution).
+        temperature, top_k, top_p: the sampling transformation (see :class:`lmgym.sampling.Sampling`);
+            the defaults sample the model's own distribution.
         generator: a ``torch.Generator`` on the model's device, for reproducible sampling.
         check_every: look at whether every row has stopped only every this many tokens,
             to avoid a host round-trip per token.
 
     Returns:
         ``(tokens, logprobs)``, both ``(batch, T)`` with ``T <= max_new_tokens``; ``logprobs``
-        are the sampling distribution's log-probs of the chosen tokens (0 after a row stopped).
+        are the log-probs of the chosen tokens under the distribution actually sampled from
+        (tempered and truncated), 0 after a row stopped.
     """
+    from lmgym.sampling import Sampling
+
+    sampling = Sampling(temperature, top_k, top_p)
     device = input_ids.device
     stop = torch.as_tensor(list(stop_token_ids), device=device)
     batch = input_ids.shape[0]
@@ -424,13 +435,7 @@ def sample_continuations(model, input_ids: torch.Tensor, attention_mask: torch.T
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, logprobs = [], []
     for t in range(max_new_tokens):
-        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-        # The Gumbel-max trick: argmax(log p + G), G = -log(-log U), samples from p without a host
-        # round-trip (unlike multinomial on some devices) and lets non-finite log-probs through for the
-        # caller to report.
-        gumbel = torch.rand(logp.shape, generator=generator, device=device).log_().neg_().log_().neg_()
-        tok = (logp + gumbel).argmax(dim=-1)
-        lp = logp.gather(1, tok[:, None]).squeeze(1)
+        tok, lp = sampling.sample(logits, generator)
         tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
         tokens.append(tok)
         logprobs.append(torch.where(finished, torch.zeros_like(lp), lp))

@@ -296,8 +296,11 @@ def test_tokenizer_without_pad_or_eos_works_with_stop_token_ids(tiny):
     """Item 8: the advice given (pass stop_token_ids) is enough; the first stop token pads observations."""
     model, _ = tiny
     tok = _no_pad_no_eos_tokenizer()
+    no_eos = copy.deepcopy(model)
+    no_eos.generation_config.eos_token_id = None  # else its generation config's EOS is the default stop token
     with pytest.raises(ValueError, match="no EOS token.*pass stop_token_ids"):
-        TextGenEnv(model, length_reward, ["a b"], tokenizer=tok)
+        TextGenEnv(no_eos, length_reward, ["a b"], tokenizer=tok)
+    assert TextGenEnv(model, length_reward, ["a b"], tokenizer=tok).stop_token_ids == [0]
     env = TextGenEnv(model, length_reward, ["a b"], tokenizer=tok, stop_token_ids=[0], max_new_tokens=3)
     obs, _ = env.reset(seed=0)
     assert obs["input_ids"][2:].tolist() == [0] * (len(obs["input_ids"]) - 2)
