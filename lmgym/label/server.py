@@ -201,7 +201,8 @@ def create_app(queue: LabelQueue, *, token: str | None = None):
     async def favicon(request):
         return Response(status_code=204)  # no icon; answering keeps browsers' consoles free of 404s
 
-    routes = [Route("/", page), Route("/favicon.ico", favicon), Route("/api/health", health), Route("/api/next", next_item),
+    routes = [Route("/", page), Route("/favicon.ico", favicon), Route("/api/health", health),
+              Route("/api/next", next_item),
               Route("/api/rankings", rankings, methods=["POST"]), Route("/api/skip", skip, methods=["POST"]),
               Route("/api/unskip", unskip, methods=["POST"])]
     return Starlette(routes=routes)

@@ -1,4 +1,4 @@
-"""The rankings file: a JSONL, one line per ranking, that ``lmgym reward-model train`` reads, safe against crashes and races.
+"""The rankings file: one JSONL line per ranking, as ``lmgym reward-model train`` reads it; crash- and race-safe.
 
 A record is the line ``lmgym.reward_model.read_preferences`` understands, plus who ranked it and when::
 
@@ -102,9 +102,9 @@ class RankingStore:
         self._lock = threading.Lock()
         self._lock_fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
         self._ids: set[str] = set()
-        self._seen = None  # (inode, size) of the file when last read
+        self._seen = None  # (inode, size, mtime) of the file when last read
         with self._lock, self._file_lock():
-            # A writer killed before its rename leaves its temporary file; no one is writing one now (we hold the lock).
+            # A writer killed before its rename leaves its temporary file; none is being written (we hold the lock).
             for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
                 stale.unlink(missing_ok=True)
             if not self.path.exists():
@@ -137,7 +137,7 @@ class RankingStore:
         except FileNotFoundError:
             self._ids, self._seen = set(), None
             return
-        if self._seen == (stat.st_ino, stat.st_size):
+        if self._seen == (stat.st_ino, stat.st_size, stat.st_mtime_ns):
             return
         data = self.path.read_bytes()
         ids = set()
@@ -152,7 +152,7 @@ class RankingStore:
             rid = _record_id(record)
             if rid is not None:
                 ids.add(rid)
-        self._ids, self._seen = ids, (stat.st_ino, stat.st_size)
+        self._ids, self._seen = ids, (stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
     # ------------------------------------------------------------------ writing
     def _file_lock(self):
@@ -212,7 +212,7 @@ class RankingStore:
             self._replace(old + line)
             stat = os.stat(self.path)
             self._ids.add(rid)
-            self._seen = (stat.st_ino, stat.st_size)
+            self._seen = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
         return True
 
     def close(self) -> None:
