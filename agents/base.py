@@ -389,6 +389,12 @@ class Agent:
             pad_token_id=self.env.tokenizer.pad_token_id, temperature=self.sampling.temperature,
             top_k=self.sampling.top_k, top_p=self.sampling.top_p, generator=self.generator)
 
+    def training_batch(self):
+        """The data one iteration of :meth:`learn` trains on: a fresh rollout. An offline algorithm (DPO on a
+        preference file) returns its next batch instead: anything with ``lengths`` (tokens per row, counted as
+        steps) and ``len()``, that its :meth:`update` and :meth:`rollout_metrics` read."""
+        return self.collect()
+
     def update(self, rollout: Rollout) -> dict[str, float]:
         """One training update on a rollout; returns metrics to log. Algorithms implement this."""
         raise NotImplementedError
@@ -486,7 +492,7 @@ class Agent:
             while self.global_step < total_steps:
                 self._anneal(total_steps)
                 start = time.perf_counter()
-                rollout = self.collect()
+                rollout = self.training_batch()
                 collected = time.perf_counter()
                 with self.policy_active():
                     metrics = self.update(rollout)
@@ -502,7 +508,8 @@ class Agent:
                 metrics["charts/learning_rate"] = self.optimizer.param_groups[0]["lr"]
                 self.log(metrics)
                 bar.update(steps)
-                bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+                bar.set_postfix({name: f"{metrics[key]:.3f}" for name, key in (("score", "objective/scores"),
+                                 ("kl", "objective/kl"), ("loss", "loss/policy")) if key in metrics})
                 if self.config.checkpoint_every and self.iteration % self.config.checkpoint_every == 0:
                     self.checkpoint()
                     saved_at = self.iteration
