@@ -198,6 +198,10 @@ def _label(args, extra) -> int:
         print(f"lmgym: --host {args.host} exposes the page beyond this machine; pass --token SECRET too "
               "(the page's URL then carries it)", file=sys.stderr)
         return 2
+    for given in (args.candidates, args.prompts):  # the user's own mistakes first, then the missing extra
+        if given is not None and not Path(given).is_file():
+            print(f"lmgym: {given} does not exist (or is not a file)", file=sys.stderr)
+            return 2
     try:
         require_web_stack()
         if args.candidates is not None:
