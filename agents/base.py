@@ -514,6 +514,8 @@ class Agent:
         same run exactly; with ``resume=False`` only the weights are loaded.
         """
         path = Path(path)
+        if not path.exists():
+            raise CheckpointError(f"the checkpoint folder {path} does not exist")
         if not (path / "state.json").is_file():
             raise CheckpointError(f"{path} is not an lmgym checkpoint (no state.json); pass the folder save() wrote")
         try:
