@@ -305,16 +305,17 @@ def bench(out: str | os.PathLike, *, tasks: list[str], agents: list[str], seeds:
     grid = json.loads(json.dumps(grid))  # as it reads back from grid.json
     with FolderLock(out, "lmgym bench"):
         _check_grid_file(out, grid)
+        cells = {f"{t.split('/')[-1]}__{a}__seed{s}": {"task": t, "agent": a, "seed": s, "steps": steps,
+                                                        "seconds": seconds, "overrides": grid["overrides"].get(a, {})}
+                 for t in tasks for a in agents for s in seeds}
+        finished = {name: _finished_run(out / "runs" / f"{name}.json", cell) for name, cell in cells.items()}
         (out / "runs").mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "grid.json", json.dumps(grid, indent=1))
-        cells = [(t, a, s) for t in tasks for a in agents for s in seeds]
+        _atomic_write(out / "grid.json", json.dumps(grid, indent=1))  # only once every stored run fits this grid
         results = []
-        bar = tqdm(cells, desc="bench grid", unit="run", disable=not progress, position=0, dynamic_ncols=True)
-        for task, agent, seed in bar:
-            name = f"{task.split('/')[-1]}__{agent}__seed{seed}"
-            cell = {"task": task, "agent": agent, "seed": seed, "steps": steps, "seconds": seconds,
-                    "overrides": grid["overrides"].get(agent, {})}
-            done = _finished_run(out / "runs" / f"{name}.json", cell)
+        bar = tqdm(cells.items(), desc="bench grid", unit="run", disable=not progress, position=0, dynamic_ncols=True)
+        for name, cell in bar:
+            task, agent, seed = cell["task"], cell["agent"], cell["seed"]
+            done = finished[name]
             bar.set_postfix_str(name)
             if done is not None:
                 results.append(done)
@@ -470,6 +471,16 @@ def _optimum_of(results: list[dict], task: str) -> float | None:
 
 
 def _plot_curves(path: Path, results: list[dict], grid: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(results, grid)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def curves_figure(results: list[dict], grid: dict):
+    """Return against environment steps and against wall-clock seconds, one row per task; the exact optimum
+    as a dashed line where it is known."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -492,11 +503,18 @@ def _plot_curves(path: Path, results: list[dict], grid: dict) -> None:
                          title=f"{task} (dots: each seed's end)")
         axes[row, 0].legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def _plot_frontier(path: Path, results: list[dict], grid: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = frontier_figure(results, grid)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _plot_frontier(path: Path, results: list[dict], grid: dict) -> None:
+def frontier_figure(results: list[dict], grid: dict):
     """Each run's final score against its KL. Where the exact optimum R* is known, no policy can lie above the
     line score = R* + kl_coef * KL (its return would exceed R*); the optimal policy is where it touches."""
     import matplotlib
@@ -525,8 +543,7 @@ def _plot_frontier(path: Path, results: list[dict], grid: dict) -> None:
         ax.set(xlabel="KL to the reference (per episode)", ylabel="score", title=f"{task}: reward vs KL")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 # ----------------------------------------------------------------------------- the README's results block

@@ -49,8 +49,9 @@ def _cgroup_quota() -> float:
 def available_cores() -> int:
     """Physical cores this process may use: its CPU affinity, hyper-threads counted once, capped by a cgroup
     quota. At least 1."""
-    cpus = _allowed_cpus()
-    return max(1, min(_physical_cores(cpus), math.ceil(_cgroup_quota())))
+    cores = _physical_cores(_allowed_cpus())
+    quota = _cgroup_quota()
+    return max(1, cores if math.isinf(quota) else min(cores, math.ceil(quota)))
 
 
 def limit_torch_threads() -> int:
