@@ -442,28 +442,39 @@ def results_markdown(table: dict, grid: dict) -> str:
 def _banded(ax, curves: list[np.ndarray], col: int, label: str) -> None:
     """Mean line and min-max band over seeds of the return against column ``col`` (steps or seconds).
 
-    Each seed is interpolated onto one x grid that runs to the *slowest* seed's end. At
-    each x the mean and band are taken over the seeds that have reached it, so past the
-    end of a faster seed they describe fewer seeds; a dot marks where each seed ended.
+    Seeds are interpolated onto a common x grid. The mean and band cover the range every
+    seed has reached (up to the fastest seed's end); past it, each slower seed continues
+    as its own thin line to its end, so the plot runs to the slowest seed without a
+    mean over fewer seeds posing as one over all. A dot marks each seed's end.
     """
     curves = [c for c in curves if len(c) > 1]
     if not curves:
         return
-    grid = np.linspace(min(c[0, col] for c in curves), max(c[-1, col] for c in curves), 200)
-    ys = np.full((len(curves), grid.size), np.nan)
-    for i, c in enumerate(curves):
-        inside = (grid >= c[0, col]) & (grid <= c[-1, col])
-        ys[i, inside] = np.interp(grid[inside], c[:, col], c[:, 2])
-    line = ax.plot(grid, np.nanmean(ys, 0), label=label)[0]
-    ax.fill_between(grid, np.nanmin(ys, 0), np.nanmax(ys, 0), alpha=0.2, color=line.get_color(), linewidth=0)
-    ax.plot([c[-1, col] for c in curves], [c[-1, 2] for c in curves], "o", ms=3, color=line.get_color())
+    first_end = min(c[-1, col] for c in curves)
+    grid = np.linspace(max(c[0, col] for c in curves), first_end, 200)
+    ys = np.stack([np.interp(grid, c[:, col], c[:, 2]) for c in curves])
+    line = ax.plot(grid, ys.mean(0), label=label)[0]
+    color = line.get_color()
+    ax.fill_between(grid, ys.min(0), ys.max(0), alpha=0.2, color=color, linewidth=0)
+    for c in curves:
+        if c[-1, col] > first_end:
+            rest = c[c[:, col] >= first_end]
+            xs = np.concatenate([[first_end], rest[:, col]])
+            ax.plot(xs, np.concatenate([[np.interp(first_end, c[:, col], c[:, 2])], rest[:, 2]]), color=color,
+                    linewidth=0.8, alpha=0.7)
+    ax.plot([c[-1, col] for c in curves], [c[-1, 2] for c in curves], "o", ms=3, color=color)
 
 
 def _return_curve(run: dict) -> np.ndarray:
-    """``[steps, seconds, return]`` rows of a run's curve, return = score - kl_coef * KL (rows without KL dropped)."""
+    """``[steps, seconds, return]`` rows of a run's curve, return = score - kl_coef * KL (rows without KL dropped),
+    starting at (0, 0) with the evaluated return of the policy before training."""
     c = np.asarray(run["curve"], dtype=float).reshape(-1, 4)
     c = c[np.isfinite(c[:, 2]) & np.isfinite(c[:, 3])]
-    return np.column_stack([c[:, 0], c[:, 1], c[:, 2] - run["kl_coef"] * c[:, 3]])
+    rows = np.column_stack([c[:, 0], c[:, 1], c[:, 2] - run["kl_coef"] * c[:, 3]])
+    start = run.get("start", {}).get("return")
+    if start is not None:
+        rows = np.vstack([[0.0, 0.0, start], rows])
+    return rows
 
 
 def _optimum_of(results: list[dict], task: str) -> float | None:
@@ -499,8 +510,8 @@ def curves_figure(results: list[dict], grid: dict):
                 ax.axhline(optimum, color="black", linestyle="--", linewidth=1,
                            label=f"exact optimum {optimum:.3f}")
         axes[row, 0].set(xlabel="environment steps (tokens)", ylabel="return = score - kl_coef * KL", title=task)
-        axes[row, 1].set(xlabel="wall-clock seconds", ylabel="return = score - kl_coef * KL",
-                         title=f"{task} (dots: each seed's end)")
+        axes[row, 1].set(xlabel="wall-clock seconds (thin lines: seeds still running)",
+                         ylabel="return = score - kl_coef * KL", title=task)
         axes[row, 0].legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -12,6 +12,10 @@ process simply takes it over. The lock file is removed on release. Because anoth
 process may still hold an open handle to a file that is unlinked, :meth:`FileLock.acquire`
 checks after locking that its handle is still the file at the path, and retries if not.
 
+Locks exclude *processes*. Within one process a lock is re-entrant: a second
+:class:`FileLock` on a path this process already holds (say the CLI locked a run folder
+and the agent locks it again) succeeds, and the file is released with the last holder.
+
 Locks are advisory and POSIX-only (Linux, macOS); on a network file system without
 ``flock`` support they may not exclude processes on other hosts.
 """
@@ -24,6 +28,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +36,11 @@ __all__ = ["LockedError", "FileLock", "FolderLock", "LOCK_NAME", "is_locked"]
 
 LOCK_NAME = ".lmgym.lock"
 """The lock file a :class:`FolderLock` keeps inside the folder it locks."""
+
+
+_HELD: dict[str, list[int]] = {}
+"""Lock files this process holds: real path -> [file descriptor, number of FileLock objects holding it]."""
+_HELD_GUARD = threading.Lock()
 
 
 class LockedError(RuntimeError):
@@ -95,6 +105,12 @@ class FileLock:
         if self._fd is not None:
             raise RuntimeError(f"{self.path} is already locked by this object")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        key = os.path.realpath(self.path)
+        with _HELD_GUARD:
+            if key in _HELD:  # this process holds it already: nest
+                _HELD[key][1] += 1
+                self._fd, self._key = _HELD[key][0], key
+                return self
         deadline = time.monotonic() + wait
         told = False
         while not self._try_once():
@@ -105,11 +121,21 @@ class FileLock:
                 on_wait(_owner_text(self.owner()))
                 told = True
             time.sleep(0.05)
+        with _HELD_GUARD:
+            _HELD[key] = [self._fd, 1]
+        self._key = key
         return self
 
     def release(self) -> None:
         if self._fd is None:
             return
+        with _HELD_GUARD:
+            entry = _HELD.get(self._key)
+            if entry is not None and entry[1] > 1:  # an outer holder in this process keeps it
+                entry[1] -= 1
+                self._fd = None
+                return
+            _HELD.pop(self._key, None)
         try:
             os.unlink(self.path)  # while still holding it, so nobody can be locking this inode meanwhile
         except FileNotFoundError:
@@ -123,9 +149,6 @@ class FileLock:
     def __exit__(self, *exc) -> None:
         self.release()
 
-    def __del__(self):
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)  # never unlink from a finaliser: the process may be forking or exiting
 
 
 class FolderLock(FileLock):

@@ -168,24 +168,31 @@ def test_update_readme_rewrites_only_the_block(tmp_path):
 def fake_run(agent, seed, seconds_per_iter, optimum=0.5):
     curve = [[64 * i, seconds_per_iter * i, 0.1 * i, 0.5 * i] for i in range(1, 11)]
     return {"task": "lmgym/TargetToken-v0", "agent": agent, "seed": seed, "curve": curve, "optimum": optimum,
-            "kl_coef": 0.05, "end": {"kl": 5.0, "score": 0.8}}
+            "kl_coef": 0.05, "start": {"return": 0.0}, "end": {"kl": 5.0, "score": 0.8}}
 
 
 GRID = {"tasks": ["lmgym/TargetToken-v0"], "agents": ["grpo"], "seeds": [0, 1]}
 
 
-def test_wall_clock_band_covers_the_slowest_seed():
+def test_wall_clock_plot_covers_the_slowest_seed():
     import matplotlib.pyplot as plt
 
     fig = benchmod.curves_figure([fake_run("grpo", 0, 1.0), fake_run("grpo", 1, 2.0)], GRID)
     try:
         ax = fig.axes[1]
         mean = next(line for line in ax.lines if line.get_label() == "grpo")
-        assert mean.get_xdata().max() == pytest.approx(20.0)  # the slow seed's last point, not the fast one's 10
+        color = mean.get_color()
+        # mean and band over both seeds up to the fast seed's end (t=10) ...
+        assert mean.get_xdata().min() == 0 and mean.get_xdata().max() == pytest.approx(10.0)
         band = ax.collections[0].get_paths()[0].vertices
-        assert band[:, 0].max() == pytest.approx(20.0)
-        # past the fast seed's end the mean is the slow seed alone: return at t=20 is 1.0 - 0.05 * 5 = 0.75
-        assert mean.get_ydata()[-1] == pytest.approx(0.75)
+        assert band[:, 0].max() == pytest.approx(10.0)
+        # ... then the slow seed alone, as its own line, to its end at t=20 (return 1.0 - 0.05 * 5 = 0.75)
+        tails = [line for line in ax.lines if line.get_color() == color and line is not mean
+                 and line.get_linestyle() == "-"]
+        assert len(tails) == 1
+        assert tails[0].get_xdata()[-1] == pytest.approx(20.0) and tails[0].get_ydata()[-1] == pytest.approx(0.75)
+        slow = np.asarray(fake_run("grpo", 1, 2.0)["curve"])
+        assert tails[0].get_ydata()[0] == pytest.approx(np.interp(10.0, slow[:, 1], slow[:, 2] - 0.05 * slow[:, 3]))
     finally:
         plt.close(fig)
 

@@ -71,3 +71,20 @@ for _ in range(5):
     procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "locked"), str(log)]) for _ in range(3)]
     assert all(p.wait(timeout=120) == 0 for p in procs)
     assert log.read_text().split() == ["in", "out"] * 15
+
+
+def test_the_lock_is_reentrant_within_one_process_and_released_with_the_last_holder(tmp_path):
+    outer = FolderLock(tmp_path).acquire()
+    inner = FolderLock(tmp_path).acquire()  # e.g. the CLI holds the run folder and the agent locks it again
+    inner.release()
+    assert is_locked_by_other_process(tmp_path)
+    outer.release()
+    assert not (tmp_path / LOCK_NAME).exists()
+    assert not is_locked_by_other_process(tmp_path)
+
+
+def is_locked_by_other_process(folder) -> bool:
+    code = "import sys; from lmgym.lock import is_locked; print(is_locked(sys.argv[1]))"
+    out = subprocess.run([sys.executable, "-c", code, str(folder / LOCK_NAME)], capture_output=True, text=True,
+                         timeout=60)
+    return out.stdout.strip() == "True"
