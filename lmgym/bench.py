@@ -122,8 +122,15 @@ def run(task: str, agent: str, *, steps: int | None = 20_000, seconds: float | N
     """Train ``agent`` on ``task`` until ``steps`` environment steps (tokens) or ``seconds`` of wall time.
 
     Returns a dict with the start and end score / KL / return, the fraction of the exact
-    optimum (diagnostic tasks), wall time, tokens per second, peak memory and the
-    learning curve ``[[env_steps, seconds, score, kl], ...]``.
+    optimum (diagnostic tasks), wall time of training (``wall_seconds``) and of the whole
+    call including building the environment and evaluations (``elapsed_seconds``), tokens
+    per second, peak memory, the :func:`machine` it ran on and the learning curve
+    ``[[env_steps, seconds, score, kl], ...]``.
+
+    ``logdir`` is locked while the run writes to it (another process gets a
+    :class:`lmgym.lock.LockedError` naming this one), and torch's thread count is capped
+    at the usable physical cores (:func:`lmgym.cpu.limit_torch_threads`). When resuming,
+    ``steps`` is the total budget: a checkpoint that already reached it is refused.
     """
     from lmgym.cpu import limit_torch_threads
     from lmgym.lock import FolderLock
@@ -363,9 +370,12 @@ def _finished_run(file: Path, cell: dict) -> dict | None:
         recorded = result.get("cell")
     except (ValueError, OSError, AttributeError) as err:
         raise BenchError(f"{file} is corrupt ({err}); delete it to run that cell again") from err
+    if not isinstance(recorded, dict):
+        raise BenchError(f"{file} does not record the configuration it was run with (an older lmgym), so it "
+                         "cannot be reused safely; delete it to run that cell again, or choose another --out folder")
     if recorded != cell:
         what = ", ".join(f"{k}={recorded.get(k)!r} here but {v!r} now" for k, v in cell.items()
-                         if recorded.get(k) != v) if isinstance(recorded, dict) else "no configuration recorded"
+                         if recorded.get(k) != v)
         raise BenchError(f"{file} is a run of another configuration ({what}); choose another --out folder or "
                          "delete the old runs rather than mixing results")
     return result
