@@ -421,9 +421,10 @@ def _swap_in(new: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def clean(max_age: float = LEFTOVER_MAX_AGE) -> list[Path]:
+def clean(max_age: float = LEFTOVER_MAX_AGE, *, holding: str | None = None) -> list[Path]:
     """Remove temporary folders of interrupted builds (``.<entry>.building-*``, ``.tmp-*``, ``.old-*``) older
-    than ``max_age`` seconds whose entry no live process is building. Returns what was removed."""
+    than ``max_age`` seconds whose entry no live process is building (``holding``: the entry whose lock the
+    caller holds, so its old leftovers are removable too). Returns what was removed."""
     folder = home() / "zoo"
     removed = []
     if not folder.is_dir():
@@ -438,7 +439,7 @@ def clean(max_age: float = LEFTOVER_MAX_AGE) -> list[Path]:
             age = now - path.stat().st_mtime
         except FileNotFoundError:
             continue
-        if age < max_age or is_locked(folder / f".{entry}.lock"):
+        if age < max_age or (entry != holding and is_locked(folder / f".{entry}.lock")):
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
@@ -452,7 +453,7 @@ def _build_into(final: Path, name: str, seed: int, steps: int | None, progress: 
 
     limit_torch_threads()
     spec = _spec(name)
-    clean()
+    clean(holding=final.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=final.parent))
     try:
         start = time.perf_counter()

@@ -230,3 +230,16 @@ def test_clean_removes_old_unlocked_leftovers_only(tmp_path):
         removed = zoo.clean()
     assert set(removed) == {made["old"], made["old_tmp"]}
     assert not made["old"].exists() and made["fresh"].exists() and made["locked"].exists()
+
+
+def test_a_build_removes_old_leftovers_of_its_own_entry():
+    import os
+
+    final = zoo.entry_path("reviews", steps=STEPS)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    leftover = final.parent / f".{final.name}.building-crashed"
+    leftover.mkdir()
+    old = time.time() - 2 * zoo.LEFTOVER_MAX_AGE
+    os.utime(leftover, (old, old))
+    zoo.build("reviews", steps=STEPS, progress=False)
+    assert not leftover.exists() and zoo.verify(final)
