@@ -594,8 +594,12 @@ def readme_block(report: dict) -> str:
                     "it, its zoo model.")
     else:
         measured = "These results do not record the machine they were measured on."
-    command = "lmgym bench --out docs/bench" + ("" if not grid.get("overrides") else " (with --agent overrides)")
-    head = f"`{command}`. {measured}"
+    budget = (f" --steps {grid['steps']}" if grid["steps"] else "") + (f" --seconds {grid['seconds']}"
+                                                                      if grid["seconds"] else "")
+    command = (f"lmgym bench --tasks {' '.join(grid['tasks'])} --agents {' '.join(grid['agents'])} --seeds "
+               f"{' '.join(map(str, grid['seeds']))}{budget}")
+    overrides = f", hyper-parameters {json.dumps(grid['overrides'])}" if grid.get("overrides") else ""
+    head = f"The grid: `{command}`{overrides}. {measured}"
     return "\n".join([README_BEGIN, "", head, "", results_markdown(report["table"], grid).rstrip(), "",
                       README_END])
 
