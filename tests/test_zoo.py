@@ -243,3 +243,50 @@ def test_a_build_removes_old_leftovers_of_its_own_entry():
     os.utime(leftover, (old, old))
     zoo.build("reviews", steps=STEPS, progress=False)
     assert not leftover.exists() and zoo.verify(final)
+
+
+_REBUILDER = """
+import sys
+from lmgym import zoo
+for _ in range(3):
+    zoo.build("arithmetic", steps=2, progress=False)
+"""
+_LOADER = """
+import sys, time
+from lmgym import zoo
+failures, loads = [], 0
+deadline = time.monotonic() + 120
+while time.monotonic() < deadline:
+    try:
+        model, tok = zoo.load("arithmetic", steps=2, progress=False)
+        loads += 1
+    except Exception as err:
+        failures.append(repr(err))
+    if open(sys.argv[1]).read() == "done":
+        break
+print(loads, len(failures), failures[:3])
+"""
+
+
+@pytest.mark.slow
+def test_loaders_beside_a_rebuilding_process_never_fail(tmp_path):
+    """A stress test with real processes (about a minute on 2 busy cores); the regression test of the swap is
+    test_a_rebuild_never_leaves_the_entry_missing."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LMGYM_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", "from lmgym import zoo; zoo.build('arithmetic', steps=2, progress=False)"],
+                   env=env, check=True, timeout=300)
+    flag = tmp_path / "flag"
+    flag.write_text("")
+    loader = subprocess.Popen([sys.executable, "-c", _LOADER, str(flag)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    rebuilder = subprocess.run([sys.executable, "-c", _REBUILDER], env=env, capture_output=True, text=True,
+                               timeout=300)
+    flag.write_text("done")
+    out, err = loader.communicate(timeout=300)
+    assert rebuilder.returncode == 0, rebuilder.stderr[-2000:]
+    loads, failures = out.split()[:2]
+    assert int(loads) > 0 and int(failures) == 0, out + err[-2000:]
