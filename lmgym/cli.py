@@ -92,9 +92,20 @@ def _fresh_dir(path: Path) -> Path:
     return path.parent / f"{path.name}-{n}"
 
 
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    folder = run_dir / "checkpoints"
+    found = [p for p in folder.glob("iter-*") if p.is_dir() and p.name[5:].isdigit()] if folder.is_dir() else []
+    return max(found, key=lambda p: int(p.name[5:])) if found else None
+
+
 def _resolve_resume(path: str) -> tuple[Path, Path | None]:
-    """The checkpoint folder that ``--resume PATH`` means, and the run folder it belongs to (None if it is a
-    loose checkpoint). PATH is a checkpoint (it has state.json) or a run folder (its latest checkpoint)."""
+    """The checkpoint folder that ``--resume PATH`` means, and the run folder to continue writing in.
+
+    PATH is a run folder (its latest checkpoint is taken) or one checkpoint folder (it has
+    state.json). The run continues in its own folder when it resumes from that folder's
+    latest checkpoint; from an earlier or a loose checkpoint it branches into a fresh
+    folder (None), so no later checkpoint of the original run is overwritten.
+    """
     from lmgym.agents import CheckpointError
 
     given = Path(path)
@@ -104,13 +115,13 @@ def _resolve_resume(path: str) -> tuple[Path, Path | None]:
         raise CheckpointError(f"--resume {given}: not a folder; pass a run folder or one of its checkpoints")
     if (given / "state.json").is_file():
         run_dir = given.parent.parent if given.parent.name == "checkpoints" else None
-        return given, run_dir
-    folder = given / "checkpoints"
-    found = sorted(p for p in folder.glob("iter-*") if p.is_dir() and p.name[5:].isdigit()) if folder.is_dir() else []
-    if not found:
+        latest = _latest_checkpoint(run_dir) if run_dir is not None else None
+        return given, run_dir if latest is not None and latest.resolve() == given.resolve() else None
+    latest = _latest_checkpoint(given)
+    if latest is None:
         raise CheckpointError(f"--resume {given}: neither a checkpoint (no state.json) nor a run folder with "
-                              f"checkpoints (nothing in {folder})")
-    return max(found, key=lambda p: int(p.name[5:])), given
+                              f"checkpoints (nothing in {given / 'checkpoints'})")
+    return latest, given
 
 
 def _train(args, extra) -> int:
@@ -120,9 +131,10 @@ def _train(args, extra) -> int:
     base = Path(args.logdir) / args.task.split("/")[-1] / args.agent / f"seed{args.seed}"
     checkpoint, logdir = None, None
     if args.resume:
-        checkpoint, logdir = _resolve_resume(args.resume)  # a resumed run keeps writing into its own folder
-        print(f"lmgym: resuming from {checkpoint}")
+        checkpoint, logdir = _resolve_resume(args.resume)
     logdir = logdir or _fresh_dir(base)
+    if checkpoint is not None:
+        print(f"lmgym: resuming from {checkpoint}, writing to {logdir}")
     result = run(args.task, args.agent, steps=args.steps, seconds=args.seconds, seed=args.seed, device=args.device,
                  logdir=logdir, overrides=overrides, resume=checkpoint)
     s, e = result["start"], result["end"]

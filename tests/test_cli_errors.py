@@ -106,7 +106,7 @@ def test_resume_a_run_folder_takes_its_latest_checkpoint_and_refuses_a_reached_b
 
     assert main(args + ["--steps", str(done + 300), "--resume", str(run_dir)]) == 0
     out = capsys.readouterr().out
-    assert f"resuming from {first[-1]}" in out
+    assert f"resuming from {first[-1]}, writing to {run_dir}" in out
     after = sorted((run_dir / "checkpoints").iterdir(), key=lambda p: int(p.name[5:]))
     assert len(after) == 2 and after[0] == first[-1]  # the resumed run continued in its own folder
     now = json.loads((after[-1] / "state.json").read_text())["global_step"]
@@ -119,6 +119,11 @@ def test_resume_a_run_folder_takes_its_latest_checkpoint_and_refuses_a_reached_b
         line = one_line_error(capsys)
         assert f"already trained {now} environment steps" in line and f"--steps {now + steps}" in line
     assert len(list((run_dir / "checkpoints").iterdir())) == 2  # nothing written
+
+    # From an earlier checkpoint the run branches into a fresh folder; the original's later checkpoint stays.
+    assert main(args + ["--steps", str(done + 300), "--resume", str(first[-1])]) == 0
+    assert f"writing to {tmp_path / 'TargetToken-v0' / 'reinforce' / 'seed0-2'}" in capsys.readouterr().out
+    assert sorted((run_dir / "checkpoints").iterdir()) == after
 
 
 def test_resume_of_a_missing_folder_says_it_does_not_exist(tmp_path, capsys):
