@@ -6,7 +6,9 @@ Each trains on a :class:`lmgym.TextGenVectorEnv` (``gym.make_vec("lmgym/...", nu
     agent.learn(total_steps=50_000)
 """
 
-from lmgym.agents.base import Agent, AgentConfig, Callback, CheckpointError, Rollout, TrainingError
+from lmgym.agents.base import Agent, AgentConfig, Callback, Rollout, TrainingError
+from lmgym.agents.checkpoint import CheckpointError, latest_checkpoint
+from lmgym.agents.config import ConfigError
 from lmgym.agents.grpo import GRPO, GRPOConfig
 from lmgym.agents.ppo import PPO, PPOConfig
 from lmgym.agents.reinforce import RLOO, Reinforce, ReinforceConfig, RLOOConfig
@@ -14,5 +16,6 @@ from lmgym.agents.reinforce import RLOO, Reinforce, ReinforceConfig, RLOOConfig
 AGENTS = {"ppo": PPO, "grpo": GRPO, "reinforce": Reinforce, "rloo": RLOO}
 """The built-in agents by name."""
 
-__all__ = ["Agent", "AgentConfig", "Callback", "Rollout", "TrainingError", "CheckpointError", "PPO", "PPOConfig",
+__all__ = ["Agent", "AgentConfig", "Callback", "Rollout", "TrainingError", "CheckpointError", "ConfigError",
+           "latest_checkpoint", "PPO", "PPOConfig",
            "GRPO", "GRPOConfig", "Reinforce", "ReinforceConfig", "RLOO", "RLOOConfig", "AGENTS"]

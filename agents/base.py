@@ -8,63 +8,77 @@ are written once, here.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
-import json
+import math
 import os
-import shutil
-import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Annotated, Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
 
+from lmgym.agents import checkpoint as checkpoints
+from lmgym.agents.checkpoint import CheckpointError
+from lmgym.agents.config import ConfigError, Range, check_config
+from lmgym.agents.logprobs import accepts_logits_to_keep, chunked_token_logprobs
+from lmgym.agents.policy import build_policy
 from lmgym.models import resolve_device, sample_continuations, token_logprobs, to_left_padded
+from lmgym.sampling import Sampling
 
-__all__ = ["AgentConfig", "Agent", "Rollout", "Callback", "TrainingError", "CheckpointError", "ValueHead",
-           "policy_forward", "masked_mean", "masked_whiten"]
+__all__ = ["AgentConfig", "Agent", "Rollout", "Callback", "TrainingError", "CheckpointError", "ConfigError",
+           "ValueHead", "policy_forward", "masked_mean", "masked_whiten"]
 
 
 class TrainingError(RuntimeError):
-    """An update produced a non-finite quantity; training stopped before the bad step touched the weights."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt, or belongs to another agent or task."""
+    """An update produced a non-finite quantity, or an optimizer step produced unusable weights."""
 
 
 @dataclass
 class AgentConfig:
-    """Hyper-parameters every agent has. Algorithms extend this dataclass."""
+    """Hyper-parameters every agent has. Algorithms extend this dataclass.
 
-    seed: int = 0
+    Each field's type and range (``Annotated[float, Range(gt=0)]``) are checked when an agent
+    is built (:mod:`lmgym.agents.config`); floats must be finite.
+    """
+
+    seed: Annotated[int, Range(ge=0)] = 0
     """seed for sampling, minibatch order and initialisation"""
-    learning_rate: float = 1e-4
+    learning_rate: Annotated[float, Range(ge=0)] = 1e-4
     """AdamW learning rate"""
     anneal_lr: bool = False
     """decay the learning rate linearly to 0 over the run"""
-    weight_decay: float = 0.0
+    weight_decay: Annotated[float, Range(ge=0)] = 0.0
     """AdamW weight decay"""
-    adam_eps: float = 1e-8
+    adam_eps: Annotated[float, Range(gt=0)] = 1e-8
     """AdamW epsilon"""
-    max_grad_norm: float = 1.0
+    max_grad_norm: Annotated[float, Range(gt=0)] = 1.0
     """clip the global gradient norm to this"""
-    update_epochs: int = 1
+    update_epochs: Annotated[int, Range(ge=1)] = 1
     """passes over each rollout"""
-    num_minibatches: int = 1
+    num_minibatches: Annotated[int, Range(ge=1)] = 1
     """minibatches per pass (each gets one optimizer step)"""
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: Annotated[int, Range(ge=1)] = 1
     """micro-batches per minibatch, to bound memory"""
-    temperature: float = 1.0
-    """sampling temperature of the policy"""
+    temperature: Annotated[float, Range(gt=0)] = 1.0
+    """sampling temperature of the policy (> 0)"""
+    top_k: Annotated[int, Range(ge=0)] = 0
+    """sample among the k most probable tokens only (0: all)"""
+    top_p: Annotated[float, Range(gt=0, le=1)] = 1.0
+    """sample from the smallest set of most probable tokens reaching this probability, in (0, 1] (1: all)"""
     bf16: bool = True
-    """bfloat16 autocast for forward passes on a CUDA device (ignored on the CPU)"""
-    checkpoint_every: int = 0
+    """bfloat16 autocast for forward passes on a CUDA device (ignored on the CPU); weights stay float32"""
+    disable_dropout: bool = True
+    """set every dropout probability of the trained model(s) to 0, so rollouts, ratios and values agree"""
+    logprob_chunk_size: Annotated[int, Range(ge=0)] = 0
+    """> 0: compute update log-probs this many positions at a time, recomputed in backward (saves memory)"""
+    gradient_checkpointing: bool = False
+    """recompute the policy's activations in backward instead of storing them (saves memory, costs time)"""
+    checkpoint_every: Annotated[int, Range(ge=0)] = 0
     """write a checkpoint every this many iterations (0: only at the end of learn)"""
 
     def to_dict(self) -> dict:
@@ -150,8 +164,8 @@ class ValueHead(nn.Module):
         return self.linear(hidden.float()).squeeze(-1)
 
 
-def policy_forward(model, rollout: Rollout, *, temperature: float = 1.0, hidden: bool = False,
-                   entropy_grad: bool = False):
+def policy_forward(model, rollout: Rollout, *, sampling: Sampling | None = None, temperature: float = 1.0,
+                   hidden: bool = False, entropy_grad: bool = False, chunk_size: int = 0):
     """One forward of ``model`` over prompt + continuation.
 
     Returns ``(logprobs, entropy, hidden_states)``, each ``(N, T)`` (hidden ``(N, T, H)``
@@ -159,17 +173,41 @@ def policy_forward(model, rollout: Rollout, *, temperature: float = 1.0, hidden:
     that state, and the last hidden state at the position that predicts it. The
     entropy carries gradients only with ``entropy_grad=True`` (an entropy bonus);
     otherwise it is a detached statistic for logging.
+
+    Log-probs and entropy are those of the distribution the agent samples from:
+    ``sampling`` (temperature, top-k, top-p; see :mod:`lmgym.sampling`), or, without it,
+    the model's distribution at ``temperature``. ``chunk_size > 0`` takes the memory-saving
+    path of :mod:`lmgym.agents.logprobs` (no full-vocabulary logits kept for backward).
     """
+    sampling = sampling if sampling is not None else Sampling(temperature)
     ids = torch.cat([rollout.query_ids, rollout.tokens], dim=1)
     mask = torch.cat([rollout.query_mask, torch.ones_like(rollout.tokens)], dim=1)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=hidden)
     start = rollout.query_ids.shape[1] - 1
-    logits = out.logits[:, start:-1].float() / temperature
-    logprobs = token_logprobs(logits, rollout.tokens)
-    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        probs = torch.softmax(logits, dim=-1)
-        entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+    # A LoRA policy runs with its adapters on (lmgym.agents.lora); other models have no such switch.
+    with (model.active() if hasattr(model, "active") else contextlib.nullcontext()):
+        if chunk_size:
+            keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True,
+                        use_cache=False, **keep)
+            states = out.hidden_states[-1][:, start:-1]
+            logprobs, entropy = chunked_token_logprobs(states, rollout.tokens, model.get_output_embeddings(), sampling,
+                                                       chunk_size, entropy_grad)
+            return logprobs, entropy, states if hidden else None
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=hidden,
+                    use_cache=False)
+    if not sampling.truncates:
+        logits = out.logits[:, start:-1].float() / sampling.temperature
+        logprobs = token_logprobs(logits, rollout.tokens)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            probs = torch.softmax(logits, dim=-1)
+            entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+    else:
+        logq, kept = sampling.log_probs(out.logits[:, start:-1])
+        logprobs = logq.gather(-1, rollout.tokens.unsqueeze(-1)).squeeze(-1)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            inside = logq.masked_fill(~kept, float("-inf"))
+            entropy = -(inside.exp() * logq.masked_fill(~kept, 0.0)).sum(-1)
     h = out.hidden_states[-1][:, start:-1] if hidden else None
     return logprobs, entropy, h
 
@@ -190,7 +228,12 @@ class Agent:
     Args:
         env: a :class:`lmgym.TextGenVectorEnv` (``gym.make_vec("lmgym/...", num_envs=N)``).
         config: the agent's config dataclass (defaults if None).
-        policy: the causal LM to train; by default a trainable copy of the env's reference model.
+        policy: the causal LM to train; by default a copy of the env's reference model. Either way
+            it is trained with float32 master weights (a half-precision model is cast in place)
+            and, with ``disable_dropout`` (default), no dropout.
+        peft_config: train LoRA adapters instead (a ``peft.LoraConfig`` or a dict of its arguments;
+            needs ``pip install lmgym[lora]``): they are injected into the env's reference model,
+            which then serves as pi_ref with its adapters disabled, so no second copy is held.
         logdir: TensorBoard and checkpoint folder (None: no logs, no checkpoints).
         device: ``"auto"`` (CUDA when available) or any torch device; by default the env's.
         **overrides: config fields to change, e.g. ``learning_rate=3e-4``.
@@ -199,8 +242,8 @@ class Agent:
     config_class = AgentConfig
     name = "agent"
 
-    def __init__(self, env, config: AgentConfig | None = None, *, policy=None, logdir: str | os.PathLike | None = None,
-                 device=None, **overrides):
+    def __init__(self, env, config: AgentConfig | None = None, *, policy=None, peft_config=None,
+                 logdir: str | os.PathLike | None = None, device=None, **overrides):
         if not hasattr(env, "score_sequences"):
             raise TypeError(f"{type(self).__name__} needs an lmgym TextGenVectorEnv (gym.make_vec('lmgym/...')), "
                             f"got {type(env).__name__}")
@@ -210,10 +253,18 @@ class Agent:
         if self.device != env.device:
             raise ValueError(f"the agent runs on {self.device} but the environment on {env.device}; "
                              "create the environment with the same device")
+        self._check_batch_layout(env.num_envs)
+        # The sampling transformation: the policy samples from it, its log-probs (handed to the
+        # environment and used in the ratios) are the transformed distribution's, and the
+        # environment scores the reference under the same transformation (lmgym.sampling).
+        self.sampling = Sampling(self.config.temperature, self.config.top_k, self.config.top_p)
+        env.sampling = self.sampling
         torch.manual_seed(self.config.seed)
-        self.policy = (policy if policy is not None else copy.deepcopy(env.reference_model)).to(self.device)
-        self.policy.requires_grad_(True)
-        self.policy.train()
+        # LoRA injects adapters into the reference itself: fingerprint its weights before that.
+        fingerprint = checkpoints.reference_fingerprint(env.reference_model) if peft_config is not None else None
+        # float32 master weights whatever the reference's dtype, dropout off, or LoRA adapters on the
+        # reference itself (see lmgym.agents.policy and lmgym.agents.lora)
+        self.policy = build_policy(env, self.config, self.device, policy=policy, peft_config=peft_config)
         self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         self.setup()
         self.optimizer = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad],
@@ -224,8 +275,16 @@ class Agent:
         self.episodes = 0
         self.logdir = Path(logdir) if logdir is not None else None
         self.writer = None
+        self._close_writer = None
         self.last_checkpoint: Path | None = None
+        """the last checkpoint this agent wrote or loaded; only finite, usable weights are ever written"""
         self._env_started = False
+        self.run_id = checkpoints.new_run_id()
+        self.initial_kl_coef = float(env.kl_coef)
+        """the environment's kl_coef when the run started (an adaptive controller moves env.kl_coef)"""
+        self.resumes: list[dict] = []
+        """the run's lineage: each checkpoint it was resumed from, and the settings changed then"""
+        self._reference_fingerprint: str | None = fingerprint
 
     # ------------------------------------------------------------------ configuration
     @classmethod
@@ -240,9 +299,22 @@ class Agent:
             if key not in names:
                 close = difflib.get_close_matches(key, sorted(names), n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise TypeError(f"{cls.__name__} has no hyper-parameter {key!r}{hint}")
+                raise ConfigError(f"{cls.__name__} has no hyper-parameter {key!r}{hint}")
             setattr(config, key, value)
+        check_config(config)
         return config
+
+    def _check_batch_layout(self, num_envs: int) -> None:
+        """The minibatch settings must split the batch of ``num_envs`` episodes evenly."""
+        cfg = self.config
+        if num_envs % cfg.num_minibatches:
+            raise ConfigError(f"num_minibatches={cfg.num_minibatches} must divide the batch of {num_envs} episodes "
+                              "(the environment's num_envs)")
+        size = num_envs // cfg.num_minibatches
+        if size % cfg.gradient_accumulation_steps:
+            raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must divide the "
+                              f"minibatch of {size} episodes (num_envs={num_envs} / num_minibatches="
+                              f"{cfg.num_minibatches})")
 
     def setup(self) -> None:
         """Build algorithm-specific modules (value heads...) before the optimizer is made."""
@@ -255,7 +327,22 @@ class Agent:
         """The modules whose weights a checkpoint holds, by name."""
         return {"policy": self.policy}
 
+    def save_pretrained(self, directory: str | os.PathLike, *, dtype=None, merge: bool = True,
+                        overwrite: bool = False) -> Path:
+        """Write the policy as a standard Hugging Face model folder (weights, config, tokenizer, generation
+        config with the environment's stop tokens and this agent's sampling); a LoRA policy merged, or as
+        its adapters alone with ``merge=False``. See :mod:`lmgym.agents.export`."""
+        from lmgym.agents.export import save_pretrained
+
+        return save_pretrained(self, directory, dtype=dtype, merge=merge, overwrite=overwrite)
+
     # ------------------------------------------------------------------ rollouts
+    def policy_active(self):
+        """A context in which the policy's forwards and backwards run as the policy (a LoRA policy's adapters
+        on: see :mod:`lmgym.agents.lora`); a no-op for a policy that is a model of its own."""
+        active = getattr(self.policy, "active", None)
+        return active() if active is not None else contextlib.nullcontext()
+
     def autocast(self):
         enabled = self.config.bf16 and self.device.type == "cuda"
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
@@ -272,12 +359,12 @@ class Agent:
         with self.autocast():
             tokens, logprobs = sample_continuations(
                 self.policy, query_ids, query_mask, self.env.max_new_tokens, stop_token_ids=self.env.stop_token_ids,
-                pad_token_id=self.env.tokenizer.pad_token_id, temperature=self.config.temperature,
-                generator=self.generator)
+                pad_token_id=self.env.tokenizer.pad_token_id, temperature=self.sampling.temperature,
+                top_k=self.sampling.top_k, top_p=self.sampling.top_p, generator=self.generator)
         self.policy.train()
         if not bool(torch.isfinite(logprobs).all()):
             raise TrainingError(f"the policy's log-probs are not finite at iteration {self.iteration}: its weights "
-                                f"hold nan or inf. The last good checkpoint is {self.last_checkpoint}.")
+                                f"are non-finite or too large{self._last_good()}.")
         result = self.env.score_sequences(tokens, logprobs)
         for name in ("rewards", "scores"):
             value = getattr(result, name)
@@ -310,23 +397,51 @@ class Agent:
             raise ValueError(f"gradient_accumulation_steps={steps} must divide the minibatch of {len(idx)}")
         return idx.chunk(steps)
 
+    def _last_good(self) -> str:
+        return (f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                else "; no checkpoint of this run was written yet")
+
     def check_finite(self, **values: torch.Tensor) -> None:
         """Stop with a clear error naming the first non-finite quantity, before it reaches the weights."""
         for name, value in values.items():
             if not bool(torch.isfinite(value).all()):
-                where = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
                 raise TrainingError(f"{name} is not finite (nan or inf) at iteration {self.iteration}, environment "
                                     f"step {self.global_step}; the update was stopped before changing the weights"
-                                    f"{where}. Lower the learning rate or check the reward function.")
+                                    f"{self._last_good()}. Lower the learning rate or check the reward function.")
 
     def optimizer_step(self) -> float:
-        """Clip gradients, check them, take an AdamW step; returns the gradient norm before clipping."""
+        """Clip gradients, check them, take an AdamW step, check the weights; returns the pre-clip gradient norm.
+
+        A non-finite gradient stops before the step. After the step one fused norm over all
+        parameters (one host sync) checks that the weights are still finite and usable; if not,
+        :class:`TrainingError` says so and the agent refuses to save them.
+        """
         params = [p for p in self.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-        self.check_finite(grad_norm=norm)
+        norm = float(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm))
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)  # the clipped gradients are nan: never accumulate into them
+            self.check_finite(grad_norm=torch.tensor(norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        if not checkpoints.weights_usable(params):
+            names = {id(p): name for name, p in self.named_trainable_parameters().items()}
+            problem = checkpoints.weight_problem({names.get(id(p), f"parameter #{i}"): p
+                                                  for i, p in enumerate(params)})
+            raise TrainingError(f"the optimizer step at iteration {self.iteration}, environment step "
+                                f"{self.global_step} left the weights unusable ({problem}); they will not be saved"
+                                f"{self._last_good()}. Lower the learning rate (now "
+                                f"{self.optimizer.param_groups[0]['lr']:g}) or max_grad_norm.")
+        return norm
+
+    def named_trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The trainable modules' parameters by ``module.parameter`` name (tied parameters once)."""
+        out, seen = {}, set()
+        for module_name, module in self.trainable_modules().items():
+            for name, p in module.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out[f"{module_name}.{name}"] = p
+        return out
 
     def _anneal(self, total_steps: int) -> None:
         if self.config.anneal_lr:
@@ -346,17 +461,21 @@ class Agent:
 
         if total_steps <= self.global_step:
             return self
+        check_config(self.config)  # settings changed on the agent since it was built are checked too
+        self._check_batch_layout(self.env.num_envs)
         self._open_writer()
         bar = tqdm(total=total_steps, initial=self.global_step, disable=not progress, unit="tok",
                    desc=f"{self.name}", dynamic_ncols=True)
         callbacks = list(callbacks or [])
+        saved_at = None
         try:
             while self.global_step < total_steps:
                 self._anneal(total_steps)
                 start = time.perf_counter()
                 rollout = self.collect()
                 collected = time.perf_counter()
-                metrics = self.update(rollout)
+                with self.policy_active():
+                    metrics = self.update(rollout)
                 done = time.perf_counter()
                 steps = int(rollout.lengths.sum())
                 self.global_step += steps
@@ -372,14 +491,14 @@ class Agent:
                 bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
                 if self.config.checkpoint_every and self.iteration % self.config.checkpoint_every == 0:
                     self.checkpoint()
+                    saved_at = self.iteration
                 if any(self._call(cb, metrics) is False for cb in callbacks):
                     break
+            if self.logdir is not None and saved_at != self.iteration:  # not just written by checkpoint_every
+                self.checkpoint()
         finally:
             bar.close()
-        if self.logdir is not None:
-            self.checkpoint()
-        if self.writer is not None:
-            self.writer.flush()
+            self.close()  # the writer's thread ends with the run; log() opens a new one when needed
         return self
 
     def _call(self, cb, metrics):
@@ -395,21 +514,29 @@ class Agent:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, num_batches: int = 4, seed: int | None = None) -> dict[str, float]:
+    def evaluate(self, num_batches: int = 4, seed: int | None = None, prompts=None) -> dict:
         """Mean score, KL and return (score - beta * KL) of the current policy over fresh episodes.
 
         Prompts and samples come from ``seed`` (default: the config's seed + 10000), so two
         evaluations of one run (before and after training) see the same prompts and differ
         only by the policy. The training run's own prompt stream and RNG are left untouched.
+
+        With ``prompts`` (e.g. held-out prompts: text, chat messages or token ids), each of
+        them is evaluated instead, ``group_size`` times, and ``num_batches`` is ignored; the
+        result then also holds ``samples``, ``(prompt, completion, score)`` per episode.
         """
         seed = self.config.seed + 10_000 if seed is None else seed
         saved_generator, saved_started = self.generator, self._env_started
         env_state = self._env_snapshot() if self._env_started else None
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        samples = []
         try:
-            self.env.reset(seed=seed)
-            self._env_started = True
-            batches = [self.collect() for _ in range(num_batches)]
+            if prompts is None:
+                self.env.reset(seed=seed)
+                self._env_started = True
+                batches = [self.collect() for _ in range(num_batches)]
+            else:
+                batches = self._collect_on(list(prompts), seed, samples)
         finally:
             self.generator = saved_generator
             self._env_started = saved_started
@@ -418,8 +545,29 @@ class Agent:
         scores = torch.cat([b.scores for b in batches])
         kl = torch.cat([b.kl.sum(1) for b in batches])
         returns = torch.cat([b.returns for b in batches])
-        return {"score": float(scores.mean()), "kl": float(kl.mean()), "return": float(returns.mean()),
-                "return_std": float(returns.std()), "episodes": int(returns.numel())}
+        out = {"score": float(scores.mean()), "kl": float(kl.mean()), "return": float(returns.mean()),
+               "return_std": float(returns.std()) if returns.numel() > 1 else 0.0, "episodes": int(returns.numel())}
+        if prompts is not None:
+            out["samples"] = samples
+        return out
+
+    def _collect_on(self, prompts: list, seed: int, samples: list) -> list[Rollout]:
+        """Rollouts of every prompt in ``prompts``, ``group_size`` episodes each, in batches of the env's size."""
+        if not prompts:
+            raise ValueError("evaluate(prompts=...) needs at least one prompt")
+        per_batch = self.env.num_envs // self.env.group_size
+        batches = []
+        for start in range(0, len(prompts), per_batch):
+            chunk = prompts[start:start + per_batch]
+            real = len(chunk) * self.env.group_size
+            chunk = chunk + [chunk[0]] * (per_batch - len(chunk))  # fill the batch; the filler is dropped below
+            self.env.reset(seed=seed, options={"prompts": chunk})
+            self._env_started = True
+            rollout = self.collect()
+            keep = torch.arange(real, device=self.device)
+            samples.extend(zip(rollout.prompts[:real], rollout.completions[:real], rollout.scores[:real].tolist()))
+            batches.append(rollout.select(keep))
+        return batches
 
     # ------------------------------------------------------------------ logging
     def _open_writer(self) -> None:
@@ -428,14 +576,30 @@ class Agent:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(self.logdir))
+        # Closes the writer (and ends its thread) when the agent is garbage-collected, if close() was not called.
+        self._close_writer = weakref.finalize(self, self.writer.close)
         rows = "\n".join(f"|{k}|{v}|" for k, v in self.config.to_dict().items())
         self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
 
     def log(self, metrics: dict) -> None:
+        """Write scalars to TensorBoard at the current environment step (nothing without a logdir)."""
+        self._open_writer()
         if self.writer is None:
             return
         for key, value in metrics.items():
             self.writer.add_scalar(key, value, self.global_step)
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer, ending its thread. :meth:`learn` calls this when it returns."""
+        if self._close_writer is not None:
+            self._close_writer()  # runs writer.close() once, and detaches the garbage-collection hook
+        self.writer, self._close_writer = None, None
+
+    def __enter__(self) -> "Agent":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ checkpoints
     def _env_snapshot(self) -> dict:
@@ -448,144 +612,74 @@ class Agent:
         self._env_started = True
 
     def state(self) -> dict:
-        """Everything besides the weights that a resumed run needs to continue identically."""
-        return {"agent": self.name, "config": self.config.to_dict(), "global_step": self.global_step,
-                "iteration": self.iteration, "episodes": self.episodes, "env_kl_coef": self.env.kl_coef,
-                "task": self._task_signature(), "extra": self.extra_state()}
+        """Everything besides the weights that a resumed run needs to continue identically, and its lineage."""
+        core = self.env.core
+        return {"format": checkpoints.FORMAT, "agent": self.name, "run_id": self.run_id,
+                "config": self.config.to_dict(), "global_step": self.global_step, "iteration": self.iteration,
+                "episodes": self.episodes, "kl_coef": {"initial": self.initial_kl_coef, "current": self.env.kl_coef},
+                "task": self.task_signature(), "layout": {"num_envs": core.num_envs, "group_size": core.group_size},
+                "extra": self.extra_state(), "resumes": self.resumes}
 
     def extra_state(self) -> dict:
-        """Algorithm state to checkpoint (moving averages, KL controller...), JSON-serialisable."""
+        """Algorithm state to checkpoint (moving averages...), JSON-serialisable."""
         return {}
+
+    def check_extra_state(self, state: dict) -> None:
+        """Raise ``ValueError`` naming the field if ``state`` (read from a checkpoint) is not what
+        :meth:`extra_state` writes; called before anything is loaded."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no extra state, found {sorted(state)}")
 
     def load_extra_state(self, state: dict) -> None:
         pass
 
-    def _task_signature(self) -> dict:
-        core = self.env.core
-        return {"vocab_size": core.vocab_size, "max_new_tokens": core.max_new_tokens, "num_envs": core.num_envs,
-                "spec": getattr(getattr(self.env, "spec", None), "id", None)}
+    def task_signature(self) -> dict:
+        """What a checkpoint must share with this agent's environment: task, horizon, vocabulary, reference model."""
+        if self._reference_fingerprint is None:  # the reference is frozen: hash it once
+            self._reference_fingerprint = checkpoints.reference_fingerprint(self.env.reference_model)
+        return checkpoints.task_signature(self.env, self._reference_fingerprint)
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write a checkpoint folder atomically: weights (safetensors), optimizer and RNG state, config.
+        """Write a checkpoint folder atomically: weights (safetensors), optimizer and RNG state, state.json and a
+        manifest of sha256 checksums. Non-finite weights are refused.
 
         An existing folder is never replaced unless ``overwrite=True``.
+        See :mod:`lmgym.agents.checkpoint`.
         """
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} already exists; pass overwrite=True or choose another path")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
-            for name, module in self.trainable_modules().items():
-                weights = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-                save_file(_untie(weights), tmp / f"{name}.safetensors")
-            rng = {"torch_cpu": torch.get_rng_state(), "generator": self.generator.get_state().cpu()}
-            torch.save({"optimizer": self.optimizer.state_dict(), "rng": rng}, tmp / "trainer_state.pt")
-            state = self.state()
-            state["env"] = self._env_snapshot() if self._env_started else None
-            (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{os.getpid()}")
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+        return checkpoints.save(self, path, overwrite=overwrite)
 
     def checkpoint(self) -> Path | None:
-        """Save to ``logdir/checkpoints/iter-NNNNNN`` and remember it as the last good checkpoint."""
+        """Save to ``logdir/checkpoints/iter-NNNNNN`` and remember it as the last good checkpoint.
+
+        A checkpoint another run wrote at that path (e.g. the one this run resumed from, when it
+        resumed into the same logdir) is kept, and this one is written alongside as
+        ``iter-NNNNNN-2``, with a warning; the path returned is always the one just written.
+        """
         if self.logdir is None:
             return None
-        path = self.logdir / "checkpoints" / f"iter-{self.iteration:06d}"
-        if not path.exists():
-            self.save(path)
-        self.last_checkpoint = path
-        return path
+        for _attempt in range(100):
+            path, replace = checkpoints.checkpoint_path(self.logdir, self.iteration, self.run_id)
+            try:
+                self.last_checkpoint = self.save(path, overwrite=replace)
+                break
+            except FileExistsError:  # another process took that name while we wrote: take the next one
+                continue
+        else:
+            raise CheckpointError(f"could not find a free checkpoint folder for iteration {self.iteration} under "
+                                  f"{self.logdir / 'checkpoints'}")
+        return self.last_checkpoint
 
     def load(self, path: str | os.PathLike, *, resume: bool = True) -> "Agent":
-        """Load a checkpoint written by :meth:`save` into this agent (same algorithm and task).
+        """Load a checkpoint written by :meth:`save` into this agent (same algorithm, task and reference model).
 
-        With ``resume=True`` (default) the optimizer, RNG, step counters and the
-        environment's prompt stream are restored too, so :meth:`learn` continues the
-        same run exactly; with ``resume=False`` only the weights are loaded.
+        Every file is checked first (checksums, fields, shapes, finiteness); on any problem
+        :class:`CheckpointError` names it and the agent is left unchanged. With ``resume=True``
+        (default) the optimizer, RNG, step counters and the environment's prompt stream are
+        restored too, so :meth:`learn` continues the same run exactly; this agent's
+        hyper-parameters (except ``seed``) and its environment's ``kl_coef`` apply from here on
+        when they differ from the checkpoint's (a warning lists them, and ``state.json`` of the
+        next checkpoint records them). The environment may have another ``num_envs`` or
+        ``group_size``: the prompt stream then continues from the checkpoint's RNG with a new
+        batch of prompts. With ``resume=False`` only the weights are loaded.
         """
-        path = Path(path)
-        if not path.exists():
-            raise CheckpointError(f"the checkpoint folder {path} does not exist")
-        if not (path / "state.json").is_file():
-            raise CheckpointError(f"{path} is not an lmgym checkpoint (no state.json); pass the folder save() wrote")
-        try:
-            state = json.loads((path / "state.json").read_text())
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{path / 'state.json'} is corrupt: {err}") from err
-        if state.get("agent") != self.name:
-            raise CheckpointError(f"{path} holds a {state.get('agent')!r} agent, not {self.name!r}")
-        mine = self._task_signature()
-        if state.get("task") != mine:
-            raise CheckpointError(f"{path} was trained on another task ({state.get('task')}), not this one ({mine})")
-        for name, module in self.trainable_modules().items():
-            file = path / f"{name}.safetensors"
-            try:
-                weights = load_file(file, device=str(self.device))
-            except Exception as err:  # a truncated or foreign file
-                raise CheckpointError(f"{file} is missing or corrupt ({err}); the checkpoint cannot be loaded") from err
-            try:
-                missing = module.load_state_dict(weights, strict=False).missing_keys
-                unexpected = set(weights) - set(module.state_dict())
-            except RuntimeError as err:
-                raise CheckpointError(f"{file} does not match this agent's {name} ({err})") from err
-            if set(missing) - _tied_duplicates(module) or unexpected:
-                raise CheckpointError(f"{file} does not match this agent's {name}: missing "
-                                      f"{sorted(set(missing) - _tied_duplicates(module))[:3]}, unexpected "
-                                      f"{sorted(unexpected)[:3]}")
-        if resume:
-            try:
-                trainer = torch.load(path / "trainer_state.pt", map_location=self.device, weights_only=True)
-            except Exception as err:
-                raise CheckpointError(f"{path / 'trainer_state.pt'} is missing or corrupt ({err})") from err
-            self.optimizer.load_state_dict(trainer["optimizer"])
-            torch.set_rng_state(trainer["rng"]["torch_cpu"].cpu())
-            self.generator.set_state(trainer["rng"]["generator"].to(self.generator.get_state().device))
-            self.global_step, self.iteration, self.episodes = (state["global_step"], state["iteration"],
-                                                               state["episodes"])
-            self.env.kl_coef = state["env_kl_coef"]
-            self.load_extra_state(state["extra"])
-            if state.get("env") is not None:
-                self._env_restore(state["env"])
-        self.last_checkpoint = path
-        return self
-
-
-def _storage_key(v: torch.Tensor):
-    return v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)
-
-
-def _untie(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors sharing memory (tied embeddings): keep one copy of each storage."""
-    seen, out = set(), {}
-    for k, v in weights.items():
-        if _storage_key(v) not in seen:
-            seen.add(_storage_key(v))
-            out[k] = v
-    return out
-
-
-def _tied_duplicates(module: nn.Module) -> set[str]:
-    """The state-dict keys that :func:`_untie` leaves out because they share memory with an earlier key."""
-    state = module.state_dict(keep_vars=True)
-    return set(state) - set(_untie({k: v.detach() for k, v in state.items()}))
-
-
-def _json_default(obj):
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"cannot serialise {type(obj).__name__}")
-
+        return checkpoints.load(self, path, resume=resume)

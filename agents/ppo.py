@@ -4,26 +4,43 @@ Per iteration:
 
 1. Roll out: the policy samples one continuation per prompt; the environment returns
    per-token rewards ``r_t = -beta * KL_t`` plus the score on the last token.
+   Where the KL goes is ``kl_placement`` (see :mod:`lmgym.agents.kl` for the bias of each choice):
+   - ``"reward"`` (default): the advantages below are computed from ``-beta * k_t`` plus the
+     score on the last token, ``k_t`` the ``kl_estimator`` of the sampled token's log ratio
+     ``log pi_old - log pi_ref``. With k1 (default) these are the environment's own rewards,
+     and the update is the unbiased policy gradient of the KL-regularised objective; k2 / k3
+     give a biased one (k3: plus beta times the per-state gradient of KL(pi_ref || pi)).
+   - ``"loss"``: the advantages see the score alone and ``beta * mean_t k_t(theta)`` (a mean over
+     the minibatch's tokens, like the surrogate) is added to the loss of step 4. Its gradient is
+     0 in expectation for k1, the per-state reverse KL's for k2, and the per-state *forward*
+     KL(pi_ref || pi)'s for k3, with the state distribution held fixed (biased). The KL then
+     weighs against whitened advantages, not against the raw score as in the objective.
 2. Estimate values V(s_t) with the critic (a value head on the policy's last hidden
    state, or on a separate copy of the reference model).
 3. Generalised advantage estimation (Schulman et al. 2016), gamma = 1 and lambda = 0.95
    by default; returns ``G_t = A_t + V(s_t)``; advantages whitened over the batch.
 4. For ``update_epochs`` passes over ``num_minibatches`` minibatches, minimise
-   ``L = L_clip + vf_coef * L_value - ent_coef * entropy`` with the clipped surrogate
+   ``L = L_clip + vf_coef * L_value - ent_coef * entropy (+ beta * L_kl)`` with the clipped surrogate
    ``L_clip = E[max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps))]`` (rho = pi / pi_old) and
    the clipped value loss ``L_value = 0.5 * E[max((V - G)^2, (clip(V, V_old +- eps_v) - G)^2)]``.
 5. Optionally adapt beta towards a target KL (Ziegler et al. 2019, section 2.2):
-   ``beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon)``.
+   ``beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon)``, with KL the
+   batch's mean KL per episode and ``n_steps`` the number of episodes in the batch, as in
+   lm-human-preferences and TRL (both horizon and n_steps count episodes, not tokens).
 """
 
 from __future__ import annotations
 
-import copy
+import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
 from lmgym.agents.base import Agent, AgentConfig, Rollout, ValueHead, masked_mean, masked_whiten, policy_forward
+from lmgym.agents.config import OneOf, Range
+from lmgym.agents.kl import KL_ESTIMATORS, KL_PLACEMENTS, kl_penalty_loss, penalised_rewards
+from lmgym.agents.policy import trainable_copy
 
 __all__ = ["PPOConfig", "PPO", "gae", "ppo_losses", "AdaptiveKLController"]
 
@@ -38,17 +55,17 @@ class PPOConfig(AgentConfig):
     """PPO epochs over each rollout"""
     num_minibatches: int = 4
     """minibatches per epoch"""
-    gamma: float = 1.0
+    gamma: Annotated[float, Range(ge=0, le=1)] = 1.0
     """discount factor"""
-    gae_lambda: float = 0.95
+    gae_lambda: Annotated[float, Range(ge=0, le=1)] = 0.95
     """GAE lambda"""
-    clip_coef: float = 0.2
+    clip_coef: Annotated[float, Range(gt=0)] = 0.2
     """surrogate clipping epsilon"""
-    clip_value: float = 0.2
+    clip_value: Annotated[float, Range(ge=0)] = 0.2
     """value clipping epsilon (0 disables value clipping)"""
-    vf_coef: float = 0.5
+    vf_coef: Annotated[float, Range(ge=0)] = 0.5
     """value loss weight"""
-    ent_coef: float = 0.0
+    ent_coef: Annotated[float, Range(ge=0)] = 0.0
     """entropy bonus weight"""
     norm_adv: bool = True
     """whiten advantages over the batch"""
@@ -56,10 +73,14 @@ class PPOConfig(AgentConfig):
     """critic on its own copy of the reference model instead of sharing the policy's trunk"""
     adaptive_kl: bool = False
     """adapt the environment's KL coefficient towards target_kl"""
-    target_kl: float = 6.0
+    target_kl: Annotated[float, Range(gt=0)] = 6.0
     """target KL per episode for the adaptive controller"""
-    kl_horizon: int = 10000
-    """horizon (environment steps) of the adaptive controller"""
+    kl_horizon: Annotated[int, Range(ge=1)] = 10000
+    """horizon of the adaptive controller, in episodes (lm-human-preferences and TRL: 10000)"""
+    kl_estimator: Annotated[str, OneOf(*KL_ESTIMATORS)] = "k1"
+    """per-token KL estimator: k1 = log(pi/pi_ref), k2 = log(pi/pi_ref)^2 / 2, k3 = pi_ref/pi - 1 - log(pi_ref/pi)"""
+    kl_placement: Annotated[str, OneOf(*KL_PLACEMENTS)] = "reward"
+    """reward (a per-token penalty in the rewards, as the environment's) or loss (a KL term in the loss)"""
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
@@ -99,16 +120,26 @@ def ppo_losses(new_logprobs, old_logprobs, advantages, new_values, old_values, r
     return policy_loss, value_loss, clipfrac, approx_kl
 
 
+@dataclass
 class AdaptiveKLController:
-    """Ziegler et al. (2019): move beta so the episode KL tracks ``target``."""
+    """Ziegler et al. (2019), section 2.2: move beta so the KL per episode tracks ``target``.
 
-    def __init__(self, beta: float, target: float, horizon: int):
-        self.beta, self.target, self.horizon = beta, target, horizon
+    ``beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon)``. As in
+    lm-human-preferences and TRL, ``n_steps`` is the number of episodes the update saw (the
+    batch size) and ``horizon`` is counted in episodes, so beta moves by at most 20% per
+    ``horizon`` episodes whatever the episode length. Beta itself lives in the environment
+    (``env.kl_coef``), which checkpoints record.
+    """
 
-    def update(self, kl: float, n_steps: int) -> float:
+    target: float
+    horizon: int
+
+    def update(self, beta: float, kl: float, n_episodes: int) -> float:
+        """The next beta after a batch of ``n_episodes`` episodes whose mean KL per episode is ``kl``."""
+        if not math.isfinite(kl):
+            raise ValueError(f"the KL of the batch is not finite ({kl}); beta cannot adapt")
         error = min(max(kl / self.target - 1.0, -0.2), 0.2)
-        self.beta *= 1.0 + error * n_steps / self.horizon
-        return self.beta
+        return beta * (1.0 + error * n_episodes / self.horizon)
 
 
 class PPO(Agent):
@@ -124,9 +155,13 @@ class PPO(Agent):
         hidden = self.policy.config.hidden_size
         self.value_head = ValueHead(hidden).to(self.device)
         self.value_model = None
+        if self.config.separate_value_model and hasattr(self.policy, "active"):
+            raise ValueError("separate_value_model copies the whole reference model, which LoRA avoids: with "
+                             "peft_config, keep the value head on the policy (separate_value_model=False)")
         if self.config.separate_value_model:
-            self.value_model = copy.deepcopy(self.env.reference_model).to(self.device).requires_grad_(True).train()
-        self.kl_ctl = AdaptiveKLController(self.env.kl_coef, self.config.target_kl, self.config.kl_horizon)
+            self.value_model = trainable_copy(self.env.reference_model, self.device,
+                                              no_dropout=self.config.disable_dropout)
+        self.kl_ctl = AdaptiveKLController(self.config.target_kl, self.config.kl_horizon)
 
     def parameters(self):
         params = list(self.policy.parameters()) + list(self.value_head.parameters())
@@ -140,16 +175,11 @@ class PPO(Agent):
             modules["value_model"] = self.value_model
         return modules
 
-    def extra_state(self) -> dict:
-        return {"kl_beta": self.kl_ctl.beta}
-
-    def load_extra_state(self, state: dict) -> None:
-        self.kl_ctl.beta = state["kl_beta"]
-
     def forward(self, batch: Rollout):
         """Log-probs, entropy and values of the current policy and critic on a batch."""
         with self.autocast():
-            logprobs, entropy, hidden = policy_forward(self.policy, batch, temperature=self.config.temperature,
+            logprobs, entropy, hidden = policy_forward(self.policy, batch, sampling=self.sampling,
+                                                       chunk_size=self.config.logprob_chunk_size,
                                                        hidden=self.value_model is None,
                                                        entropy_grad=self.config.ent_coef != 0)
             if self.value_model is not None:
@@ -165,8 +195,11 @@ class PPO(Agent):
             old_values = old_values * mask
         self.check_finite(rewards=rollout.rewards, values=old_values)
 
-        # 2. GAE advantages and returns, from the environment's per-token rewards.
-        advantages = gae(rollout.rewards, old_values, mask, cfg.gamma, cfg.gae_lambda)
+        # 2. GAE advantages and returns, from the per-token rewards: the environment's with k1 in the
+        #    reward, else the score with the chosen estimator's penalty (reward) or no penalty (loss).
+        beta = self.env.kl_coef
+        rewards = penalised_rewards(rollout, cfg.kl_estimator, cfg.kl_placement, beta)
+        advantages = gae(rewards, old_values, mask, cfg.gamma, cfg.gae_lambda)
         returns = advantages + old_values
         if cfg.norm_adv:
             advantages = masked_whiten(advantages, mask) * mask
@@ -175,6 +208,9 @@ class PPO(Agent):
         # 3. Several epochs of clipped-surrogate minibatch updates.
         stats = {"loss/policy": [], "loss/value": [], "policy/clipfrac": [], "policy/approxkl": [],
                  "objective/entropy": [], "loss/grad_norm": []}
+        kl_in_loss = cfg.kl_placement == "loss"
+        if kl_in_loss:
+            stats[f"objective/{cfg.kl_estimator}_kl"] = []
         for idx in self.minibatches(len(rollout)):
             for micro in self.micro_batches(idx):
                 batch = rollout.select(micro)
@@ -184,6 +220,11 @@ class PPO(Agent):
                     batch.mask, cfg.clip_coef, cfg.clip_value)
                 entropy_mean = masked_mean(entropy, batch.mask)
                 loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy_mean
+                if kl_in_loss:
+                    kl_loss = kl_penalty_loss(logprobs, batch.ref_logprobs, batch.mask, cfg.kl_estimator, per="token")
+                    loss = loss + beta * kl_loss
+                    self.check_finite(**{"loss/kl": kl_loss})
+                    stats[f"objective/{cfg.kl_estimator}_kl"].append(kl_loss.detach())
                 self.check_finite(**{"loss/policy": policy_loss, "loss/value": value_loss})
                 (loss / cfg.gradient_accumulation_steps).backward()
                 for key, value in (("loss/policy", policy_loss), ("loss/value", value_loss),
@@ -198,5 +239,6 @@ class PPO(Agent):
         var = flat_ret.var()
         metrics["val/explained_variance"] = float(1 - (flat_ret - flat_val).var() / var) if var > 0 else 0.0
         if cfg.adaptive_kl:
-            self.env.kl_coef = self.kl_ctl.update(float(rollout.kl.sum(1).mean()), int(rollout.lengths.sum()))
+            episode_kl = float(rollout.kl.sum(1).mean())
+            self.env.kl_coef = self.kl_ctl.update(self.env.kl_coef, episode_kl, n_episodes=len(rollout))
         return metrics

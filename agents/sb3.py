@@ -7,6 +7,8 @@
   distribution and whose critic is a value head on its last hidden state. It keeps the
   pretrained weights (no orthogonal re-initialisation) and, given ``env=``, binds itself
   to the environment so the per-token KL term is exact.
+- :func:`lm_policy_kwargs` builds ``LMPolicy``'s ``policy_kwargs`` so the SB3 model saves and loads
+  (``model.save``, ``PPO.load``, ``CheckpointCallback``, ``EvalCallback``).
 - :func:`bind_sb3_model` binds any SB3 model's policy to an lmgym environment, and
   :func:`evaluate_return` measures the exact KL-regularised return of an SB3 model.
 
@@ -17,6 +19,8 @@ Without a bound policy, an lmgym environment's per-token reward is
 
 from __future__ import annotations
 
+import copy
+import warnings
 from typing import Any
 
 import gymnasium as gym
@@ -27,11 +31,14 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 
-__all__ = ["LMGymVecEnv", "LMPolicy", "bind_sb3_model", "evaluate_return"]
+__all__ = ["LMGymVecEnv", "LMPolicy", "lm_policy_kwargs", "bind_sb3_model", "evaluate_return"]
 
 
-def _to_numpy(obs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {k: v.cpu().numpy() for k, v in obs.items()}
+def _to_numpy(values):
+    """Numpy of a tensor, or of each tensor in a dict; numpy values pass through (``output="numpy"`` envs)."""
+    if isinstance(values, dict):
+        return {k: _to_numpy(v) for k, v in values.items()}
+    return values.cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
 
 
 class LMGymVecEnv(VecEnv):
@@ -65,7 +72,7 @@ class LMGymVecEnv(VecEnv):
 
     def step_wait(self):
         obs, rewards, terminated, truncated, info = self.venv.step(self._actions)
-        term, trunc = terminated.cpu().numpy(), truncated.cpu().numpy()
+        term, trunc = _to_numpy(terminated), _to_numpy(truncated)
         dones = term | trunc
         obs_np = _to_numpy(obs)
         infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
@@ -76,7 +83,7 @@ class LMGymVecEnv(VecEnv):
                             "score": float(info["score"][i]), "completion": info["completion"][i]}
             obs, _ = self.venv.reset(options={"reset_mask": dones})
             obs_np = _to_numpy(obs)
-        return obs_np, rewards.cpu().numpy().astype(np.float32), dones, infos
+        return obs_np, _to_numpy(rewards).astype(np.float32), dones, infos
 
     def close(self) -> None:
         pass
@@ -115,28 +122,64 @@ def _lmgym_envs(env) -> list:
     raise TypeError(f"cannot find an lmgym environment inside {type(env).__name__}")
 
 
+def _policy_logprob(model, deterministic: bool = False):
+    """``fn(observation, actions) -> log pi(actions|observation)`` for an SB3 model (or policy).
+
+    ``deterministic``: the policy that ``model.predict(obs, deterministic=True)`` follows, a point
+    mass on its choice, so log pi = log 1 = 0 for every action it takes. Otherwise the stochastic
+    policy: the action distribution of actor-critic policies (PPO, A2C, ``LMPolicy``), or DQN's
+    epsilon-greedy rule over its Q-values at the model's current exploration rate.
+    """
+    if deterministic:
+        return lambda obs, actions: torch.zeros(actions.shape, dtype=torch.float32, device=actions.device)
+    policy = getattr(model, "policy", model)
+    if hasattr(policy, "get_distribution"):
+        @torch.no_grad()
+        def logprob(obs, actions):
+            obs_t, _ = policy.obs_to_tensor(_to_numpy(obs))
+            return policy.get_distribution(obs_t).log_prob(actions.to(policy.device)).float()
+        return logprob
+    if hasattr(policy, "q_net"):
+        if not hasattr(model, "exploration_rate"):
+            raise TypeError("a DQN policy alone does not know its exploration rate: bind the DQN model itself, "
+                            "or evaluate with deterministic=True")
+
+        @torch.no_grad()
+        def epsilon_greedy_logprob(obs, actions):
+            # predict() takes a uniformly random action with probability eps, else the greedy one.
+            obs_t, _ = policy.obs_to_tensor(_to_numpy(obs))
+            q = policy.q_net(obs_t)
+            eps, greedy = float(model.exploration_rate), q.argmax(dim=1)
+            prob = eps / q.shape[1] + (1.0 - eps) * (actions.to(q.device) == greedy).float()
+            return prob.log()
+        return epsilon_greedy_logprob
+    raise TypeError(f"cannot compute log pi(a|s) for {type(policy).__name__}: it has neither an action "
+                    "distribution (get_distribution) nor Q-values (q_net); evaluate with deterministic=True")
+
+
 def bind_sb3_model(env, model) -> None:
     """Bind an SB3 model's policy to the lmgym environment(s) inside ``env``, so the KL term is exact.
 
     ``None`` as ``model`` unbinds. Each step then costs one extra policy evaluation.
     """
-    policy = None if model is None else getattr(model, "policy", model)
-
-    @torch.no_grad()
-    def logprob(obs: dict[str, torch.Tensor], actions: torch.Tensor) -> torch.Tensor:
-        obs_t, _ = policy.obs_to_tensor(_to_numpy(obs))
-        dist = policy.get_distribution(obs_t)
-        return dist.log_prob(actions.to(policy.device)).float()
-
+    logprob = None if model is None else _policy_logprob(model)
     for e in _lmgym_envs(env):
-        e.bind_policy(None if policy is None else logprob)
+        e.bind_policy(logprob)
 
 
 def evaluate_return(model, env, n_episodes: int = 200, deterministic: bool = False) -> dict[str, float]:
-    """Mean exact return (score - kl_coef * sum KL) of an SB3 model on a single lmgym ``gymnasium.Env``."""
+    """Mean exact return (score - kl_coef * sum KL) of an SB3 model on a single lmgym ``gymnasium.Env``.
+
+    The KL term is that of the policy actually run: with ``deterministic=True`` that is the greedy
+    policy of ``model.predict(..., deterministic=True)``, whose log-prob of its own choice is 0, so
+    each step's KL is ``-log pi_ref(a_t|s_t)`` and the return is ``score + kl_coef * sum log pi_ref``
+    (never above ``optimal_return``: a deterministic policy is one of those the optimum ranges over).
+    Works for any SB3 model with ``deterministic=True``; stochastic evaluation needs an action
+    distribution or DQN's epsilon-greedy rule.
+    """
     inner = env.unwrapped
     previous = inner.core.policy_fn
-    bind_sb3_model(inner, model)
+    inner.bind_policy(_policy_logprob(model, deterministic))
     returns, scores = [], []
     try:
         for ep in range(n_episodes):
@@ -154,6 +197,57 @@ def evaluate_return(model, env, n_episodes: int = 200, deterministic: bool = Fal
     return {"return": float(np.mean(returns)), "score": float(np.mean(scores)), "episodes": n_episodes}
 
 
+class _LMArgument:
+    """An in-memory LM handed to :class:`LMPolicy` through SB3's ``policy_kwargs``, saved as its architecture.
+
+    SB3 pickles ``policy_kwargs`` into every saved model, and a transformers model that has run
+    with ``output_hidden_states`` cannot be pickled. The weights are in SB3's own ``policy.pth``
+    already, so this argument pickles as the model class and config alone; ``PPO.load`` builds the
+    architecture from them and then loads the trained weights into it.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __reduce__(self):
+        return _build_architecture, (type(self.model), self.model.config)
+
+    def __deepcopy__(self, memo):
+        return _LMArgument(copy.deepcopy(self.model, memo))
+
+
+def _build_architecture(model_class, config) -> nn.Module:
+    """A freshly initialised model of the saved class and config (its weights are loaded afterwards)."""
+    return model_class(config)
+
+
+class _EnvArgument:
+    """The environment ``LMPolicy`` binds to: live in this process, never saved (an environment holds a
+    reference model and is bound to one process); a loaded policy is bound again with :func:`bind_sb3_model`."""
+
+    def __init__(self, env):
+        self.env = env
+
+    def __reduce__(self):
+        return _EnvArgument, (None,)
+
+    def __deepcopy__(self, memo):
+        return _EnvArgument(self.env)
+
+
+def lm_policy_kwargs(model, env=None, **kwargs) -> dict[str, Any]:
+    """``policy_kwargs`` for :class:`LMPolicy` with which the SB3 model can be saved and loaded.
+
+    ``PPO(LMPolicy, env, policy_kwargs=lm_policy_kwargs(lm, env=env))``. ``model`` (trained in place)
+    is saved as its architecture, its weights going into SB3's ``policy.pth``; ``env`` is bound now but
+    not saved: after ``PPO.load(path, env=env)`` call ``bind_sb3_model(env, model)`` for the exact KL
+    term. ``kwargs`` are further ``ActorCriticPolicy`` arguments.
+    """
+    if isinstance(model, nn.Module):
+        model = _LMArgument(model)
+    return dict(model=model, env=None if env is None else _EnvArgument(env), **kwargs)
+
+
 class _TokenIds(BaseFeaturesExtractor):
     """Hands the raw observation dict through: the LM reads token ids, not one-hot features."""
 
@@ -167,7 +261,8 @@ class _TokenIds(BaseFeaturesExtractor):
 class LMPolicy(ActorCriticPolicy):
     """An SB3 actor-critic policy made of a causal LM: actor = next-token distribution, critic = value head.
 
-    Use as ``PPO(LMPolicy, env, policy_kwargs=dict(model=lm, env=env))``.
+    Use as ``PPO(LMPolicy, env, policy_kwargs=lm_policy_kwargs(lm, env=env))`` (see :func:`lm_policy_kwargs`;
+    a plain ``dict(model=lm, env=env)`` trains too, but SB3 cannot save a model made that way).
 
     Args:
         model: a ``PreTrainedModel`` (trained in place) or a local path / hub name.
@@ -177,6 +272,14 @@ class LMPolicy(ActorCriticPolicy):
     """
 
     def __init__(self, observation_space, action_space, lr_schedule, *, model, env=None, **kwargs):
+        if isinstance(model, _LMArgument):
+            model = model.model
+        if isinstance(env, _EnvArgument):
+            if env.env is None:  # a loaded model: the environment it was bound to was not saved
+                warnings.warn("this LMPolicy was bound to an lmgym environment when it was saved; bind the loaded "
+                              "model again with lmgym.agents.sb3.bind_sb3_model(env, model) for the exact KL term",
+                              stacklevel=2)
+            env = env.env
         if isinstance(model, (str, bytes)) or not isinstance(model, nn.Module):
             from lmgym.models import load_model
 

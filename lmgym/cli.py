@@ -92,21 +92,16 @@ def _fresh_dir(path: Path) -> Path:
     return path.parent / f"{path.name}-{n}"
 
 
-def _latest_checkpoint(run_dir: Path) -> Path | None:
-    folder = run_dir / "checkpoints"
-    found = [p for p in folder.glob("iter-*") if p.is_dir() and p.name[5:].isdigit()] if folder.is_dir() else []
-    return max(found, key=lambda p: int(p.name[5:])) if found else None
-
-
 def _resolve_resume(path: str) -> tuple[Path, Path | None]:
     """The checkpoint folder that ``--resume PATH`` means, and the run folder to continue writing in.
 
     PATH is a run folder (its latest checkpoint is taken) or one checkpoint folder (it has
     state.json). The run continues in its own folder when it resumes from that folder's
     latest checkpoint; from an earlier or a loose checkpoint it branches into a fresh
-    folder (None), so no later checkpoint of the original run is overwritten.
+    folder (None), so the original run's latest checkpoint stays its latest.
     """
     from lmgym.agents import CheckpointError
+    from lmgym.agents.checkpoint import latest_checkpoint
 
     given = Path(path)
     if not given.exists():
@@ -115,16 +110,18 @@ def _resolve_resume(path: str) -> tuple[Path, Path | None]:
         raise CheckpointError(f"--resume {given}: not a folder; pass a run folder or one of its checkpoints")
     if (given / "state.json").is_file():
         run_dir = given.parent.parent if given.parent.name == "checkpoints" else None
-        latest = _latest_checkpoint(run_dir) if run_dir is not None else None
-        return given, run_dir if latest is not None and latest.resolve() == given.resolve() else None
-    latest = _latest_checkpoint(given)
-    if latest is None:
+        if run_dir is not None and latest_checkpoint(run_dir).resolve() == given.resolve():
+            return given, run_dir
+        return given, None
+    if not (given / "checkpoints").is_dir():
         raise CheckpointError(f"--resume {given}: neither a checkpoint (no state.json) nor a run folder with "
-                              f"checkpoints (nothing in {given / 'checkpoints'})")
-    return latest, given
+                              f"checkpoints (no {given / 'checkpoints'})")
+    return latest_checkpoint(given), given
 
 
 def _train(args, extra) -> int:
+    if args.model is not None or args.task is None:
+        return _train_own(args, extra)
     from lmgym.bench import parse_overrides, run
 
     overrides = parse_overrides(_read_config(args.config) + _split_overrides(extra), args.agent)
@@ -236,6 +233,115 @@ def _reward_model_train(args, extra) -> int:
     return 0
 
 
+def add_own_model_options(p) -> None:
+    """``lmgym train --model PATH --prompts FILE --reward MODULE:FUNCTION``: your own model, prompts and reward."""
+    g = p.add_argument_group("your own model (instead of --task)")
+    g.add_argument("--model", help="a causal LM: local folder (save_pretrained) or hub name")
+    g.add_argument("--prompts", help=".txt (one prompt per line) or .jsonl (chat messages per line)")
+    g.add_argument("--reward", help="MODULE:FUNCTION or path/to/file.py:FUNCTION, fn(prompts, completions) -> scores")
+    g.add_argument("--reward-model", help="a reward model folder (lmgym reward-model train --out)")
+    g.add_argument("--eval-prompts", help="held-out prompts (.txt / .jsonl), evaluated before, during and after")
+    g.add_argument("--sample-every", type=int, default=10,
+                   help="every N iterations, evaluate and write sample completions to TensorBoard (0: never)")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--kl-coef", type=float, default=0.05)
+    g.add_argument("--num-envs", type=int, default=16, help="episodes per iteration")
+    g.add_argument("--group-size", type=int, help="completions per prompt (default 4 for grpo / rloo, else 1)")
+    g.add_argument("--dtype", default="auto", help="the reference model's dtype (the policy trains in float32)")
+    g.add_argument("--trust-remote-code", action="store_true")
+    g.add_argument("--lora-r", type=int, default=0,
+                   help="train LoRA adapters of this rank instead of the whole model (needs lmgym[lora]; 0: off)")
+    g.add_argument("--lora-alpha", type=float, help="LoRA scaling alpha (default 2 x rank)")
+    g.add_argument("--lora-target-modules", default="all-linear",
+                   help="comma-separated module names, or all-linear (default)")
+
+
+def _lora_config(args) -> dict | None:
+    if args.lora_r < 0:
+        raise ValueError(f"--lora-r must be >= 0 (0: train the whole model), got {args.lora_r}")
+    if args.lora_r == 0:
+        return None
+    targets = args.lora_target_modules
+    return {"r": args.lora_r, "lora_alpha": args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r,
+            "target_modules": targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]}
+
+
+def _train_own(args, extra) -> int:
+    from lmgym.agents import CheckpointError
+    from lmgym.bench import BenchError, parse_overrides
+    from lmgym.rewards import RewardError
+    from lmgym.train_own import read_prompts, train_own_model
+
+    if args.model is None:
+        print("lmgym: train needs --task (a built-in task, see lmgym list) or --model (your own model, with "
+              "--prompts and --reward or --reward-model)", file=sys.stderr)
+        return 2
+    if args.task is not None or args.prompts is None:
+        print("lmgym: --model trains your own model: give --prompts FILE and no --task", file=sys.stderr)
+        return 2
+    try:
+        overrides = parse_overrides(_read_config(args.config) + _split_overrides(extra), args.agent)
+        env = {k: overrides.pop(k) for k in ("max_new_tokens", "kl_coef") if k in overrides}
+        name = Path(args.model).name or args.model.replace("/", "_")
+        base = Path(args.logdir) / name / args.agent / f"seed{args.seed}"
+        logdir = base if args.resume else _fresh_dir(base)
+        summary = train_own_model(
+            model=args.model, prompts=read_prompts(args.prompts), agent=args.agent, reward=args.reward,
+            reward_model=args.reward_model,
+            eval_prompts=read_prompts(args.eval_prompts) if args.eval_prompts else None, steps=args.steps,
+            seconds=args.seconds, seed=args.seed, device=args.device, dtype=args.dtype, logdir=logdir,
+            overrides=overrides, num_envs=overrides.pop("num_envs", args.num_envs),
+            group_size=overrides.pop("group_size", args.group_size),
+            max_new_tokens=env.get("max_new_tokens", args.max_new_tokens), kl_coef=env.get("kl_coef", args.kl_coef),
+            sample_every=args.sample_every, resume=args.resume, trust_remote_code=args.trust_remote_code,
+            lora=_lora_config(args))
+    except (BenchError, CheckpointError, RewardError, ValueError, TypeError, OSError, ImportError) as err:
+        print(f"lmgym: {err}", file=sys.stderr)
+        return 2
+    print(f"\n{args.agent} on {args.model}: {summary['iterations']} iterations, {summary['env_steps']} tokens, "
+          f"{summary['wall_seconds']:.1f} s")
+    if summary["eval_start"]:
+        s, e = summary["eval_start"], summary["eval_end"]
+        print(f"  held-out score  {s['score']:.4f} -> {e['score']:.4f}   (KL to ref {s['kl']:.4f} -> {e['kl']:.4f})")
+    print(f"  logs       {logdir} (tensorboard --logdir {logdir}; sample completions under TEXT)")
+    if summary["checkpoint"]:
+        print(f"  checkpoint {summary['checkpoint']}")
+        print(f"  export     lmgym export {logdir} OUT_DIR")
+    return 0
+
+
+def _export(args, extra) -> int:
+    from lmgym.agents import CheckpointError
+    from lmgym.agents.export import ExportError, export_checkpoint
+
+    try:
+        out = export_checkpoint(args.source, args.out, model=args.model, dtype=args.dtype,
+                                merge=not args.adapter_only, overwrite=args.overwrite, device=args.device)
+    except (ExportError, CheckpointError, FileExistsError, OSError, ValueError, ImportError) as err:
+        print(f"lmgym: {err}", file=sys.stderr)
+        return 2
+    print(f"exported to {out}: load it with AutoModelForCausalLM.from_pretrained({str(out)!r}) or "
+          f"transformers.pipeline('text-generation', model={str(out)!r})")
+    return 0
+
+
+def add_export_command(sub) -> None:
+    """``lmgym export CHECKPOINT_OR_RUN OUT``: a trained policy as a Hugging Face model folder."""
+    p = sub.add_parser("export", help="write a trained policy as a Hugging Face model folder",
+                       description="Export the policy of a checkpoint (or of a run folder's latest checkpoint) as a "
+                                   "standard Hugging Face folder: safetensors weights, config, tokenizer and a "
+                                   "generation config with the environment's stop tokens.")
+    p.add_argument("source", help="a checkpoint folder (checkpoints/iter-NNNNNN) or a run's log folder")
+    p.add_argument("out", help="the folder to write")
+    p.add_argument("--model", help="the base model the run started from, when the run folder does not record it")
+    p.add_argument("--dtype", help="cast the weights, e.g. bfloat16 (default: float32 as trained)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty out folder")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="for a LoRA run: write the adapters alone (peft) instead of the merged model")
+    p.set_defaults(func=_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lmgym.bench import AGENT_NAMES
 
@@ -244,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one agent on one task",
                        description="Train one agent; hyper-parameters as --agent.NAME VALUE or --config FILE.")
-    p.add_argument("--task", required=True, help="e.g. lmgym/Sentiment-v0 (see lmgym list)")
+    p.add_argument("--task", help="e.g. lmgym/Sentiment-v0 (see lmgym list); or train your own --model")
     p.add_argument("--agent", required=True, help=f"one of {', '.join(AGENT_NAMES)}")
     p.add_argument("--steps", type=int, default=20_000, help="environment steps (generated tokens)")
     p.add_argument("--seconds", type=float, help="wall-clock budget; stops at whichever comes first")
@@ -256,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint) or one checkpoint folder; --steps is the total, so it must exceed the "
                         "checkpoint's steps")
     p.add_argument("--config", help="JSON or TOML file of hyper-parameters ({'agent': {...}} or flat)")
+    add_own_model_options(p)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("bench", help="compare agents over seeds and tasks under one budget",
@@ -294,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=_reward_model_train)
+
+    add_export_command(sub)
     return parser
 
 

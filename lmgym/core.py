@@ -21,18 +21,30 @@ agents such as PPO with ``ent_coef=beta`` do.
 from __future__ import annotations
 
 import copy
-import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from lmgym import checks
+from lmgym.chat import default_stop_token_ids, is_chat_messages
 from lmgym.models import CachedLM, load_model, resolve_device
 from lmgym.optimum import soft_optimal_values
 from lmgym.prompts import Prompt, PromptSource
 from lmgym.rewards import RewardFunction
+from lmgym.sampling import Sampling
 
 __all__ = ["TextGenCore", "CoreView", "SequenceResult", "EpisodeError"]
+
+MAX_KL_COEF = 1e6
+"""The largest beta accepted. Rewards are float32 (finite up to 3.4e38) and beta multiplies a
+log-prob gap, which real float32 models keep far below 1e6 nats, so beta * gap stays finite; and a
+beta beyond 1e6 makes any score irrelevant to the objective (the optimum is pi_ref itself), which
+no one means: ``kl_coef=0`` switches the penalty off in the other direction."""
+
+LOGPROB_ROUNDING = 1e-5
+"""How far above 0 a handed-over log-prob may lie (float rounding of a near-certain token)."""
 
 
 class EpisodeError(RuntimeError):
@@ -79,12 +91,12 @@ class TextGenCore:
     def __init__(self, *, model, reward_fn, prompts, num_envs: int = 1, tokenizer=None, max_new_tokens: int = 32,
                  kl_coef: float = 0.05, group_size: int = 1, max_prompt_tokens: int | None = None,
                  stop_token_ids=None, device="auto", dtype="auto", trust_remote_code: bool = False):
-        if not isinstance(num_envs, int) or num_envs < 1:
-            raise ValueError(f"num_envs must be a positive int, got {num_envs!r}")
-        if not isinstance(group_size, int) or group_size < 1 or num_envs % group_size:
-            raise ValueError(f"group_size must be a positive int dividing num_envs={num_envs}, got {group_size!r}")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        num_envs = checks.integer(num_envs, "num_envs", low=1)
+        group_size = checks.integer(group_size, "group_size", low=1)
+        if num_envs % group_size:
+            raise ValueError(f"group_size must divide num_envs={num_envs}, got {group_size!r}")
+        max_new_tokens = checks.integer(max_new_tokens, "max_new_tokens", low=1)
+        trust_remote_code = checks.flag(trust_remote_code, "trust_remote_code")
         self.device = resolve_device(device)
         if isinstance(model, torch.nn.Module):
             # pi_ref is a frozen *copy*: a caller who goes on training the object they passed
@@ -105,18 +117,22 @@ class TextGenCore:
             raise ValueError(f"prompts of up to {self.prompts.max_prompt_tokens} tokens plus max_new_tokens="
                              f"{max_new_tokens} need {self.max_len} positions, but the model's context is {context}; "
                              "shorten the prompts or lower max_new_tokens")
-        if stop_token_ids is None:
-            if self.tokenizer.eos_token_id is None:
-                raise ValueError("the tokenizer has no EOS token: pass stop_token_ids")
-            stop_token_ids = [self.tokenizer.eos_token_id]
-        stop = sorted({int(t) for t in stop_token_ids})
-        if any(not 0 <= t < self.vocab_size for t in stop):
-            raise ValueError(f"stop_token_ids {stop} must lie in [0, {self.vocab_size})")
+        if stop_token_ids is None:  # EOS, and an instruct model's end-of-turn token from its generation config
+            stop_token_ids = default_stop_token_ids(self.model, self.tokenizer)
+        if isinstance(stop_token_ids, (str, bytes)) or not hasattr(stop_token_ids, "__iter__"):
+            raise TypeError(f"stop_token_ids must be a list of token ids, e.g. [{stop_token_ids!r}], "
+                            f"got {stop_token_ids!r}")
+        stop = sorted({checks.integer(t, "stop_token_ids entries") for t in stop_token_ids})
+        if not stop or any(not 0 <= t < self.vocab_size for t in stop):
+            raise ValueError(f"stop_token_ids {stop} must be a non-empty list of ids in [0, {self.vocab_size})")
         self.stop_token_ids = stop
         self._stop = torch.as_tensor(stop, device=self.device)
+        if self.tokenizer.pad_token_id is None:  # neither pad nor EOS: padding is masked, any id does
+            self.tokenizer.pad_token = self.tokenizer.convert_ids_to_tokens(stop[0])
         self.pad_token_id = int(self.tokenizer.pad_token_id)
         self.ref = CachedLM(self.model, max_sequence_length=self.max_len)
         self.policy_fn = None
+        self.sampling = Sampling()
 
         n, d = num_envs, self.device
         self.tokens = torch.full((n, self.max_len), self.pad_token_id, dtype=torch.long, device=d)
@@ -134,11 +150,23 @@ class TextGenCore:
         self.rng = np.random.default_rng()
 
     def set_kl_coef(self, kl_coef: float) -> None:
-        if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)) or not math.isfinite(kl_coef) \
-                or kl_coef < 0:
-            raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef!r}")
-        self.kl_coef = float(kl_coef)
+        """Set beta: any real number type (numpy, 0-d torch) in ``[0, MAX_KL_COEF]``."""
+        self.kl_coef = checks.real(kl_coef, "kl_coef", low=0.0, high=MAX_KL_COEF)
         self._optimal_return = None  # the optimum depends on beta
+
+    def set_sampling(self, sampling) -> None:
+        """Score the reference under the agent's sampling transformation (see :mod:`lmgym.sampling`)."""
+        if sampling is None:
+            sampling = Sampling()
+        if not isinstance(sampling, Sampling):
+            raise TypeError(f"sampling must be an lmgym.sampling.Sampling, got {type(sampling).__name__}")
+        self.sampling = sampling
+
+    def _ref_next_logprobs(self) -> torch.Tensor:
+        """log pi_ref of every next token, transformed as the agent samples."""
+        if self.sampling.is_identity:
+            return self.ref.next_logprobs
+        return self.sampling.log_probs(self.ref.next_logprobs)[0]
 
     # ------------------------------------------------------------------ prompts and resets
     def bind_policy(self, fn) -> None:
@@ -168,7 +196,7 @@ class TextGenCore:
         return out
 
     def _fixed_prompts(self, prompts) -> list[Prompt]:
-        if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__"):
+        if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__") or is_chat_messages(prompts):
             prompts = [prompts]
         if len(prompts) not in (self.num_envs, self.num_envs // self.group_size):
             raise ValueError(f"options['prompts'] needs {self.num_envs} prompts (one per episode) or "
@@ -234,11 +262,17 @@ class TextGenCore:
             t = values
         else:
             arr = np.asarray(values)
-            if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
-                if np.issubdtype(arr.dtype, np.floating) and arr.size and np.all(arr == np.round(arr)):
-                    arr = arr.astype(np.int64)  # SB3 and others hand over whole-number floats
-                else:
-                    raise TypeError(f"{what} must be integer token ids, got {arr.dtype} values {arr.ravel()[:4]}")
+            if arr.dtype == object and arr.size and all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                                        for v in arr.flat):
+                pass  # Python ints beyond int64: the range check below names them
+            elif np.issubdtype(arr.dtype, np.floating) and arr.size and np.isfinite(arr).all() \
+                    and np.all(arr == np.round(arr)):
+                pass  # SB3 and others hand over whole-number floats
+            elif arr.dtype == object or arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+                raise TypeError(f"{what} must be integer token ids, got {arr.dtype} values {arr.ravel()[:4]}")
+            if tuple(arr.shape) != shape:
+                raise ValueError(f"{what} must have shape {shape}, got {tuple(arr.shape)}")
+            self._check_token_range(arr, what)  # before the cast to int64, which would wrap 2**63 around
             t = torch.as_tensor(arr.astype(np.int64))
         if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
             raise TypeError(f"{what} must be an integer tensor of token ids, got {t.dtype}")
@@ -246,19 +280,42 @@ class TextGenCore:
             raise ValueError(f"{what} must have shape {shape}, got {tuple(t.shape)}")
         t = t.to(self.device, torch.long)
         if t.device.type == "cpu":
-            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.vocab_size):
-                bad = t[(t < 0) | (t >= self.vocab_size)][0].item()
-                raise ValueError(f"{what} contain token id {bad}, outside the action space [0, {self.vocab_size})")
+            self._check_token_range(t, what)
         else:  # checked on the device, without waiting for it
             torch._assert_async(((t >= 0) & (t < self.vocab_size)).all(),
                                 f"{what} contain a token id outside [0, {self.vocab_size})")
         return t
 
-    def _as_logprobs(self, values, shape: tuple[int, ...]) -> torch.Tensor:
+    def _check_token_range(self, values, what: str) -> None:
+        """Raise naming the first token id outside ``[0, vocab_size)`` (numpy array, object array or tensor)."""
+        flat = values.reshape(-1)
+        if isinstance(flat, np.ndarray) and flat.dtype == object:  # Python ints of any size
+            outside = [v for v in flat if not 0 <= v < self.vocab_size]
+        else:
+            outside = flat[(flat < 0) | (flat >= self.vocab_size)]
+        if len(outside):
+            bad = outside[0].item() if hasattr(outside[0], "item") else outside[0]
+            raise ValueError(f"{what} contain token id {bad}, outside the action space [0, {self.vocab_size})")
+
+    def _as_logprobs(self, values, shape: tuple[int, ...], inside: torch.Tensor, what: str = "logprobs"):
+        """Log-probs as a float32 tensor, checked where ``inside`` (the steps that count) and 0 elsewhere.
+
+        A log-probability is finite and <= 0; a NaN would turn the rewards into NaN, and a
+        positive value means the caller handed over something else (a probability, a logit).
+        ``LOGPROB_ROUNDING`` above 0 is let through: float rounding of a near-certain token.
+        """
         t = torch.as_tensor(values, dtype=torch.float32, device=self.device)
         if tuple(t.shape) != shape:
-            raise ValueError(f"logprobs must have shape {shape} (one per action), got {tuple(t.shape)}")
-        return t
+            raise ValueError(f"{what} must have shape {shape} (one per action), got {tuple(t.shape)}")
+        ok = torch.isfinite(t) & (t <= LOGPROB_ROUNDING) | ~inside
+        if t.device.type == "cpu":
+            if not bool(ok.all()):
+                bad = t[~ok][0].item()
+                raise ValueError(f"{what} contain {bad}, which is not a log-probability: pass finite log pi(a|s) "
+                                 "values <= 0 (log_softmax of the policy's logits, gathered at the actions)")
+        else:  # checked on the device, without waiting for it
+            torch._assert_async(ok.all(), f"{what} must be finite log-probabilities <= 0")
+        return torch.where(inside, t, torch.zeros_like(t))
 
     # ------------------------------------------------------------------ the MDP
     def _token_rewards(self, ref_lp: torch.Tensor, pol_lp: torch.Tensor | None):
@@ -271,7 +328,7 @@ class TextGenCore:
     def _score(self, rows: np.ndarray, completion_ids: list[list[int]]) -> np.ndarray:
         prompts = [self.row_prompts[r] for r in rows]
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        return self.reward_fn([p.text for p in prompts], texts, [p.ids for p in prompts], completion_ids)
+        return self.reward_fn([p.given for p in prompts], texts, [p.ids for p in prompts], completion_ids)
 
     def step(self, actions, logprobs=None):
         """Advance every row by one token.
@@ -290,35 +347,43 @@ class TextGenCore:
         active = ~torch.as_tensor(self.pending_reset, device=self.device)
         state = self.observation() if (logprobs is None and self.policy_fn is not None) else None
 
-        ref_lp = self.ref.next_logprobs.gather(1, actions[:, None]).squeeze(1)
+        ref_lp = self._ref_next_logprobs().gather(1, actions[:, None]).squeeze(1)
         if logprobs is not None:
-            pol_lp = self._as_logprobs(logprobs, (self.num_envs,))
+            pol_lp = self._as_logprobs(logprobs, (self.num_envs,), active)
         elif self.policy_fn is not None:
-            pol_lp = torch.as_tensor(self.policy_fn(state, actions), dtype=torch.float32, device=self.device)
-            pol_lp = pol_lp.reshape(self.num_envs)
+            bound = torch.as_tensor(self.policy_fn(state, actions)).reshape(-1)
+            pol_lp = self._as_logprobs(bound, (self.num_envs,), active, "the bound policy's log-probs")
         else:
             pol_lp = None
+        # Rows restarting this step took no action: reward, log-probs and KL are 0 there, and the
+        # "_<key>" masks of Gymnasium's vector-info convention say which rows took a step.
+        zero = torch.zeros_like(ref_lp)
+        ref_lp = torch.where(active, ref_lp, zero)
+        if pol_lp is not None:
+            pol_lp = torch.where(active, pol_lp, zero)
         rewards, kl = self._token_rewards(ref_lp, pol_lp)
-        rewards = torch.where(active, rewards, torch.zeros_like(rewards))
+        rewards = torch.where(active, rewards, zero)
 
         col = (self.prompt_len + self.gen_len).clamp(max=self.max_len - 1)
         self.tokens[self.rows, col] = torch.where(active, actions, self.tokens[self.rows, col])
         self.obs_mask[self.rows, col] = torch.where(active, torch.ones_like(self.obs_mask[:, 0]),
                                                     self.obs_mask[self.rows, col])
         self.gen_len += active
-        self.episode_kl += torch.where(active, kl.nan_to_num(0.0), torch.zeros_like(kl))
+        self.episode_kl += torch.where(active, kl, zero)
         terminated = torch.isin(actions, self._stop) & active
         truncated = (self.gen_len >= self.max_new_tokens) & active & ~terminated
         done = (terminated | truncated).cpu().numpy()  # the one host sync per step: who needs scoring
 
-        info = {"ref_logprob": ref_lp}
+        info = {"ref_logprob": ref_lp, "_ref_logprob": active}
         if pol_lp is not None:  # without the policy's log-prob the KL is unknown, and left out
-            info.update(logprob=pol_lp, kl=kl)
+            info.update(logprob=pol_lp, _logprob=active, kl=kl, _kl=active)
         finished = np.flatnonzero(done)
         if finished.size:
             info.update(self._finish(finished, rewards, kl_known=pol_lp is not None))
         if not (done | self.pending_reset).all():
-            self.ref.append(actions)
+            # Rows restarting this step ignore their action: it must not reach the model at a position
+            # past the end of their episode (one past a learned position table for the longest prompt).
+            self.ref.append(actions, live=active if restarting.size else None)
         if restarting.size:
             self._restart_rows(restarting)
         self.pending_reset = done
@@ -381,7 +446,6 @@ class TextGenCore:
             raise ValueError(f"tokens has {steps} columns; it needs between 1 and max_new_tokens="
                              f"{self.max_new_tokens}")
         tokens = self._as_token_tensor(tokens, (n, steps), "tokens")
-        pol_lp = self._as_logprobs(logprobs, (n, steps)) if logprobs is not None else None
 
         is_stop = torch.isin(tokens, self._stop)
         has_stop = is_stop.any(1)
@@ -392,15 +456,19 @@ class TextGenCore:
             row = int(torch.nonzero(~has_stop)[0])
             raise ValueError(f"row {row} has no stop token in its {steps} tokens and {steps} < max_new_tokens="
                              f"{self.max_new_tokens}, so its episode has not ended; submit full-length rows")
-        mask = (positions < lengths[:, None]).to(torch.float32)
+        inside = positions < lengths[:, None]
+        mask = inside.to(torch.float32)
         last = positions == (lengths - 1)[:, None]
+        # Steps after an episode's end count for nothing: their log-probs may be anything (padding).
+        pol_lp = self._as_logprobs(logprobs, (n, steps), inside) if logprobs is not None else None
 
-        ref_lp = self.ref.score_continuations(tokens)
+        ref_lp = torch.where(inside, self.ref.score_continuations(tokens, self.sampling), 0.0)
         if pol_lp is None and self.policy_fn is not None:
-            pol_lp = self._bound_policy_logprobs(tokens)
+            pol_lp = self._as_logprobs(self._bound_policy_logprobs(tokens), (n, steps), inside,
+                                       "the bound policy's log-probs")
         rewards, kl = self._token_rewards(ref_lp, pol_lp)
-        rewards = rewards * mask
-        kl = torch.where(mask.bool(), kl, torch.zeros_like(kl))
+        rewards = torch.where(inside, rewards, 0.0)
+        kl = torch.where(inside, kl, 0.0)
 
         lengths_host = lengths.tolist()
         tokens_host = tokens.tolist()
@@ -412,7 +480,7 @@ class TextGenCore:
         rewards = rewards + last * score_t[:, None]
         result = SequenceResult(
             rewards=rewards, terminated=last & has_stop[:, None], truncated=last & ~has_stop[:, None], mask=mask,
-            ref_logprobs=ref_lp * mask, logprobs=None if pol_lp is None else pol_lp * mask, kl=kl,
+            ref_logprobs=ref_lp, logprobs=pol_lp, kl=kl,
             scores=score_t, lengths=lengths, prompts=[p.text for p in self.row_prompts],
             completions=self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True))
         self._restart_rows(rows)
@@ -421,22 +489,32 @@ class TextGenCore:
 
     def optimal_return(self) -> float:
         """The exact optimal expected return over the prompt distribution (see :mod:`lmgym.optimum`)."""
+        if not self.sampling.is_identity:
+            raise ValueError(f"the exact optimum is that of sampling the model's own distribution; under "
+                             f"{self.sampling} the KL term compares transformed distributions and that optimum "
+                             "does not apply")
         if getattr(self, "_optimal_return", None) is None:
             if not self.prompts.finite:
                 raise ValueError("the exact optimum needs a known list of prompts, not a stream")
-            weights: dict[tuple[int, ...], int] = {}
+            # Episodes hand the reward the prompt text as given, which need not survive a
+            # decode(encode(text)) round trip: count (text, ids) pairs, never ids alone.
+            weights: dict[tuple[str, tuple[int, ...]], int] = {}
+            given = {}  # what the reward receives: the text, or a chat prompt's messages
             for p in self.prompts.items:
-                weights[tuple(p.ids)] = weights.get(tuple(p.ids), 0) + 1
-            distinct = [list(k) for k in weights]
+                key = (p.text, tuple(p.ids))
+                weights[key] = weights.get(key, 0) + 1
+                given[key] = p.given
+            distinct = list(weights)
 
-            def score(prompt_ids, completions):
-                text = self.tokenizer.decode(prompt_ids)
-                return self.reward_fn([text] * len(completions),
+            def score(k, completions):
+                text, prompt_ids = distinct[k]
+                return self.reward_fn([given[distinct[k]]] * len(completions),
                                       self.tokenizer.batch_decode(completions, skip_special_tokens=True),
-                                      [prompt_ids] * len(completions), completions)
+                                      [list(prompt_ids)] * len(completions), completions)
 
-            values = soft_optimal_values(self.model, distinct, score, max_new_tokens=self.max_new_tokens,
-                                         stop_token_ids=self.stop_token_ids, kl_coef=self.kl_coef)
+            values = soft_optimal_values(self.model, [list(ids) for _, ids in distinct], score,
+                                         max_new_tokens=self.max_new_tokens, stop_token_ids=self.stop_token_ids,
+                                         kl_coef=self.kl_coef)
             self._optimal_return = float(np.dot(list(weights.values()), values) / len(self.prompts.items))
         return self._optimal_return
 
@@ -498,6 +576,20 @@ class CoreView:
     def optimal_return(self) -> float:
         """The exact optimal expected return of the KL-regularised objective (tiny vocabularies only)."""
         return self.core.optimal_return()
+
+    @property
+    def sampling(self):
+        """The sampling transformation (temperature, top-k, top-p) the reference's log-probs are taken under.
+
+        An agent that samples from a transformed policy q_pi sets this to the same
+        :class:`lmgym.sampling.Sampling`, so the KL term is ``log q_pi(a) - log q_ref(a)``
+        and vanishes when policy and reference coincide. Default: no transformation.
+        """
+        return self.core.sampling
+
+    @sampling.setter
+    def sampling(self, value) -> None:
+        self.core.set_sampling(value)
 
     def bind_policy(self, fn) -> None:
         """Bind ``fn(observation, actions) -> log pi`` (batched torch tensors) so the KL term is exact

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import sys
+
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
+from gymnasium.wrappers import TimeLimit
 
 from lmgym.core import CoreView, EpisodeError, TextGenCore
 
-__all__ = ["TextGenEnv", "observation_space"]
+__all__ = ["TextGenEnv", "observation_space", "UnsupportedRenderMode"]
+
+
+class UnsupportedRenderMode(TypeError, ValueError):
+    """A ``render_mode`` the environment does not have.
+
+    A ``TypeError`` because that is what Gymnasium-style constructors raise for an argument they
+    do not take, and what Stable-Baselines3's ``make_vec_env`` catches when its default
+    ``render_mode="rgb_array"`` is refused (it then builds the env without a render mode);
+    a ``ValueError`` too, since the value is what is wrong.
+    """
 
 
 def observation_space(vocab_size: int, max_len: int) -> spaces.Dict:
@@ -17,6 +30,28 @@ def observation_space(vocab_size: int, max_len: int) -> spaces.Dict:
         "input_ids": spaces.MultiDiscrete(np.full(max_len, vocab_size, dtype=np.int64)),
         "attention_mask": spaces.MultiBinary(max_len),
     })
+
+
+def _refuse_short_time_limit(env: "TextGenEnv") -> None:
+    """Refuse a ``TimeLimit`` (``gym.make(id, max_episode_steps=k)``) that would cut episodes short.
+
+    An episode cut by a wrapper before its end never reaches the step that adds the task score, so
+    the return silently becomes the KL term alone. The wrapper sits above the environment and is
+    invisible to it except on the call stack of ``reset``, which runs through every wrapper.
+    """
+    frame = sys._getframe(1).f_back  # the caller of reset(), then outwards through the wrappers
+    for _ in range(64):
+        if frame is None:
+            return
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, TimeLimit) and owner.unwrapped is env \
+                and owner._max_episode_steps < env.core.max_new_tokens:
+            raise ValueError(
+                f"a TimeLimit of {owner._max_episode_steps} steps (gym.make(..., max_episode_steps=...) or the "
+                f"TimeLimit wrapper) would cut episodes before max_new_tokens={env.core.max_new_tokens}, and a cut "
+                "episode gets no score; shorten episodes with max_new_tokens="
+                f"{owner._max_episode_steps} instead (it ends them with their score)")
+        frame = frame.f_back
 
 
 class TextGenEnv(CoreView, gym.Env):
@@ -50,8 +85,9 @@ class TextGenEnv(CoreView, gym.Env):
 
     plus the task score R(x, y) = ``reward_fn([x], [y])`` on the last step, so an
     episode's rewards sum to ``R(x, y) - beta * sum_t KL_t``. The policy's
-    log-prob ``log pi(a_t|s_t)`` comes from ``step(action, logprob=...)`` (on the
-    unwrapped env) or from a policy bound with ``bind_policy``. With neither, the
+    log-prob ``log pi(a_t|s_t)`` comes from ``step(action, logprob=...)`` (on this env,
+    which ``gym.make`` returns unwrapped; see :meth:`step`) or from a policy bound with
+    ``bind_policy``. With neither, the
     environment cannot see the policy and the per-step part is
     ``beta * log pi_ref(a_t|s_t)`` instead: in expectation this equals the
     KL-regularised objective once the agent adds an entropy bonus of weight beta
@@ -64,7 +100,8 @@ class TextGenEnv(CoreView, gym.Env):
 
     ## Episode End
 
-    - Termination: the agent emits a stop token (``stop_token_ids``, default EOS).
+    - Termination: the agent emits a stop token (``stop_token_ids``, default EOS and the
+      generation config's end-of-turn tokens).
     - Truncation: ``max_new_tokens`` tokens were generated.
 
     ``info`` carries at each step ``ref_logprob``, plus ``logprob`` and ``kl`` when the
@@ -77,12 +114,16 @@ class TextGenEnv(CoreView, gym.Env):
       environment keeps a frozen copy; the object you pass is left as it was).
     - ``reward_fn``: ``fn(prompts, completions) -> scores`` over lists of strings (see
       :class:`lmgym.rewards.RewardFunction`), called once per batch of finished episodes.
-    - ``prompts``: a list of prompts (text or token ids) or any iterable of them.
+    - ``prompts``: a list of prompts or any iterable of them. A prompt is text, token ids, or a
+      list of chat messages ``[{"role": "user", "content": ...}]`` rendered with the tokenizer's
+      chat template (``add_generation_prompt=True``); the reward function receives each prompt
+      in the form it was given and the completion decoded without special tokens.
     - ``tokenizer``: defaults to the model's.
     - ``max_new_tokens``: the horizon (default 32).
     - ``kl_coef``: beta, the KL coefficient (default 0.05; 0 switches the penalty off).
     - ``max_prompt_tokens``: the longest prompt (default: the longest in the list).
-    - ``stop_token_ids``: tokens that end an episode (default: EOS).
+    - ``stop_token_ids``: tokens that end an episode (default: the tokenizer's EOS and every
+      ``generation_config.eos_token_id`` of the model, e.g. an instruct model's end-of-turn token).
     - ``device``, ``dtype``: where and in which precision the reference model runs
       (default CPU, since observations are numpy).
     - ``trust_remote_code``: allow model code from the checkpoint (off by default).
@@ -95,7 +136,7 @@ class TextGenEnv(CoreView, gym.Env):
                  kl_coef: float = 0.05, max_prompt_tokens: int | None = None, stop_token_ids=None,
                  device="cpu", dtype="auto", trust_remote_code: bool = False, render_mode: str | None = None):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode={render_mode!r} is not supported; use None or 'ansi'")
+            raise UnsupportedRenderMode(f"render_mode={render_mode!r} is not supported; use None or 'ansi'")
         self.core = TextGenCore(model=model, reward_fn=reward_fn, prompts=prompts, num_envs=1, tokenizer=tokenizer,
                                 max_new_tokens=max_new_tokens, kl_coef=kl_coef, max_prompt_tokens=max_prompt_tokens,
                                 stop_token_ids=stop_token_ids, device=device, dtype=dtype,
@@ -112,6 +153,7 @@ class TextGenEnv(CoreView, gym.Env):
                 "attention_mask": obs["attention_mask"][0].cpu().numpy()}
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        _refuse_short_time_limit(self)
         super().reset(seed=seed)
         options = dict(options or {})
         prompt = options.pop("prompt", None)
@@ -124,7 +166,15 @@ class TextGenEnv(CoreView, gym.Env):
         return self._obs(), {"prompt": self.core.row_prompts[0].text}
 
     def step(self, action, logprob: float | None = None):
-        """Append ``action`` to the text. ``logprob`` is log pi(action|state), for the exact KL term."""
+        """Append ``action`` to the text. ``logprob`` is log pi(action|state), for the exact KL term.
+
+        ``gym.make`` returns this environment itself (lmgym registers its ids without Gymnasium's
+        order-enforcing and checker wrappers, since the environment enforces order itself), so
+        ``gym.make(id).step(action, logprob=...)`` works. A wrapper you add (``TimeLimit``,
+        SB3's ``Monitor``, ...) only passes ``step(action)`` on: call ``env.unwrapped.step(action,
+        logprob=...)``, or bind the policy (``env.unwrapped.bind_policy(fn)``) so the environment
+        asks it for the log-prob and every wrapper keeps working.
+        """
         if self._done:
             raise EpisodeError("the episode has ended (or never started): call reset() before step()")
         if isinstance(action, (str, bytes)):
@@ -146,6 +196,8 @@ class TextGenEnv(CoreView, gym.Env):
         if self.render_mode != "ansi":
             return None
         core = self.core
+        if not core.started:
+            raise EpisodeError("nothing to render yet: call reset() before render()")
         gen = core.tokens[0, core.prompt_len[0]:core.prompt_len[0] + core.gen_len[0]].tolist()
         text = self._last_completion if self._done else core.tokenizer.decode(gen, skip_special_tokens=True)
         return f"{core.row_prompts[0].text if core.row_prompts else ''} | {text}"

@@ -7,7 +7,8 @@ position's logits. Rows may be re-prefilled independently (a vector environment
 resets episodes one at a time); their new keys and values are written into the
 rightmost columns and the columns before are masked out, which is exact because
 a cached key/value does not depend on the column it is stored in, only on the
-position id it was computed with.
+position id it was computed with (:mod:`lmgym.kv_cache` does this column surgery
+for full and sliding-window attention caches).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import os
 from pathlib import Path
 
 import torch
+
+from lmgym import checks, kv_cache
 
 __all__ = [
     "resolve_device",
@@ -75,20 +78,33 @@ def _check_source(name_or_path: str) -> None:
                                 "save_pretrained(), or a hub name when you are online")
 
 
+_TOKENIZER_FILES = ("tokenizer*", "vocab*", "*.model", "merges.txt", "special_tokens_map.json")
+"""What a folder holding a tokenizer has at least one of (fast, BPE, SentencePiece or tiktoken files)."""
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def load_tokenizer(name_or_path, *, trust_remote_code: bool = False):
     """Load a tokenizer by local path or hub name, with a pad token set (EOS when the tokenizer has none)."""
     from transformers import AutoTokenizer
 
+    trust_remote_code = checks.flag(trust_remote_code, "trust_remote_code")
     _check_source(name_or_path)
+    name = os.fspath(name_or_path)
+    folder = Path(name).expanduser()
+    if folder.is_dir() and not any(next(folder.glob(pattern), None) for pattern in _TOKENIZER_FILES):
+        raise FileNotFoundError(f"{name!r} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...): "
+                                "save the tokenizer there with tokenizer.save_pretrained(path), or pass tokenizer=")
     try:
-        tok = AutoTokenizer.from_pretrained(os.fspath(name_or_path), trust_remote_code=trust_remote_code)
-    except OSError as err:
-        raise OSError(f"could not load a tokenizer from {os.fspath(name_or_path)!r}: it is not a local directory "
-                      f"with tokenizer files and could not be fetched from the hub (offline?). ({err})") from err
-    if tok.pad_token_id is None:
-        if tok.eos_token_id is None:
-            raise ValueError(f"tokenizer {name_or_path!r} has neither a pad nor an EOS token; set one first")
-        tok.pad_token = tok.eos_token
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise OSError(f"could not load a tokenizer from {name!r}: it is not a local directory with complete "
+                      f"tokenizer files and could not be fetched from the hub (offline?). ({_first_line(err)})") \
+            from err
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token  # without either, the environment pads with its first stop token
     return tok
 
 
@@ -107,8 +123,14 @@ def load_model(name_or_path, *, device: str | torch.device = "auto", dtype="auto
     Returns:
         ``(model, tokenizer)`` with the model in eval mode on ``device``.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, PreTrainedModel
 
+    trust_remote_code = checks.flag(trust_remote_code, "trust_remote_code")
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)) \
+            and not all(hasattr(tokenizer, a) for a in ("decode", "batch_decode", "__call__", "__len__")):
+        raise TypeError(f"tokenizer must be a Hugging Face tokenizer, a path to one, or None (the model's own), "
+                        f"got {type(tokenizer).__name__}")
     dev = resolve_device(device)
     if isinstance(name_or_path, PreTrainedModel):
         model = name_or_path
@@ -125,11 +147,15 @@ def load_model(name_or_path, *, device: str | torch.device = "auto", dtype="auto
         except (OSError, ValueError) as err:
             raise OSError(f"could not load a causal LM from {os.fspath(name_or_path)!r}: it is not a complete local "
                           "model directory (config.json + weights, as save_pretrained writes) and could not be "
-                          f"fetched from the hub (offline?). ({err})") from err
+                          f"fetched from the hub (offline?). ({_first_line(err)})") from err
+        except (SafetensorError, EOFError) as err:  # a truncated or corrupt weight file
+            raise OSError(f"could not read the model weights in {os.fspath(name_or_path)!r}: a weight file is "
+                          f"truncated or corrupt ({type(err).__name__}: {_first_line(err)}); save the model again "
+                          "with save_pretrained()") from err
         model = model.to(dev)
     if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer or name_or_path, trust_remote_code=trust_remote_code)
-    elif tokenizer.pad_token_id is None:
+    elif tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}; "
@@ -234,6 +260,12 @@ class CachedLM:
     of the *next* token (``next_logprobs``, ``(batch, vocab)`` float32). Rows can be
     restarted on new prompts independently with :meth:`restart_rows`.
 
+    The cache is left-padded: every row's tokens form one contiguous block ending at
+    the last column (see :mod:`lmgym.kv_cache`, which edits the columns of full- and
+    sliding-window-attention caches). For models whose cache cannot be edited per
+    column (recurrent layers, chunked attention) a partial restart re-prefills every
+    row from the tokens it holds instead: slower, equally exact.
+
     Args:
         model: a Hugging Face causal LM (kept frozen; gradients are never taken).
         max_sequence_length: the longest prompt + continuation a row can hold. The
@@ -247,8 +279,10 @@ class CachedLM:
         self._keep_last = _accepts_logits_to_keep(model)
         self.cache = None
         self.mask: torch.Tensor | None = None  # (batch, cache columns) 1 where a column is a real token
+        self.ids: torch.Tensor | None = None  # (batch, cache columns) the token in each column
         self.lengths: torch.Tensor | None = None  # (batch,) tokens fed per row = next position id
         self.next_logprobs: torch.Tensor | None = None
+        self._editable = True  # whether the cache layout allows per-column edits (known after the first prefill)
 
     @property
     def device(self) -> torch.device:
@@ -267,76 +301,93 @@ class CachedLM:
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         out = self._forward(ids, mask, positions, None, last_only=True)
         next_lp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-        return out.past_key_values, mask, mask.sum(1), next_lp
+        return out.past_key_values, ids, mask, mask.sum(1), next_lp
 
     def start(self, prompts: list[list[int]]) -> None:
         """Forget everything and prefill one prompt per row."""
-        self.cache, self.mask, self.lengths, self.next_logprobs = self._prefill(prompts)
+        self.cache, self.ids, self.mask, self.lengths, self.next_logprobs = self._prefill(prompts)
+        self._editable = kv_cache.editable(self.cache, self.model.config)
+
+    def sequences(self) -> list[list[int]]:
+        """The tokens fed to each row so far (prompt and continuation)."""
+        return [row[m.bool()].tolist() for row, m in zip(self.ids, self.mask)]
 
     @torch.no_grad()
     def restart_rows(self, rows: torch.Tensor, prompts: list[list[int]]) -> None:
         """Prefill new prompts into the given rows (a long tensor of row indices), keeping the other rows."""
-        cache, mask, lengths, next_lp = self._prefill(prompts)
+        if not self._editable:
+            sequences = self.sequences()
+            for r, p in zip(rows.tolist(), prompts):
+                sequences[r] = list(p)
+            self.start(sequences)
+            return
+        cache, ids, mask, lengths, next_lp = self._prefill(prompts)
         width = mask.shape[1]
         if width > self.mask.shape[1]:
-            self._grow_left(width - self.mask.shape[1])
+            extra = width - self.mask.shape[1]
+            kv_cache.grow_left(self.cache, extra)
+            self.mask = torch.cat([self.mask.new_zeros(self.mask.shape[0], extra), self.mask], dim=1)
+            self.ids = torch.cat([self.ids.new_zeros(self.ids.shape[0], extra), self.ids], dim=1)
         total = self.mask.shape[1]
-        for old, new in zip(self.cache.layers, cache.layers):
-            old.keys[rows, :, total - width:] = new.keys.to(old.keys.dtype)
-            old.values[rows, :, total - width:] = new.values.to(old.values.dtype)
+        kv_cache.write_right(self.cache, rows, cache)
         row_mask = torch.zeros((len(prompts), total), dtype=self.mask.dtype, device=self.mask.device)
         row_mask[:, total - width:] = mask
+        row_ids = torch.zeros((len(prompts), total), dtype=self.ids.dtype, device=self.ids.device)
+        row_ids[:, total - width:] = ids
         self.mask[rows] = row_mask
+        self.ids[rows] = row_ids
         self.lengths[rows] = lengths
         self.next_logprobs[rows] = next_lp
 
-    def _grow_left(self, extra: int) -> None:
-        for layer in self.cache.layers:
-            for name in ("keys", "values"):
-                t = getattr(layer, name)
-                pad = t.new_zeros(t.shape[0], t.shape[1], extra, t.shape[3])
-                setattr(layer, name, torch.cat([pad, t], dim=2))
-        self.mask = torch.cat([self.mask.new_zeros(self.mask.shape[0], extra), self.mask], dim=1)
-
     def _compact(self) -> None:
-        """Move every row's real columns to the right end (order kept) and drop the rest."""
-        keep = self.max_sequence_length
-        # Stable sort on "is real" puts masked columns first and keeps the order of real ones.
-        order = torch.sort(self.mask, dim=1, stable=True).indices[:, -keep:]
-        self.mask = self.mask.gather(1, order)
-        for layer in self.cache.layers:
-            idx = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
-            layer.keys = layer.keys.gather(2, idx)
-            layer.values = layer.values.gather(2, idx)
+        """Drop the columns left of the longest row (every row's block ends at the last column)."""
+        drop = self.mask.shape[1] - self.max_sequence_length
+        kv_cache.drop_left(self.cache, drop)
+        self.mask, self.ids = self.mask[:, drop:], self.ids[:, drop:]
 
     @torch.no_grad()
-    def append(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row; returns (and stores) the next-token log-probs ``(batch, vocab)``."""
+    def append(self, tokens: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed one token per row; returns (and stores) the next-token log-probs ``(batch, vocab)``.
+
+        ``live`` (bool ``(batch,)``) marks the rows that take their token; the others are
+        about to be restarted by the caller: they get a masked placeholder column at
+        position 0 (their own position may already be the last one the model has) and
+        are undefined until :meth:`restart_rows`.
+        """
         if self.mask.shape[1] >= 2 * self.max_sequence_length:
             self._compact()
-        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-        out = self._forward(tokens[:, None], self.mask, self.lengths[:, None], self.cache, last_only=True)
+        column = self.mask.new_ones(self.mask.shape[0], 1) if live is None else live[:, None].to(self.mask.dtype)
+        positions = self.lengths if live is None else torch.where(live, self.lengths, 0)
+        self.mask = torch.cat([self.mask, column], dim=1)
+        self.ids = torch.cat([self.ids, tokens[:, None].to(self.ids.dtype)], dim=1)
+        out = self._forward(tokens[:, None], self.mask, positions[:, None], self.cache, last_only=True)
         self.cache = out.past_key_values
-        self.lengths = self.lengths + 1
+        self.lengths = self.lengths + (1 if live is None else live.long())
         self.next_logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
         return self.next_logprobs
 
     @torch.no_grad()
-    def score_continuations(self, tokens: torch.Tensor) -> torch.Tensor:
+    def score_continuations(self, tokens: torch.Tensor, sampling=None) -> torch.Tensor:
         """Log-probs ``(batch, T)`` of whole continuations ``tokens`` ``(batch, T)`` of the current rows.
 
         One forward over the continuations on top of the cached prompts. The
-        cache itself is left as it was (rows are expected to restart next).
+        cache itself is left as it was (rows are expected to restart next). With a
+        :class:`lmgym.sampling.Sampling`, the log-probs are those of the model's
+        distribution under that sampling transformation.
         """
-        first = self.next_logprobs.gather(1, tokens[:, :1])
+        if sampling is not None and sampling.is_identity:
+            sampling = None
+        first_lp = self.next_logprobs if sampling is None else sampling.log_probs(self.next_logprobs)[0]
+        first = first_lp.gather(1, tokens[:, :1])
         if tokens.shape[1] == 1:
             return first
         steps = tokens.shape[1] - 1
         mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], steps)], dim=1)
         positions = self.lengths[:, None] + torch.arange(steps, device=tokens.device)
-        cache = _copy_cache(self.cache)
+        cache = _copy_cache(self.cache) if self._editable else copy.deepcopy(self.cache)
         out = self._forward(tokens[:, :-1], mask, positions, cache, last_only=False)
-        rest = token_logprobs(out.logits, tokens[:, 1:])
+        rest = (token_logprobs(out.logits, tokens[:, 1:]) if sampling is None
+                else sampling.token_log_probs(out.logits, tokens[:, 1:]))
         return torch.cat([first, rest], dim=1)
 
 
@@ -349,8 +400,8 @@ def _copy_cache(cache):
 
 @torch.no_grad()
 def sample_continuations(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
-                         stop_token_ids, pad_token_id: int, temperature: float = 1.0,
-                         generator: torch.Generator | None = None, check_every: int = 8):
+                         stop_token_ids, pad_token_id: int, temperature: float = 1.0, top_k: int = 0,
+                         top_p: float = 1.0, generator: torch.Generator | None = None, check_every: int = 8):
     """Sample continuations of left-padded prompts with a KV cache.
 
     Args:
@@ -358,15 +409,20 @@ def sample_continuations(model, input_ids: torch.Tensor, attention_mask: torch.T
         input_ids, attention_mask: left-padded prompts ``(batch, P)``.
         max_new_tokens: most tokens to sample per row.
         stop_token_ids: a row stops after emitting one of these; later slots hold ``pad_token_id``.
-        temperature: softmax temperature (1 samples the model's own distribution).
+        temperature, top_k, top_p: the sampling transformation (see :class:`lmgym.sampling.Sampling`);
+            the defaults sample the model's own distribution.
         generator: a ``torch.Generator`` on the model's device, for reproducible sampling.
         check_every: look at whether every row has stopped only every this many tokens,
             to avoid a host round-trip per token.
 
     Returns:
         ``(tokens, logprobs)``, both ``(batch, T)`` with ``T <= max_new_tokens``; ``logprobs``
-        are the sampling distribution's log-probs of the chosen tokens (0 after a row stopped).
+        are the log-probs of the chosen tokens under the distribution actually sampled from
+        (tempered and truncated), 0 after a row stopped.
     """
+    from lmgym.sampling import Sampling
+
+    sampling = Sampling(temperature, top_k, top_p)
     device = input_ids.device
     stop = torch.as_tensor(list(stop_token_ids), device=device)
     batch = input_ids.shape[0]
@@ -379,13 +435,7 @@ def sample_continuations(model, input_ids: torch.Tensor, attention_mask: torch.T
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, logprobs = [], []
     for t in range(max_new_tokens):
-        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-        # The Gumbel-max trick: argmax(log p + G), G = -log(-log U), samples from p without a host
-        # round-trip (unlike multinomial on some devices) and lets non-finite log-probs through for the
-        # caller to report.
-        gumbel = torch.rand(logp.shape, generator=generator, device=device).log_().neg_().log_().neg_()
-        tok = (logp + gumbel).argmax(dim=-1)
-        lp = logp.gather(1, tok[:, None]).squeeze(1)
+        tok, lp = sampling.sample(logits, generator)
         tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
         tokens.append(tok)
         logprobs.append(torch.where(finished, torch.zeros_like(lp), lp))

@@ -54,7 +54,8 @@ def soft_optimal_values(model, prompts: list[list[int]], score, *, max_new_token
     Args:
         model: the reference LM pi_ref.
         prompts: token-id prompts.
-        score: ``score(prompt_ids, completion_ids_list) -> array`` giving R(x, y) for many y of one x.
+        score: ``score(k, completion_ids_list) -> array`` giving R(x_k, y) for many y of prompt
+            ``k`` (its index in ``prompts``), so the caller can score with the prompt text it holds.
         max_new_tokens: the horizon.
         stop_token_ids: tokens that end an episode.
         kl_coef: beta.
@@ -74,10 +75,10 @@ def soft_optimal_values(model, prompts: list[list[int]], score, *, max_new_token
     alpha_idx, stop_idx = np.array(alphabet), np.array(stops, dtype=np.int64)
     longest = _all_strings(alphabet, horizon - 1)  # every non-terminal state is a prefix of one of these
     values = []
-    for prompt in prompts:
+    for k, prompt in enumerate(prompts):
         logp = _ref_logprobs_along(model, prompt, longest)  # (m**(H-1), H, vocab)
         # R for every completion of length 0..H (reached by a stop, or by truncation at H).
-        rewards = [np.asarray(score(prompt, [list(s) for s in _all_strings(alphabet, t)]), dtype=np.float64)
+        rewards = [np.asarray(score(k, [list(s) for s in _all_strings(alphabet, t)]), dtype=np.float64)
                    for t in range(horizon + 1)]
         v = rewards[horizon]  # states at depth H: truncated
         for t in range(horizon - 1, -1, -1):

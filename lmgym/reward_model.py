@@ -6,9 +6,10 @@ preference pairs, ``-log sigmoid(r(x, y_w) - r(x, y_l) - margin)``; pairs come f
 JSONL file (``{"prompt", "chosen", "rejected"}`` per line, the common convention) or
 from rankings of K completions (``{"prompt", "completions", "ranking"}`` best first, or
 ``"scores"``), which expand into all K-choose-2 pairs kept in one batch, as
-InstructGPT does. After training a bias makes the mean reward over the training
-completions zero. A trained model saves as safetensors + config and is itself a
-reward source: ``LearnedReward(model)(prompts, completions) -> scores``.
+InstructGPT does. After training, a bias makes the mean reward over the distinct
+training (prompt, completion) pairs zero (each counted once, however many pairs it is in).
+A trained model saves as safetensors + config and is itself a reward source:
+``LearnedReward(model)(prompts, completions) -> scores``.
 """
 
 from __future__ import annotations
@@ -156,8 +157,17 @@ class RewardModel(nn.Module):
         return ids.to(self.device), mask.to(self.device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        last = attention_mask.sum(1) - 1
+        """r(x, y) of each row, read at its last real token; rows may be padded on either side."""
+        mask = attention_mask.long()
+        # Positions count real tokens only, so a left-padded row sees the positions it would see alone
+        # (models with learned absolute positions depend on it; rotary ones do not).
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
+        # The last real token is the last column where the mask is 1, wherever the padding is.
+        columns = torch.arange(mask.shape[1], device=mask.device)
+        last = torch.where(mask.bool(), columns, -1).max(1).values
+        if bool((last < 0).any()):
+            raise ValueError("a row of attention_mask has no real token; every row needs prompt + completion tokens")
         return self.head(hidden[torch.arange(len(last), device=hidden.device), last].float()).squeeze(-1)
 
     @torch.no_grad()
@@ -246,6 +256,12 @@ def _flatten(groups: list[PreferenceGroup]):
     return prompts, chosen, rejected
 
 
+def _distinct_completions(groups: list[PreferenceGroup]) -> tuple[list[str], list[str]]:
+    """Every distinct (prompt, completion) of the preference data, once each, in first-seen order."""
+    seen = dict.fromkeys((g.prompt, c) for g in groups for pair in g.pairs for c in pair)
+    return [p for p, _ in seen], [c for _, c in seen]
+
+
 def pairwise_accuracy(model: RewardModel, groups: list[PreferenceGroup]) -> float:
     """Fraction of pairs where r(chosen) > r(rejected)."""
     prompts, chosen, rejected = _flatten(groups)
@@ -255,7 +271,7 @@ def pairwise_accuracy(model: RewardModel, groups: list[PreferenceGroup]) -> floa
 def train_reward_model(model: RewardModel, train: list[PreferenceGroup], *, eval_groups=None, epochs: int = 1,
                        learning_rate: float = 1e-3, batch_pairs: int = 64, margin: float = 0.0, seed: int = 0,
                        progress: bool = True, max_steps: int | None = None) -> dict:
-    """Train with the Bradley-Terry loss, then centre the rewards; returns metrics.
+    """Train with the Bradley-Terry loss, then centre the rewards (mean 0 over distinct training completions).
 
     Args:
         model: the reward model (trained in place).
@@ -299,9 +315,11 @@ def train_reward_model(model: RewardModel, train: list[PreferenceGroup], *, eval
             break
     bar.close()
     model.eval()
-    # Centre: the mean reward over every training completion becomes 0.
-    prompts, chosen, rejected = _flatten(train)
-    offset = float(np.mean(np.concatenate([model.score(prompts, chosen), model.score(prompts, rejected)])))
+    # Centre: the mean reward over the distinct training (prompt, completion) pairs becomes 0. Each
+    # completion counts once, however many preference pairs it appears in (a completion ranked among K
+    # appears in K - 1 pairs, so a mean over pairs would weigh long rankings more).
+    prompts, completions = _distinct_completions(train)
+    offset = float(np.mean(model.score(prompts, completions)))
     with torch.no_grad():
         model.head.bias -= offset
     metrics = {"train_loss": float(np.mean(losses[-20:])), "train_accuracy": pairwise_accuracy(model, train),

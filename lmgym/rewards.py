@@ -6,7 +6,10 @@ import inspect
 
 import numpy as np
 
-__all__ = ["RewardError", "RewardFunction"]
+__all__ = ["RewardError", "RewardFunction", "MAX_ABS_SCORE"]
+
+MAX_ABS_SCORE = float(np.finfo(np.float32).max)
+"""Rewards are float32 tensors: a larger score would become inf."""
 
 
 class RewardError(RuntimeError):
@@ -46,6 +49,18 @@ class RewardFunction:
             raise RewardError(f"reward function {self.name!r} raised {type(err).__name__}: {err}") from err
         if hasattr(raw, "detach"):
             raw = raw.detach().cpu().numpy()
+        if raw is None:
+            raise RewardError(f"reward function {self.name!r} returned None; return one number per completion "
+                              "(a list, numpy array or tensor): is a `return` missing?")
+        if isinstance(raw, (str, bytes)):
+            raise RewardError(f"reward function {self.name!r} returned a string, not one number per completion")
+        # numpy reads None as NaN: look for it first, so the message says what the callable did
+        items = raw if isinstance(raw, (list, tuple)) else \
+            raw.reshape(-1) if isinstance(raw, np.ndarray) and raw.dtype == object else ()
+        missing = [i for i, v in enumerate(items) if v is None]
+        if missing:
+            raise RewardError(f"reward function {self.name!r} returned None for completion {missing[0]}; return "
+                              "a number for every completion")
         try:
             scores = np.asarray(raw, dtype=np.float64).reshape(-1)
         except (TypeError, ValueError) as err:
@@ -59,4 +74,10 @@ class RewardFunction:
             i = int(bad[0])
             raise RewardError(f"reward function {self.name!r} returned {scores[i]} for completion {i} "
                               f"({completions[i][:40]!r}); scores must be finite numbers")
+        big = np.flatnonzero(np.abs(scores) > MAX_ABS_SCORE)
+        if big.size:
+            i = int(big[0])
+            raise RewardError(f"reward function {self.name!r} returned {scores[i]:g} for completion {i}, beyond "
+                              f"float32's range (|score| <= {MAX_ABS_SCORE:.3g}) in which rewards are kept; "
+                              "rescale the reward")
         return scores

@@ -21,7 +21,12 @@ class TextGenVectorEnv(CoreView, VectorEnv):
     The MDP, rewards and observation layout are those of ``TextGenEnv``; here
     observations are a dict of ``(num_envs, L)`` torch tensors, and rewards,
     ``terminated``, ``truncated`` and per-step infos are ``(num_envs,)`` tensors, all
-    on ``device`` (CUDA when available with ``"auto"``). The reference model keeps a
+    on ``device`` (CUDA when available with ``"auto"``). That is the default because an
+    agent whose policy runs on the same device reads them with no copy to the host per
+    token. ``output="numpy"`` returns numpy arrays from ``reset`` and ``step`` instead (still
+    one batched model, copied to the host once per step), which is what Gymnasium's vector
+    wrappers (``gymnasium.wrappers.vector.RecordEpisodeStatistics``, ``FlattenObservation``,
+    ``NormalizeReward``, ...) and other numpy code expect. The reference model keeps a
     KV cache, so a step costs one decode step of it. Each step synchronises with
     the device once, to learn which episodes ended and need scoring.
 
@@ -35,8 +40,13 @@ class TextGenVectorEnv(CoreView, VectorEnv):
       per-token rewards, dones and infos stepping would have produced, from one
       reference forward over the batch. All envs then restart on new prompts.
 
-    Episode-end infos (``score``, ``completion``, ``episode_kl``, ``episode_length``)
-    are numpy arrays with Gymnasium's ``_name`` masks.
+    Per-step infos ``ref_logprob``, ``logprob`` and ``kl`` (the last two only when the
+    policy's log-prob is known) are ``(num_envs,)`` tensors, each with a boolean mask
+    ``_ref_logprob`` / ``_logprob`` / ``_kl`` (Gymnasium's vector-info convention) that is
+    False for envs whose action was ignored on an autoreset step; their values are 0
+    there, like the reward, so summing ``info["kl"]`` over an episode's steps gives its
+    ``episode_kl``. Episode-end infos (``score``, ``completion``, ``episode_kl``,
+    ``episode_length``) are numpy arrays with Gymnasium's ``_name`` masks.
 
     Args:
         num_envs: number of episodes stepped together.
@@ -44,19 +54,25 @@ class TextGenVectorEnv(CoreView, VectorEnv):
             stop_token_ids, dtype, trust_remote_code: as for ``TextGenEnv``.
         group_size: G consecutive envs share each prompt (GRPO / RLOO groups); must divide ``num_envs``.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:N"``.
+        output: ``"torch"`` (default: tensors on ``device``) or ``"numpy"`` (numpy arrays from ``reset``,
+            ``step`` and ``observation``; ``score_sequences`` returns tensors either way).
     """
 
     metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": []}
 
     def __init__(self, num_envs: int = 8, *, model, reward_fn, prompts, tokenizer=None, max_new_tokens: int = 32,
                  kl_coef: float = 0.05, group_size: int = 1, max_prompt_tokens: int | None = None,
-                 stop_token_ids=None, device="auto", dtype="auto", trust_remote_code: bool = False):
+                 stop_token_ids=None, device="auto", dtype="auto", trust_remote_code: bool = False,
+                 output: str = "torch"):
+        if output not in ("torch", "numpy"):
+            raise ValueError(f"output must be 'torch' or 'numpy', got {output!r}")
+        self.output = output
         self.core = TextGenCore(model=model, reward_fn=reward_fn, prompts=prompts, num_envs=num_envs,
                                 tokenizer=tokenizer, max_new_tokens=max_new_tokens, kl_coef=kl_coef,
                                 group_size=group_size, max_prompt_tokens=max_prompt_tokens,
                                 stop_token_ids=stop_token_ids, device=device, dtype=dtype,
                                 trust_remote_code=trust_remote_code)
-        self.num_envs = num_envs
+        self.num_envs = self.core.num_envs
         self.single_action_space = spaces.Discrete(self.core.vocab_size)
         self.action_space = batch_space(self.single_action_space, num_envs)
         self.single_observation_space = observation_space(self.core.vocab_size, self.core.max_len)
@@ -96,11 +112,15 @@ class TextGenVectorEnv(CoreView, VectorEnv):
             self.core.restart(np.flatnonzero(mask))
         else:
             self.core.reset(prompts=prompts)
-        return self.core.observation(), {"prompt": np.array(self.prompts, dtype=object)}
+        return self.observation(), {"prompt": np.array(self.prompts, dtype=object)}
 
     def step(self, actions, logprobs=None):
         """One token per env; ``logprobs`` (num_envs,) are log pi of the actions, for the exact KL term."""
-        return self.core.step(actions, logprobs)
+        obs, rewards, terminated, truncated, info = self.core.step(actions, logprobs)
+        if self.output == "numpy":
+            return (_to_numpy(obs), rewards.cpu().numpy(), terminated.cpu().numpy(), truncated.cpu().numpy(),
+                    _to_numpy(info))
+        return obs, rewards, terminated, truncated, info
 
     def score_sequences(self, tokens, logprobs=None) -> SequenceResult:
         """Submit whole continuations ``(num_envs, T)``; see the class docstring and :class:`SequenceResult`."""
@@ -108,4 +128,10 @@ class TextGenVectorEnv(CoreView, VectorEnv):
 
     def observation(self) -> dict[str, torch.Tensor]:
         """The current observation (after ``score_sequences``, the new prompts)."""
-        return self.core.observation()
+        obs = self.core.observation()
+        return _to_numpy(obs) if self.output == "numpy" else obs
+
+
+def _to_numpy(values: dict) -> dict:
+    """The same dict with every tensor copied to a numpy array (numpy values are kept as they are)."""
+    return {k: v.cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in values.items()}

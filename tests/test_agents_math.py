@@ -84,7 +84,7 @@ def test_rloo_baseline_is_the_mean_of_the_others():
 
 
 def test_adaptive_kl_controller_moves_beta_towards_target():
-    ctl = AdaptiveKLController(0.1, target=6.0, horizon=10000)
-    assert ctl.update(12.0, 1000) == pytest.approx(0.1 * (1 + 0.2 * 0.1))  # error clipped at +0.2
-    beta = ctl.beta
-    assert ctl.update(5.4, 1000) == pytest.approx(beta * (1 - 0.1 * 0.1))
+    ctl = AdaptiveKLController(target=6.0, horizon=10000)
+    beta = ctl.update(0.1, 12.0, 1000)
+    assert beta == pytest.approx(0.1 * (1 + 0.2 * 0.1))  # error clipped at +0.2
+    assert ctl.update(beta, 5.4, 1000) == pytest.approx(beta * (1 - 0.1 * 0.1))

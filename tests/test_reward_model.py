@@ -61,7 +61,7 @@ def test_learns_clean_preferences_to_90_percent_held_out(trained):
 
 def test_centring_makes_the_mean_training_reward_zero(trained):
     rm, train, _, _, _ = trained
-    texts = [(g.prompt, c) for g in train for pair in g.pairs for c in pair]
+    texts = list(dict.fromkeys((g.prompt, c) for g in train for pair in g.pairs for c in pair))  # distinct
     scores = rm.score([p for p, _ in texts], [c for _, c in texts])
     assert abs(scores.mean()) < 1e-4
 
@@ -116,3 +116,55 @@ def test_missing_or_mismatched_reward_model_files(trained, tmp_path):
     (tmp_path / "rm" / "reward_model.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="do not belong together"):
         RewardModel.load(tmp_path / "rm")
+
+
+def _gpt2_backbone(tok):
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(3)
+    config = GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=2, n_head=2, n_positions=32,
+                        initializer_range=0.3)
+    return GPT2Model(config).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_reward_is_read_at_the_last_real_token_whatever_the_padding(tiny, arch):
+    """Left- and right-padded batches give the score each example gets alone, unpadded (the slow reference)."""
+    lm, tok = tiny
+    backbone = lm.base_model if arch == "llama" else _gpt2_backbone(tok)
+    torch.manual_seed(0)
+    rm = RewardModel(backbone, tok).eval()
+    with torch.no_grad():
+        rm.head.weight.normal_()  # a head that reads every feature, so a wrong position shows
+    prompts, completions = ["the cat", "very very good day on the", "a"], ["sat", "mat", "dog ran far far"]
+    rows = [tok(p)["input_ids"] + tok(c, add_special_tokens=False)["input_ids"] for p, c in zip(prompts, completions)]
+    with torch.no_grad():
+        alone = [rm(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long)).item() for r in rows]
+        width = max(map(len, rows))
+        pad = tok.pad_token_id
+        left_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        left_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        left = rm(left_ids, left_mask).numpy()
+        right = rm(*rm.encode(prompts, completions)).numpy()
+    np.testing.assert_allclose(left, alone, atol=1e-5)
+    np.testing.assert_allclose(right, alone, atol=1e-5)
+    assert np.ptp(alone) > 0.1  # the rows do differ, so reading the wrong token would be caught
+
+
+def test_centring_counts_each_distinct_completion_once(tiny):
+    """Rankings of 5, 2 and 2 completions: the mean over the 9 distinct completions is 0 after training."""
+    lm, tok = tiny
+    torch.manual_seed(0)
+    rm = RewardModel(lm.base_model, tok)
+    records = [{"prompt": "the cat", "completions": ["sat", "ran", "sat on mat", "far", "good day"],
+                "ranking": [0, 1, 2, 3, 4]},
+               {"prompt": "the dog", "completions": ["ran far", "bad"], "ranking": [1, 0]},
+               {"prompt": "a", "completions": ["very good", "mat"], "ranking": [0, 1]}]
+    groups = read_preferences(records)
+    train_reward_model(rm, groups, epochs=1, learning_rate=1e-2, batch_pairs=4, max_steps=2, progress=False)
+    distinct = [(r["prompt"], c) for r in records for c in r["completions"]]
+    scores = rm.score([p for p, _ in distinct], [c for _, c in distinct])
+    assert len(distinct) == 9 and abs(scores.mean()) < 1e-5
+    # The mean over pairs (each completion weighted by the pairs it is in) is a different figure here.
+    per_pair = [(g.prompt, c) for g in groups for pair in g.pairs for c in pair]
+    assert abs(rm.score([p for p, _ in per_pair], [c for _, c in per_pair]).mean()) > 1e-3

@@ -22,16 +22,24 @@ DEFAULT_ZOO_MODELS = {"lmgym/Sentiment-v0": ["reviews"], "lmgym/Arithmetic-v0": 
 """The zoo entries each language task builds on first use."""
 
 
+# ``gym.make`` then returns the environment itself: it enforces the reset/step order on its own, and
+# without Gymnasium's wrappers around it ``gym.make(id).step(action, logprob=...)`` reaches it (a
+# wrapper's ``step`` takes the action alone). ``gym.make(id, disable_env_checker=False)`` adds the
+# passive checker back.
+_BARE = dict(order_enforce=False, disable_env_checker=True)
+
+
 def register_all() -> None:
     """Register every lmgym environment id (idempotent)."""
     if "lmgym/TextGen-v0" not in gym.registry:
         gym.register("lmgym/TextGen-v0", entry_point="lmgym.env:TextGenEnv",
-                     vector_entry_point="lmgym.vector:TextGenVectorEnv")
+                     vector_entry_point="lmgym.vector:TextGenVectorEnv", **_BARE)
     for ids, module in ((DIAGNOSTIC_IDS, "diagnostic"), (LANGUAGE_IDS, "language")):
         for env_id, task in ids.items():
             if env_id not in gym.registry:
                 gym.register(env_id, entry_point=f"lmgym.tasks.{module}:make_env",
-                             vector_entry_point=f"lmgym.tasks.{module}:make_vec_env", kwargs={"task": task})
+                             vector_entry_point=f"lmgym.tasks.{module}:make_vec_env", kwargs={"task": task},
+                             **_BARE)
 
 
 def describe(env_id: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 
+from lmgym import checks
 from lmgym.env import TextGenEnv
 from lmgym.models import tiny_model
 from lmgym.tasks.options import check_options, constructor_options
@@ -74,10 +75,15 @@ def _transform_task(transform):
     return build
 
 
+def _reversed(words: list[str]) -> list[str]:
+    return words[::-1]
+
+
+# Module-level transforms (not lambdas): an environment holding its reward must pickle.
 TASKS = {
     "target": _target_token,
-    "copy": _transform_task(lambda x: list(x)),
-    "reverse": _transform_task(lambda x: list(reversed(x))),
+    "copy": _transform_task(list),
+    "reverse": _transform_task(_reversed),
     "sort": _transform_task(sorted),
 }
 
@@ -152,7 +158,8 @@ def _task_kwargs(task: str, vector: bool, kwargs: dict) -> dict:
     length = kwargs.pop("prompt_length", 3)
     if not isinstance(length, int) or not 1 <= length <= 6:
         raise ValueError(f"prompt_length must be an int in [1, 6], got {length!r}")
-    model, tokenizer = reference_model(kwargs.pop("reference_seed", 0), kwargs.pop("uniform_reference", False))
+    model, tokenizer = reference_model(checks.integer(kwargs.pop("reference_seed", 0), "reference_seed", low=0),
+                                       checks.flag(kwargs.pop("uniform_reference", False), "uniform_reference"))
     spec = TASKS[task](length, kwargs.pop("max_new_tokens", None))
     spec.update(kwargs)
     return dict(model=model, tokenizer=tokenizer, **spec)

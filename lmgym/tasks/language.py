@@ -7,7 +7,7 @@ overrides, so with internet the same task runs on e.g. ``gpt2``.
 
 from __future__ import annotations
 
-from lmgym import corpora, zoo
+from lmgym import checks, corpora, zoo
 from lmgym.env import TextGenEnv
 from lmgym.tasks.options import check_options, constructor_options
 from lmgym.vector import TextGenVectorEnv
@@ -70,7 +70,7 @@ def _arithmetic(kwargs: dict, zoo_steps: int | None) -> dict:
     operations = kwargs.pop("operations", "+")
     if not operations or any(op not in corpora.OPERATIONS for op in operations):
         raise ValueError(f"operations must be a string of {sorted(corpora.OPERATIONS)}, got {operations!r}")
-    partial = kwargs.pop("partial_credit", False)
+    partial = checks.flag(kwargs.pop("partial_credit", False), "partial_credit")
     return dict(default_model="arithmetic", prompts=corpora.arithmetic_prompts(operations=operations),
                 reward=lambda: ArithmeticReward(partial), max_new_tokens=6, kl_coef=0.05)
 

@@ -17,6 +17,9 @@ def check_options(kwargs: dict, allowed: set[str], task: str, fixed: set[str] = 
     for key in kwargs:
         if key in fixed:
             raise TypeError(f"{key!r} is fixed by {task}{fixed_hint}")
+        if key == "max_episode_steps" and "max_new_tokens" in allowed:
+            raise TypeError("max_episode_steps would cut episodes before their score; set the horizon with "
+                            "max_new_tokens instead")
         if key not in allowed:
             close = difflib.get_close_matches(key, sorted(allowed), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {sorted(allowed)}"

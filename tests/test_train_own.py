@@ -1,0 +1,159 @@
+"""``lmgym train --model PATH --prompts FILE --reward MODULE:FUNCTION``: your own model, prompts and reward."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmgym.cli import main
+from lmgym.models import tiny_model
+
+from conftest import WORDS
+from test_chat import CONVERSATIONS, IM_END, chat_model
+
+REWARD_MODULE = '''
+SEEN = []
+
+def count_good(prompts, completions):
+    SEEN.extend(prompts)
+    with open(__file__ + ".seen", "a") as f:
+        for p in prompts:
+            f.write(repr(p) + "\\n")
+    return [c.split().count("good") - 0.1 * len(c.split()) for c in completions]
+
+LIMIT = 3
+'''
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    model, tok = tiny_model(WORDS, hidden_size=32, num_layers=1, num_heads=4, max_positions=64, seed=1, init_std=0.3)
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    (tmp_path / "my_rewards.py").write_text(REWARD_MODULE)
+    (tmp_path / "train.txt").write_text("the cat\nthe dog ran\n\nvery good day\non the mat\n")
+    (tmp_path / "heldout.txt").write_text("the mat\nbad dog\n")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run(workdir, *extra):
+    return main(["train", "--model", str(workdir / "model"), "--prompts", str(workdir / "train.txt"),
+                 "--agent", "grpo", "--steps", "150", "--num-envs", "8", "--max-new-tokens", "4",
+                 "--logdir", str(workdir / "runs"), "--agent.learning_rate", "3e-2", *extra])
+
+
+def seen_prompts(workdir):
+    return [eval(line) for line in (workdir / "my_rewards.py.seen").read_text().splitlines()]
+
+
+def test_train_your_own_model_then_export(workdir, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import AutoModelForCausalLM
+
+    assert run(workdir, "--reward", "my_rewards:count_good", "--eval-prompts", str(workdir / "heldout.txt"),
+               "--sample-every", "2") == 0
+    out = capsys.readouterr().out
+    assert "held-out score" in out
+    logdir = workdir / "runs" / "model" / "grpo" / "seed0"
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert summary["iterations"] >= 4 and summary["eval_start"]["episodes"] == 2 * 4  # 2 prompts x group of 4
+    assert {p for p, _, _ in summary["eval_samples"]} == {"the mat", "bad dog"}
+    seen = set(seen_prompts(workdir))
+    assert {"the mat", "bad dog"} <= seen and {"the cat", "very good day"} <= seen
+
+    events = EventAccumulator(str(logdir), size_guidance={"tensors": 0})
+    events.Reload()
+    assert "samples/text_summary" in events.Tags()["tensors"]
+    assert len(events.Tensors("samples/text_summary")) >= 2
+    table = events.Tensors("samples/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert table.startswith("|prompt|completion|score|") and "the mat" in table
+    assert "eval/score" in events.Tags()["scalars"]
+
+    assert main(["export", str(logdir), str(workdir / "exported")]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(workdir / "exported")
+    checkpoint = sorted((logdir / "checkpoints").glob("iter-*"))[-1]
+    weights = load_file(checkpoint / "policy.safetensors")
+    for name, value in exported.state_dict().items():
+        assert torch.equal(value, weights[name])
+    start = tiny_model(WORDS, hidden_size=32, num_layers=1, num_heads=4, max_positions=64, seed=1, init_std=0.3)[0]
+    assert not torch.equal(start.lm_head.weight, exported.lm_head.weight)
+
+
+def test_reward_given_as_a_file_path_and_chat_prompts(tmp_path, monkeypatch):
+    model, tok = chat_model(eos_token_id=IM_END)
+    model.save_pretrained(tmp_path / "chat")
+    tok.save_pretrained(tmp_path / "chat")
+    (tmp_path / "rewards.py").write_text(REWARD_MODULE)
+    (tmp_path / "chat.jsonl").write_text("\n".join([json.dumps(CONVERSATIONS[0]),
+                                                    json.dumps({"messages": CONVERSATIONS[1]})]) + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--model", str(tmp_path / "chat"), "--prompts", str(tmp_path / "chat.jsonl"),
+                 "--reward", str(tmp_path / "rewards.py") + ":count_good", "--agent", "rloo", "--steps", "30",
+                 "--num-envs", "4", "--max-new-tokens", "3", "--logdir", str(tmp_path / "runs")]) == 0
+    seen = [eval(line) for line in (tmp_path / "rewards.py.seen").read_text().splitlines()]
+    assert seen and all(p in CONVERSATIONS for p in seen)  # the reward saw the messages as given
+    run_file = json.loads((tmp_path / "runs" / "chat" / "rloo" / "seed0" / "lmgym_run.json").read_text())
+    assert run_file["stop_token_ids"] == [0, IM_END]
+
+
+@pytest.mark.parametrize("reward,message", [
+    ("nosuchmodule_xyz:score", "no module named 'nosuchmodule_xyz'"),
+    ("my_rewards:nosuchfunction", "has no function 'nosuchfunction'"),
+    ("my_rewards:LIMIT", "not a function"),
+    ("my_rewards", "must be MODULE:FUNCTION"),
+    ("missing/file.py:score", "does not exist"),
+])
+def test_bad_reward_is_a_clear_error(workdir, capsys, reward, message):
+    assert run(workdir, "--reward", reward) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmgym: ") and message in err and "Traceback" not in err
+
+
+def test_bad_prompt_files_and_options_are_clear_errors(workdir, capsys):
+    (workdir / "bad.jsonl").write_text('[{"role": "user", "content": "hi"}]\n{"text": 3}\n')
+    (workdir / "prompts.csv").write_text("a\n")
+    cases = [
+        (["--prompts", str(workdir / "bad.jsonl"), "--reward", "my_rewards:count_good"], "line 2"),
+        (["--prompts", str(workdir / "prompts.csv"), "--reward", "my_rewards:count_good"], ".txt"),
+        (["--prompts", str(workdir / "none.txt"), "--reward", "my_rewards:count_good"], "does not exist"),
+        (["--reward", "my_rewards:count_good", "--reward-model", str(workdir)], "exactly one"),
+        ([], "exactly one"),
+    ]
+    for extra, message in cases:
+        assert run(workdir, *extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("lmgym: ") and message in err, (extra, err)
+    assert main(["train", "--agent", "grpo"]) == 2
+    assert "--task" in capsys.readouterr().err
+
+
+def test_reward_model_as_the_reward(workdir):
+    from lmgym.reward_model import RewardModel
+
+    model, tok = tiny_model(WORDS, hidden_size=32, num_layers=1, num_heads=4, max_positions=64, seed=2)
+    RewardModel.from_pretrained_lm(model, tok).save(workdir / "rm")
+    assert run(workdir, "--reward-model", str(workdir / "rm"), "--steps", "40") == 0
+    assert (workdir / "runs" / "model" / "grpo" / "seed0" / "summary.json").is_file()
+
+
+def test_lora_run_exports_merged_or_as_adapters(workdir):
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert run(workdir, "--reward", "my_rewards:count_good", "--lora-r", "4", "--steps", "60") == 0
+    logdir = workdir / "runs" / "model" / "grpo" / "seed0"
+    assert json.loads((logdir / "lmgym_run.json").read_text())["peft_config"]["r"] == 4
+    assert main(["export", str(logdir), str(workdir / "merged")]) == 0
+    assert main(["export", str(logdir), str(workdir / "adapters"), "--adapter-only"]) == 0
+    assert (workdir / "adapters" / "adapter_model.safetensors").is_file()
+    base = AutoModelForCausalLM.from_pretrained(workdir / "model")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(workdir / "merged")(input_ids=ids).logits
+        base_logits = base(input_ids=ids).logits
+        adapted = PeftModel.from_pretrained(base, workdir / "adapters")(input_ids=ids).logits
+    torch.testing.assert_close(adapted, merged, atol=1e-5, rtol=1e-5)
+    assert (merged - base_logits).abs().max() > 1e-4  # the adapters trained
