@@ -2,6 +2,7 @@
 
 import json
 import re
+import warnings
 
 import pytest
 
@@ -155,6 +156,8 @@ def test_readme_agent_example_resumes_from_a_checkpoint_it_really_wrote(tmp_path
              .replace("50_000", "400").replace("80_000", "800"))
     monkeypatch.chdir(tmp_path)
     scope = {}
-    exec("import gymnasium as gym\nimport lmgym\n" + block, scope)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. resuming with other hyper-parameters than were saved
+        exec("import gymnasium as gym\nimport lmgym\n" + block, scope)
     assert Path(scope["agent"].last_checkpoint).parent == Path("runs/grpo2/checkpoints")
     assert scope["agent"].global_step >= 800
