@@ -29,8 +29,8 @@ import lmgym  # noqa: F401  registers the environments
 __all__ = ["AGENT_NAMES", "RECOMMENDED", "run", "bench", "parse_overrides", "write_report", "readme_block",
            "update_readme", "machine"]
 
-AGENT_NAMES = ("ppo", "grpo", "reinforce", "rloo", "sb3-ppo")
-GROUPED = {"grpo": 8, "rloo": 8}
+AGENT_NAMES = ("ppo", "grpo", "reinforce", "rloo", "a2c", "rft", "dpo", "online-dpo", "sb3-ppo", "nlpo")
+GROUPED = {"grpo": 8, "rloo": 8, "rft": 8, "online-dpo": 8}
 """Agents that need several completions per prompt, and how many."""
 
 RECOMMENDED = {
@@ -212,8 +212,9 @@ def _run_lmgym(task, agent, *, budget, seconds, seed, device, logdir, overrides,
     curve, t0 = [], time.perf_counter()
 
     def record(agent_, metrics):
-        curve.append([agent_.global_step, time.perf_counter() - t0, metrics["objective/scores"],
-                      metrics["objective/kl"]])
+        if "objective/scores" in metrics:  # offline agents (DPO on a file) sample no episodes while training
+            curve.append([agent_.global_step, time.perf_counter() - t0, metrics["objective/scores"],
+                          metrics["objective/kl"]])
         if seconds is not None and time.perf_counter() - t0 >= seconds:
             return False
         return None

@@ -1,4 +1,4 @@
-"""The ``lmgym`` command: ``train``, ``bench``, ``list`` and ``reward-model train``."""
+"""The ``lmgym`` command: ``train``, ``bench``, ``list``, ``reward-model train`` and ``label``."""
 
 from __future__ import annotations
 
@@ -223,6 +223,9 @@ def _reward_model_train(args, extra) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite or choose another --out")
+    import torch
+
+    torch.manual_seed(args.seed)  # the scalar head's initial weights: the same --seed gives the same model
     model = RewardModel.from_pretrained_lm(args.backbone, trust_remote_code=args.trust_remote_code)
     metrics = train_reward_model(model, groups, eval_groups=held, epochs=args.epochs,
                                  learning_rate=args.learning_rate, batch_pairs=args.batch_pairs, margin=args.margin,
@@ -231,6 +234,80 @@ def _reward_model_train(args, extra) -> int:
     (out / "training_metrics.json").write_text(json.dumps(metrics, indent=1))
     print(json.dumps(metrics, indent=1))
     return 0
+
+
+def _label(args, extra) -> int:
+    """Serve the labelling page until Ctrl-C; rankings are appended to --out as they arrive."""
+    from lmgym.label import LabelQueue, RankingStore, read_candidates, read_prompts, sample_candidates
+    from lmgym.label.server import (MissingDependency, bind_socket, create_app, is_loopback, require_web_stack,
+                                    serve)
+
+    if (args.candidates is None) == (args.model is None):
+        print("lmgym: give either --candidates FILE.jsonl or --model PATH with --prompts FILE", file=sys.stderr)
+        return 2
+    if args.model is not None and args.prompts is None:
+        print("lmgym: --model needs --prompts FILE (one prompt per line, or JSONL with a 'prompt' field)",
+              file=sys.stderr)
+        return 2
+    if not is_loopback(args.host) and not args.token:
+        print(f"lmgym: --host {args.host} exposes the page beyond this machine; pass --token SECRET too "
+              "(the page's URL then carries it)", file=sys.stderr)
+        return 2
+    for given in (args.candidates, args.prompts):  # the user's own mistakes first, then the missing extra
+        if given is not None and not Path(given).is_file():
+            print(f"lmgym: {given} does not exist (or is not a file)", file=sys.stderr)
+            return 2
+    try:
+        require_web_stack()
+        if args.candidates is not None:
+            items = read_candidates(args.candidates)
+        else:
+            from lmgym.models import load_model
+
+            prompts = read_prompts(args.prompts)
+            model, tokenizer = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+            items = sample_candidates(model, tokenizer, prompts, args.k, max_new_tokens=args.max_new_tokens,
+                                      seed=args.seed, temperature=args.temperature)
+        store = RankingStore(args.out)
+        queue = LabelQueue(items, store, lease_seconds=args.lease_minutes * 60)
+        app = create_app(queue, token=args.token)
+        sock = bind_socket(args.host, args.port)
+    except (ValueError, TypeError, OSError, MissingDependency) as err:
+        print(f"lmgym: {err}", file=sys.stderr)
+        return 2
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{port}/" + (f"?token={args.token}" if args.token else "")
+    done = queue.progress()
+    print(f"lmgym label: {done['total']} prompts, {done['ranked']} already ranked in {args.out}", flush=True)
+    print(f"lmgym label: open {url}  (Ctrl-C stops; every confirmed ranking is already on disk)", flush=True)
+    try:
+        serve(app, sock)
+    finally:
+        store.close()
+    return 0
+
+
+def _add_label_parser(sub) -> None:
+    p = sub.add_parser("label", help="serve a local page for ranking K completions per prompt",
+                       description="Rank completions in a browser; rankings are appended to --out in the JSONL "
+                                   "format `lmgym reward-model train` reads. Restarting resumes.")
+    p.add_argument("--candidates", help="JSONL of {prompt, completions: [...], id?} lines to rank")
+    p.add_argument("--model", help="sample the candidates from this causal LM (local path or hub name)")
+    p.add_argument("--prompts", help="with --model: prompts, one per line (or JSONL with a 'prompt' field)")
+    p.add_argument("-k", type=int, default=4, help="with --model: completions per prompt (2-9, default 4)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same candidates")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--out", required=True, help="rankings JSONL (appended to; prompts ranked there are skipped)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+    p.add_argument("--token", help="secret the page must present; required with a non-loopback --host")
+    p.add_argument("--lease-minutes", type=float, default=10.0,
+                   help="how long a prompt shown in one tab is withheld from other tabs")
+    p.set_defaults(func=_label)
 
 
 def add_own_model_options(p) -> None:
@@ -402,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=_reward_model_train)
 
+    _add_label_parser(sub)
     add_export_command(sub)
     return parser
 
