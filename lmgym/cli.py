@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_BENCH = dict(tasks=["lmgym/TargetToken-v0", "lmgym/Arithmetic-v0"], agents=["ppo", "grpo", "reinforce", "rloo"],
+DEFAULT_BENCH = dict(tasks=["lmgym/TargetToken-v0", "lmgym/Arithmetic-v0"],
+                     agents=["ppo", "grpo", "reinforce", "rloo", "a2c", "nlpo", "rft", "online-dpo"],
                      seeds=[0, 1], steps=20_000)
 """The default ``lmgym bench`` grid (the README states how long it took on this project's machine)."""
 
