@@ -37,6 +37,13 @@ def test_arithmetic_reward_exact_and_partial_credit():
         ArithmeticReward()(["hello"], ["1"])
 
 
+def test_arithmetic_reward_reads_only_whole_signed_numbers():
+    """A sampled completion may hold several minus signs ("---30" crashed the bench with int())."""
+    prompts = ["10-40="] * 5
+    assert ArithmeticReward()(prompts, ["-30", "---30", "-", "3-0", "--"]) == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert ArithmeticReward(partial_credit=True)(prompts, ["---30", "-"]) == [0.0, 0.0]
+
+
 def test_arithmetic_env_scores_the_decoded_answer():
     env = gym.make("lmgym/Arithmetic-v0", zoo_steps=ZOO_STEPS)
     obs, info = env.reset(options={"prompt": "12+7="})

@@ -7,6 +7,8 @@ overrides, so with internet the same task runs on e.g. ``gpt2``.
 
 from __future__ import annotations
 
+import re
+
 from lmgym import checks, corpora, zoo
 from lmgym.env import TextGenEnv
 from lmgym.tasks.options import check_options, constructor_options
@@ -48,7 +50,7 @@ class ArithmeticReward:
             answer, got = corpora.solve(prompt), completion.strip()
             if answer is None:
                 raise ValueError(f"prompt {prompt!r} is not an arithmetic problem like '12+7='")
-            if not got.lstrip("-").isdigit():
+            if not re.fullmatch(r"-?[0-9]+", got):  # one optional sign: "---30" or "1-2" is not a number
                 scores.append(0.0)
             elif int(got) == answer:
                 scores.append(1.0)
