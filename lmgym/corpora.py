@@ -77,7 +77,7 @@ def solve(problem: str) -> int | None:
     body = problem.strip().rstrip("=")
     for op in OPERATIONS:
         left, sep, right = body.partition(op)
-        if sep and left.isdigit() and right.isdigit():
+        if sep and left.isdecimal() and right.isdecimal():
             return OPERATIONS[op](int(left), int(right))
     return None
 

@@ -64,7 +64,7 @@ def limit_torch_threads() -> int:
 
     for var in ("LMGYM_NUM_THREADS", "OMP_NUM_THREADS"):
         value = os.environ.get(var, "").strip()
-        if value.isdigit() and int(value) > 0:
+        if value.isdecimal() and int(value) > 0:
             if torch.get_num_threads() != int(value):
                 torch.set_num_threads(int(value))
             return int(value)

@@ -42,6 +42,9 @@ def test_arithmetic_reward_reads_only_whole_signed_numbers():
     prompts = ["10-40="] * 5
     assert ArithmeticReward()(prompts, ["-30", "---30", "-", "3-0", "--"]) == [1.0, 0.0, 0.0, 0.0, 0.0]
     assert ArithmeticReward(partial_credit=True)(prompts, ["---30", "-"]) == [0.0, 0.0]
+    # str.isdigit() also accepts superscripts, which int() refuses: such a prompt is simply not a problem
+    with pytest.raises(ValueError, match="not an arithmetic problem"):
+        ArithmeticReward()(["\u00b2+1="], ["3"])
 
 
 def test_arithmetic_env_scores_the_decoded_answer():

@@ -107,7 +107,7 @@ def create_app(queue: LabelQueue, *, token: str | None = None):
         if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
             raise _BadRequest(415, "the body must be JSON sent with Content-Type: application/json")
         declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+        if declared is not None and (not declared.isdecimal() or int(declared) > MAX_BODY_BYTES):
             raise _BadRequest(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
         body = b""
         async for chunk in request.stream():
