@@ -29,6 +29,8 @@ def main() -> None:
     p.add_argument("--learning-rate", type=float, default=2e-5)
     p.add_argument("--beta", type=float, default=0.0, help="KL coefficient (environment and GRPO loss)")
     p.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+    p.add_argument("--eval-prompts", type=int, default=200,
+                   help="held-out prompts to evaluate, evenly spaced over the 200 (fewer: faster, noisier)")
     p.add_argument("--operations", default="+")
     p.add_argument("--max-operand", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
@@ -46,6 +48,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     task = dict(operations=args.operations, max_operand=args.max_operand)
     held_out = chat_arithmetic_prompts("held_out", **task)
+    if not 1 <= args.eval_prompts <= len(held_out):
+        raise SystemExit(f"--eval-prompts must be in 1..{len(held_out)}, got {args.eval_prompts}")
+    held_out = [held_out[i * len(held_out) // args.eval_prompts] for i in range(args.eval_prompts)]
     env = gym.make_vec("lmgym/ChatArithmetic-v0", num_envs=args.prompts_per_batch * args.group_size,
                        group_size=args.group_size, max_new_tokens=args.max_new_tokens, kl_coef=args.beta,
                        device="cpu", **task)
