@@ -185,14 +185,20 @@ def test_zoo_entry_matches_the_gguf_model_and_ends_turns_at_im_end():
 
 @pytest.mark.smollm
 def test_task_on_the_real_model_answers_and_stops_at_end_of_turn():
-    env = gym.make_vec("lmgym/ChatArithmetic-v0", num_envs=4, device="cpu", dtype="float32")
-    end_of_turn = env.core.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert end_of_turn in env.core.stop_token_ids
-    from lmgym.agents import GRPO
-
-    agent = GRPO(env, seed=0, temperature=0.01)  # near-greedy
-    result = agent.evaluate(prompts=[user("What is 2 + 3? Answer with the number only.")] * 4)
-    completions = [s[1] for s in result["samples"]]
-    assert all(final_number(c) is not None for c in completions), completions
-    assert result["score"] == ChatArithmeticReward()([user("What is 2 + 3? Answer with the number only.")] * 4,
-                                                     completions).count(1.0) / 4
+    env = gym.make("lmgym/ChatArithmetic-v0", dtype="float32")
+    model, tok = env.core.model, env.core.tokenizer
+    end_of_turn = tok.convert_tokens_to_ids("<|im_end|>")
+    question = user("What is 2 + 3? Answer with the number only.")
+    obs, _ = env.reset(seed=0, options={"prompt": question})
+    prompt_ids = tok.apply_chat_template(question, add_generation_prompt=True, return_dict=True)["input_ids"]
+    generated, terminated, truncated = [], False, False
+    while not (terminated or truncated):  # greedy decoding, one full forward per token
+        with torch.no_grad():
+            action = int(model(input_ids=torch.tensor([prompt_ids + generated])).logits[0, -1].argmax())
+        generated.append(action)
+        obs, reward, terminated, truncated, info = env.step(action)
+    assert terminated and generated[-1] == end_of_turn  # the turn ended at <|im_end|>, before max_new_tokens
+    completion = tok.decode(generated[:-1], skip_special_tokens=True)
+    assert info["completion"].strip() == completion.strip()
+    assert info["score"] == ChatArithmeticReward()([question], [completion])[0]
+    assert final_number(completion) is not None, completion
