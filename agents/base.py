@@ -165,7 +165,8 @@ class ValueHead(nn.Module):
 
 
 def policy_forward(model, rollout: Rollout, *, sampling: Sampling | None = None, temperature: float = 1.0,
-                   hidden: bool = False, entropy_grad: bool = False, chunk_size: int = 0):
+                   hidden: bool = False, entropy_grad: bool = False, chunk_size: int = 0,
+                   action_mask: torch.Tensor | None = None):
     """One forward of ``model`` over prompt + continuation.
 
     Returns ``(logprobs, entropy, hidden_states)``, each ``(N, T)`` (hidden ``(N, T, H)``
@@ -178,8 +179,12 @@ def policy_forward(model, rollout: Rollout, *, sampling: Sampling | None = None,
     ``sampling`` (temperature, top-k, top-p; see :mod:`lmgym.sampling`), or, without it,
     the model's distribution at ``temperature``. ``chunk_size > 0`` takes the memory-saving
     path of :mod:`lmgym.agents.logprobs` (no full-vocabulary logits kept for backward).
+    ``action_mask`` (bool ``(N, T, V)``) restricts that distribution further to the allowed tokens,
+    renormalised (NLPO's nucleus; not with ``chunk_size``).
     """
     sampling = sampling if sampling is not None else Sampling(temperature)
+    if action_mask is not None and chunk_size:
+        raise ValueError("policy_forward: an action_mask needs the full logits; use chunk_size=0")
     ids = torch.cat([rollout.query_ids, rollout.tokens], dim=1)
     mask = torch.cat([rollout.query_mask, torch.ones_like(rollout.tokens)], dim=1)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
@@ -196,7 +201,7 @@ def policy_forward(model, rollout: Rollout, *, sampling: Sampling | None = None,
             return logprobs, entropy, states if hidden else None
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=hidden,
                     use_cache=False)
-    if not sampling.truncates:
+    if not sampling.truncates and action_mask is None:
         logits = out.logits[:, start:-1].float() / sampling.temperature
         logprobs = token_logprobs(logits, rollout.tokens)
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
@@ -204,6 +209,9 @@ def policy_forward(model, rollout: Rollout, *, sampling: Sampling | None = None,
             entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
     else:
         logq, kept = sampling.log_probs(out.logits[:, start:-1])
+        if action_mask is not None:  # renormalise over the allowed tokens the sampler keeps
+            kept = action_mask if kept is None else kept & action_mask
+            logq = logq - torch.logsumexp(logq.masked_fill(~kept, float("-inf")), dim=-1, keepdim=True)
         logprobs = logq.gather(-1, rollout.tokens.unsqueeze(-1)).squeeze(-1)
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             inside = logq.masked_fill(~kept, float("-inf"))
@@ -357,10 +365,7 @@ class Agent:
         query_ids, query_mask = to_left_padded(obs["input_ids"], obs["attention_mask"], self.env.max_prompt_tokens)
         self.policy.eval()
         with self.autocast():
-            tokens, logprobs = sample_continuations(
-                self.policy, query_ids, query_mask, self.env.max_new_tokens, stop_token_ids=self.env.stop_token_ids,
-                pad_token_id=self.env.tokenizer.pad_token_id, temperature=self.sampling.temperature,
-                top_k=self.sampling.top_k, top_p=self.sampling.top_p, generator=self.generator)
+            tokens, logprobs = self.sample(query_ids, query_mask)
         self.policy.train()
         if not bool(torch.isfinite(logprobs).all()):
             raise TrainingError(f"the policy's log-probs are not finite at iteration {self.iteration}: its weights "
@@ -374,6 +379,21 @@ class Agent:
                        logprobs=result.logprobs, ref_logprobs=result.ref_logprobs, rewards=result.rewards,
                        scores=result.scores, kl=result.kl, lengths=result.lengths, group_size=self.env.group_size,
                        prompts=result.prompts, completions=result.completions)
+
+    def sample(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Continuations of the left-padded prompts and the log-probs of their tokens under the distribution
+        sampled from: the policy's under :attr:`sampling`. An algorithm that samples from another
+        distribution (NLPO's masked nucleus) overrides this; its log-probs are the ones the environment sees."""
+        return sample_continuations(
+            self.policy, query_ids, query_mask, self.env.max_new_tokens, stop_token_ids=self.env.stop_token_ids,
+            pad_token_id=self.env.tokenizer.pad_token_id, temperature=self.sampling.temperature,
+            top_k=self.sampling.top_k, top_p=self.sampling.top_p, generator=self.generator)
+
+    def training_batch(self):
+        """The data one iteration of :meth:`learn` trains on: a fresh rollout. An offline algorithm (DPO on a
+        preference file) returns its next batch instead: anything with ``lengths`` (tokens per row, counted as
+        steps) and ``len()``, that its :meth:`update` and :meth:`rollout_metrics` read."""
+        return self.collect()
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         """One training update on a rollout; returns metrics to log. Algorithms implement this."""
@@ -472,7 +492,7 @@ class Agent:
             while self.global_step < total_steps:
                 self._anneal(total_steps)
                 start = time.perf_counter()
-                rollout = self.collect()
+                rollout = self.training_batch()
                 collected = time.perf_counter()
                 with self.policy_active():
                     metrics = self.update(rollout)
@@ -488,7 +508,8 @@ class Agent:
                 metrics["charts/learning_rate"] = self.optimizer.param_groups[0]["lr"]
                 self.log(metrics)
                 bar.update(steps)
-                bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+                bar.set_postfix({name: f"{metrics[key]:.3f}" for name, key in (("score", "objective/scores"),
+                                 ("kl", "objective/kl"), ("loss", "loss/policy")) if key in metrics})
                 if self.config.checkpoint_every and self.iteration % self.config.checkpoint_every == 0:
                     self.checkpoint()
                     saved_at = self.iteration

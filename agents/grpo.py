@@ -5,21 +5,46 @@ Per iteration:
 1. Roll out G completions per prompt (the environment's groups, ``group_size=G``).
 2. Advantage of completion i of a group, shared by all its tokens:
    ``A_i = (R_i - mean_group(R)) / (std_group(R) + eps)``; with ``scale_rewards=False``
-   only the mean is subtracted (Dr. GRPO, Liu et al. 2025).
+   only the mean is subtracted (Dr. GRPO, Liu et al. 2025). R_i is the task score
+   (KL in the loss, the default) or ``score_i - beta * sum_t k_t`` (KL in the reward).
 3. Per token, the clipped surrogate with separate low / high epsilon (DAPO, Yu et al. 2025)
-   plus the KL to the reference in the loss (k3 estimator, Schulman 2020), weight beta::
+   plus, by default, the KL to the reference in the loss (k3 estimator, Schulman 2020), weight beta::
 
        l_t = -min(rho_t * A, clip(rho_t, 1 - eps_low, 1 + eps_high) * A) + beta * k3_t
        k3_t = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1
 
-4. Aggregate the token losses (``loss_type``):
-   - ``"grpo"``: mean over each sequence's tokens, then over sequences (the original);
-   - ``"bnpo"``: mean over all tokens of the batch (token-level, as DAPO);
-   - ``"dr_grpo"``: sum over all tokens divided by a constant ``N * max_new_tokens`` (Dr. GRPO).
+   The importance ratio (``importance_sampling_level``):
+   - ``"token"``: ``rho_t = pi(y_t) / pi_old(y_t)`` per token (GRPO, PPO);
+   - ``"sequence"``: GSPO (Zheng et al. 2025), one length-normalised ratio per completion shared by
+     its tokens, ``s_i = exp(mean_t log(pi(y_t) / pi_old(y_t)))``, clipped as above (the GSPO paper
+     clips it far tighter than a token ratio, eps_low = 3e-4, eps_high = 4e-4). With
+     ``loss_type="grpo"`` the loss is exactly GSPO's ``-mean_i min(s_i A_i, clip(s_i) A_i)``
+     (plus the KL term); the token-summing loss types weigh each completion by its length.
 
-The score R is the task score alone: the KL lives in the loss, so the environment's
-per-token KL reward is not used for the advantage (``beta`` defaults to the
-environment's ``kl_coef``, so the objective is the same one the other agents maximise).
+4. Aggregate the token losses (``loss_type``; as TRL's GRPOTrainer defines them):
+   - ``"grpo"``: mean over each sequence's tokens, then over sequences (the original);
+   - ``"bnpo"``: mean over all tokens of each micro-batch (token-level), micro-batches averaged;
+   - ``"dr_grpo"``: sum over all tokens divided by a constant ``N * max_new_tokens`` (Dr. GRPO);
+   - ``"dapo"``: sum over all tokens of the whole minibatch (every micro-batch of one optimizer
+     step) divided by that minibatch's token count (DAPO's token-level loss; equals ``"bnpo"``
+     without gradient accumulation).
+
+Where the KL goes (``kl_placement``, ``kl_estimator``; the bias of each choice is derived in
+:mod:`lmgym.agents.kl`):
+
+- ``"loss"`` (default, with k3, as the paper): R is the task score alone and ``beta * k_t(theta)``
+  is added to each token's loss. With k3 its gradient is not that of the KL-regularised
+  objective: on-policy, it is the gradient of the *forward* KL ``sum_t E_{s_t}[KL(pi_ref || pi)(s_t)]``
+  with the states held fixed (k2: the reverse KL's, states held fixed; k1: zero in expectation).
+  The score enters through advantages divided by the group's std and the KL does not, so measured
+  against the objective the KL weighs ``beta * std_group(R)`` rather than beta (``scale_rewards=False``
+  keeps it at beta, up to the token averaging of ``loss_type``).
+- ``"reward"``: ``R_i = score_i - beta * sum_t k_t`` from the rollout's log-probs, normalised within
+  the group like the score; k1 gives the unbiased gradient of ``E[R] - beta * KL(pi || pi_ref)``
+  (up to the group normalisation, as for the score), k2 / k3 a biased one.
+
+``beta`` defaults to the environment's ``kl_coef``, so the objective is the same one the other
+agents maximise.
 """
 
 from __future__ import annotations
@@ -31,10 +56,12 @@ import torch
 
 from lmgym.agents.base import Agent, AgentConfig, Rollout, masked_mean, policy_forward
 from lmgym.agents.config import OneOf, Range
+from lmgym.agents.kl import KL_ESTIMATORS, KL_PLACEMENTS, kl_estimate, penalised_returns
 
-__all__ = ["GRPOConfig", "GRPO", "group_advantages", "k3_kl", "aggregate_loss"]
+__all__ = ["GRPOConfig", "GRPO", "group_advantages", "k3_kl", "aggregate_loss", "grpo_token_loss"]
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+IMPORTANCE_LEVELS = ("token", "sequence")
 
 
 @dataclass
@@ -44,7 +71,13 @@ class GRPOConfig(AgentConfig):
     learning_rate: float = 1e-4
     """AdamW learning rate"""
     beta: Annotated[float | None, Range(ge=0)] = None
-    """weight of the k3 KL to the reference in the loss (None: the environment's kl_coef, followed as it changes)"""
+    """weight of the KL to the reference (None: the environment's kl_coef, followed as it changes)"""
+    kl_estimator: Annotated[str, OneOf(*KL_ESTIMATORS)] = "k3"
+    """per-token KL estimator: k1 = log(pi/pi_ref), k2 = log(pi/pi_ref)^2 / 2, k3 = pi_ref/pi - 1 - log(pi_ref/pi)"""
+    kl_placement: Annotated[str, OneOf(*KL_PLACEMENTS)] = "loss"
+    """loss (beta * k_t added to each token's loss) or reward (beta * sum_t k_t subtracted from the score)"""
+    importance_sampling_level: Annotated[str, OneOf(*IMPORTANCE_LEVELS)] = "token"
+    """token: one ratio per token (GRPO); sequence: exp(mean_t log ratio) per completion (GSPO)"""
     epsilon_low: Annotated[float, Range(ge=0, lt=1)] = 0.2
     """lower clipping epsilon of the ratio"""
     epsilon_high: Annotated[float, Range(ge=0)] = 0.28
@@ -52,7 +85,8 @@ class GRPOConfig(AgentConfig):
     scale_rewards: bool = True
     """divide advantages by the group's standard deviation"""
     loss_type: Annotated[str, OneOf(*LOSS_TYPES)] = "grpo"
-    """token-loss aggregation: grpo (per-sequence mean), bnpo (per-token mean), dr_grpo (constant normaliser)"""
+    """token-loss aggregation: grpo (per-sequence mean), bnpo (per-token mean), dr_grpo (constant normaliser),
+    dapo (sum over the minibatch's tokens / their count)"""
     advantage_eps: Annotated[float, Range(ge=0)] = 1e-4
     """added to the group std"""
 
@@ -68,18 +102,49 @@ def group_advantages(scores: torch.Tensor, group_size: int, scale: bool = True, 
 
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """The k3 estimator of KL(pi || pi_ref) per token: ``exp(d) - d - 1`` with ``d = log pi_ref - log pi``."""
-    d = ref_logprobs - logprobs
-    return d.exp() - d - 1
+    return kl_estimate(logprobs, ref_logprobs, "k3")
 
 
-def aggregate_loss(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str, max_new_tokens: int):
+def aggregate_loss(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str, max_new_tokens: int,
+                   num_tokens: torch.Tensor | float | None = None):
+    """One micro-batch's loss from its per-token losses ``(n, T)``.
+
+    ``num_tokens`` (``"dapo"`` only) is the token count of the whole minibatch the micro-batch belongs
+    to: its loss is then this micro-batch's share of the minibatch's token mean, so the shares are
+    summed, not averaged, over micro-batches (default: this micro-batch's own count).
+    """
     if loss_type == "grpo":
         return masked_mean(token_loss, mask, dim=1).mean()
     if loss_type == "bnpo":
         return masked_mean(token_loss, mask)
     if loss_type == "dr_grpo":
         return (token_loss * mask).sum() / (token_loss.shape[0] * max_new_tokens)
+    if loss_type == "dapo":
+        count = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens)
+        return (token_loss * mask).sum() / count.clamp(min=1)
     raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+
+def grpo_token_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, *, epsilon_low: float,
+                    epsilon_high: float, beta: float, kl_estimator: str = "k3", kl_in_loss: bool = True,
+                    importance_sampling_level: str = "token"):
+    """Per-token losses ``(n, T)``: the clipped surrogate (token or GSPO sequence ratio), plus ``beta * k_t``
+    when the KL is in the loss. Returns ``(token_loss, ratio, kl)``; ``ratio`` is ``(n, T)`` for token-level
+    ratios and ``(n, 1)`` for sequence-level ones; ``kl`` is None when the KL is not in the loss.
+    ``advantages`` is ``(n,)``, one per completion."""
+    adv = advantages[:, None]
+    log_ratio = logprobs - old_logprobs
+    if importance_sampling_level == "sequence":
+        log_ratio = masked_mean(log_ratio, mask, dim=1)[:, None]  # length-normalised sequence log-ratio
+    elif importance_sampling_level != "token":
+        raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_LEVELS}, "
+                         f"got {importance_sampling_level!r}")
+    ratio = log_ratio.exp()
+    surrogate = torch.min(ratio * adv, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * adv)
+    if not kl_in_loss:
+        return -surrogate.expand_as(logprobs), ratio, None
+    kl = kl_estimate(logprobs, ref_logprobs, kl_estimator)
+    return -surrogate + beta * kl, ratio, kl
 
 
 class GRPO(Agent):
@@ -102,35 +167,49 @@ class GRPO(Agent):
     def update(self, rollout: Rollout) -> dict[str, float]:
         cfg = self.config
 
-        # 1. Group-normalised advantages from the task scores.
-        advantages = group_advantages(rollout.scores, rollout.group_size, cfg.scale_rewards, cfg.advantage_eps)
-        self.check_finite(scores=rollout.scores, advantages=advantages)
+        # 1. Group-normalised advantages from the task scores (minus the KL penalty if it is in the reward).
+        kl_in_loss = cfg.kl_placement == "loss"
+        returns = penalised_returns(rollout, cfg.kl_estimator, cfg.kl_placement, self.beta)
+        advantages = group_advantages(returns, rollout.group_size, cfg.scale_rewards, cfg.advantage_eps)
+        self.check_finite(scores=returns, advantages=advantages)
 
-        # 2. Clipped surrogate + beta * k3 KL per token, aggregated as configured.
+        # 2. Clipped surrogate (+ beta * KL per token when it is in the loss), aggregated as configured.
+        kl_key = f"objective/{cfg.kl_estimator}_kl"
         stats = {"loss/policy": [], "policy/clipfrac": [], "policy/approxkl": [], "objective/entropy": [],
-                 "objective/k3_kl": [], "loss/grad_norm": []}
+                 "loss/grad_norm": []}
+        if kl_in_loss:
+            stats[kl_key] = []
+        # dapo divides by the minibatch's token count and sums its micro-batches' shares; the others average them.
+        micro_divisor = 1 if cfg.loss_type == "dapo" else cfg.gradient_accumulation_steps
         for idx in self.minibatches(len(rollout)):
+            minibatch_tokens = rollout.mask[idx].sum()
             for micro in self.micro_batches(idx):
                 batch = rollout.select(micro)
                 with self.autocast():
                     logprobs, entropy, _ = policy_forward(self.policy, batch, sampling=self.sampling,
                                                           chunk_size=cfg.logprob_chunk_size)
-                adv = advantages[micro][:, None]
-                log_ratio = logprobs - batch.logprobs
-                ratio = log_ratio.exp()
-                surrogate = torch.min(ratio * adv, ratio.clamp(1 - cfg.epsilon_low, 1 + cfg.epsilon_high) * adv)
-                kl = k3_kl(logprobs, batch.ref_logprobs)
-                loss = aggregate_loss(-surrogate + self.beta * kl, batch.mask, cfg.loss_type,
-                                      self.env.max_new_tokens)
+                adv = advantages[micro]
+                token_loss, ratio, kl = grpo_token_loss(
+                    logprobs, batch.logprobs, batch.ref_logprobs, adv, batch.mask, epsilon_low=cfg.epsilon_low,
+                    epsilon_high=cfg.epsilon_high, beta=self.beta, kl_estimator=cfg.kl_estimator,
+                    kl_in_loss=kl_in_loss, importance_sampling_level=cfg.importance_sampling_level)
+                loss = aggregate_loss(token_loss, batch.mask, cfg.loss_type, self.env.max_new_tokens,
+                                      num_tokens=minibatch_tokens)
                 self.check_finite(**{"loss/policy": loss})
-                (loss / cfg.gradient_accumulation_steps).backward()
+                (loss / micro_divisor).backward()
                 with torch.no_grad():
+                    adv = adv[:, None]
                     low, high = ratio < 1 - cfg.epsilon_low, ratio > 1 + cfg.epsilon_high
-                    clipped = ((low & (adv < 0)) | (high & (adv > 0))).float()
-                    for key, value in (("loss/policy", loss), ("policy/clipfrac", masked_mean(clipped, batch.mask)),
-                                       ("policy/approxkl", masked_mean((ratio - 1) - log_ratio, batch.mask)),
-                                       ("objective/entropy", masked_mean(entropy, batch.mask)),
-                                       ("objective/k3_kl", masked_mean(kl, batch.mask))):
+                    clipped = ((low & (adv < 0)) | (high & (adv > 0))).float().expand_as(batch.mask)
+                    log_ratio = logprobs - batch.logprobs
+                    minibatch_loss = loss * cfg.gradient_accumulation_steps if micro_divisor == 1 else loss
+                    logged = [("loss/policy", minibatch_loss),  # averaged over micro-batches below
+                              ("policy/clipfrac", masked_mean(clipped, batch.mask)),
+                              ("policy/approxkl", masked_mean((log_ratio.exp() - 1) - log_ratio, batch.mask)),
+                              ("objective/entropy", masked_mean(entropy, batch.mask))]
+                    if kl_in_loss:
+                        logged.append((kl_key, masked_mean(kl, batch.mask)))
+                    for key, value in logged:
                         stats[key].append(value.detach())
             stats["loss/grad_norm"].append(torch.tensor(self.optimizer_step()))
         return {k: float(torch.stack(v).mean()) for k, v in stats.items()}

@@ -4,12 +4,23 @@ Per iteration:
 
 1. Roll out: the policy samples one continuation per prompt; the environment returns
    per-token rewards ``r_t = -beta * KL_t`` plus the score on the last token.
+   Where the KL goes is ``kl_placement`` (see :mod:`lmgym.agents.kl` for the bias of each choice):
+   - ``"reward"`` (default): the advantages below are computed from ``-beta * k_t`` plus the
+     score on the last token, ``k_t`` the ``kl_estimator`` of the sampled token's log ratio
+     ``log pi_old - log pi_ref``. With k1 (default) these are the environment's own rewards,
+     and the update is the unbiased policy gradient of the KL-regularised objective; k2 / k3
+     give a biased one (k3: plus beta times the per-state gradient of KL(pi_ref || pi)).
+   - ``"loss"``: the advantages see the score alone and ``beta * mean_t k_t(theta)`` (a mean over
+     the minibatch's tokens, like the surrogate) is added to the loss of step 4. Its gradient is
+     0 in expectation for k1, the per-state reverse KL's for k2, and the per-state *forward*
+     KL(pi_ref || pi)'s for k3, with the state distribution held fixed (biased). The KL then
+     weighs against whitened advantages, not against the raw score as in the objective.
 2. Estimate values V(s_t) with the critic (a value head on the policy's last hidden
    state, or on a separate copy of the reference model).
 3. Generalised advantage estimation (Schulman et al. 2016), gamma = 1 and lambda = 0.95
    by default; returns ``G_t = A_t + V(s_t)``; advantages whitened over the batch.
 4. For ``update_epochs`` passes over ``num_minibatches`` minibatches, minimise
-   ``L = L_clip + vf_coef * L_value - ent_coef * entropy`` with the clipped surrogate
+   ``L = L_clip + vf_coef * L_value - ent_coef * entropy (+ beta * L_kl)`` with the clipped surrogate
    ``L_clip = E[max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps))]`` (rho = pi / pi_old) and
    the clipped value loss ``L_value = 0.5 * E[max((V - G)^2, (clip(V, V_old +- eps_v) - G)^2)]``.
 5. Optionally adapt beta towards a target KL (Ziegler et al. 2019, section 2.2):
@@ -27,7 +38,8 @@ from typing import Annotated
 import torch
 
 from lmgym.agents.base import Agent, AgentConfig, Rollout, ValueHead, masked_mean, masked_whiten, policy_forward
-from lmgym.agents.config import Range
+from lmgym.agents.config import OneOf, Range
+from lmgym.agents.kl import KL_ESTIMATORS, KL_PLACEMENTS, kl_penalty_loss, penalised_rewards
 from lmgym.agents.policy import trainable_copy
 
 __all__ = ["PPOConfig", "PPO", "gae", "ppo_losses", "AdaptiveKLController"]
@@ -65,6 +77,10 @@ class PPOConfig(AgentConfig):
     """target KL per episode for the adaptive controller"""
     kl_horizon: Annotated[int, Range(ge=1)] = 10000
     """horizon of the adaptive controller, in episodes (lm-human-preferences and TRL: 10000)"""
+    kl_estimator: Annotated[str, OneOf(*KL_ESTIMATORS)] = "k1"
+    """per-token KL estimator: k1 = log(pi/pi_ref), k2 = log(pi/pi_ref)^2 / 2, k3 = pi_ref/pi - 1 - log(pi_ref/pi)"""
+    kl_placement: Annotated[str, OneOf(*KL_PLACEMENTS)] = "reward"
+    """reward (a per-token penalty in the rewards, as the environment's) or loss (a KL term in the loss)"""
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
@@ -179,8 +195,11 @@ class PPO(Agent):
             old_values = old_values * mask
         self.check_finite(rewards=rollout.rewards, values=old_values)
 
-        # 2. GAE advantages and returns, from the environment's per-token rewards.
-        advantages = gae(rollout.rewards, old_values, mask, cfg.gamma, cfg.gae_lambda)
+        # 2. GAE advantages and returns, from the per-token rewards: the environment's with k1 in the
+        #    reward, else the score with the chosen estimator's penalty (reward) or no penalty (loss).
+        beta = self.env.kl_coef
+        rewards = penalised_rewards(rollout, cfg.kl_estimator, cfg.kl_placement, beta)
+        advantages = gae(rewards, old_values, mask, cfg.gamma, cfg.gae_lambda)
         returns = advantages + old_values
         if cfg.norm_adv:
             advantages = masked_whiten(advantages, mask) * mask
@@ -189,6 +208,9 @@ class PPO(Agent):
         # 3. Several epochs of clipped-surrogate minibatch updates.
         stats = {"loss/policy": [], "loss/value": [], "policy/clipfrac": [], "policy/approxkl": [],
                  "objective/entropy": [], "loss/grad_norm": []}
+        kl_in_loss = cfg.kl_placement == "loss"
+        if kl_in_loss:
+            stats[f"objective/{cfg.kl_estimator}_kl"] = []
         for idx in self.minibatches(len(rollout)):
             for micro in self.micro_batches(idx):
                 batch = rollout.select(micro)
@@ -198,6 +220,11 @@ class PPO(Agent):
                     batch.mask, cfg.clip_coef, cfg.clip_value)
                 entropy_mean = masked_mean(entropy, batch.mask)
                 loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy_mean
+                if kl_in_loss:
+                    kl_loss = kl_penalty_loss(logprobs, batch.ref_logprobs, batch.mask, cfg.kl_estimator, per="token")
+                    loss = loss + beta * kl_loss
+                    self.check_finite(**{"loss/kl": kl_loss})
+                    stats[f"objective/{cfg.kl_estimator}_kl"].append(kl_loss.detach())
                 self.check_finite(**{"loss/policy": policy_loss, "loss/value": value_loss})
                 (loss / cfg.gradient_accumulation_steps).backward()
                 for key, value in (("loss/policy", policy_loss), ("loss/value", value_loss),

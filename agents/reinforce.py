@@ -16,6 +16,23 @@ with the baseline b_i:
 
 The loss ``-mean_i[(R_i - b_i) * sum_t log pi]`` is minimised with one optimizer step per
 minibatch.
+
+Where the KL goes (``kl_placement``, ``kl_estimator``; the bias of each choice is derived in
+:mod:`lmgym.agents.kl`):
+
+- ``"reward"`` (default): ``R_i = score_i - beta * sum_t k_t`` with ``k_t`` the estimator of the
+  sampled token's log ratio ``d_t = log pi_old - log pi_ref`` (the rollout's log-probs, no
+  gradient). With k1 (default) that is the environment's return, and the update above is the
+  unbiased gradient of the KL-regularised objective ``E[score] - beta * KL(pi || pi_ref)``.
+  k2 (``d_t^2 / 2``) penalises another quantity than the KL; k3 (``exp(-d_t) - 1 + d_t``) has the
+  KL as its expectation, but as a fixed reward its gradient misses
+  ``beta * sum_t E[grad KL(pi_ref || pi)(s_t)]``: both are biased.
+- ``"loss"``: ``R_i = score_i`` and ``beta * mean_i sum_t k_t(theta)`` is added to the loss (the
+  sum over tokens, as the KL of J). Its expected gradient is 0 for k1, the per-state reverse
+  KL's for k2 and the per-state forward KL(pi_ref || pi)'s for k3, each with the state
+  distribution held fixed: biased, except k2 on one-token episodes.
+
+``beta`` is the environment's ``kl_coef``.
 """
 
 from __future__ import annotations
@@ -28,6 +45,7 @@ import torch
 
 from lmgym.agents.base import Agent, AgentConfig, Rollout, masked_mean, policy_forward
 from lmgym.agents.config import OneOf, Range
+from lmgym.agents.kl import KL_ESTIMATORS, KL_PLACEMENTS, kl_penalty_loss, penalised_rewards
 
 __all__ = ["ReinforceConfig", "Reinforce", "RLOOConfig", "RLOO", "leave_one_out_baseline"]
 
@@ -46,6 +64,10 @@ class ReinforceConfig(AgentConfig):
     """decay of the moving-average baseline"""
     normalize_advantages: bool = False
     """divide R - b by the batch standard deviation"""
+    kl_estimator: Annotated[str, OneOf(*KL_ESTIMATORS)] = "k1"
+    """per-token KL estimator: k1 = log(pi/pi_ref), k2 = log(pi/pi_ref)^2 / 2, k3 = pi_ref/pi - 1 - log(pi_ref/pi)"""
+    kl_placement: Annotated[str, OneOf(*KL_PLACEMENTS)] = "reward"
+    """reward (beta * sum_t k_t subtracted from each return) or loss (a KL term in the loss)"""
 
 
 @dataclass
@@ -103,8 +125,10 @@ class Reinforce(Agent):
     def update(self, rollout: Rollout) -> dict[str, float]:
         cfg = self.config
 
-        # 1. Sequence returns and their baseline.
-        returns = rollout.returns
+        # 1. Sequence returns (the environment's with k1 in the reward; else the score, minus the chosen
+        #    estimator's penalty when it is in the reward) and their baseline.
+        beta = self.env.kl_coef
+        returns = penalised_rewards(rollout, cfg.kl_estimator, cfg.kl_placement, beta).sum(1)
         advantages = returns - self.baseline(returns)
         if cfg.normalize_advantages:
             advantages = advantages / (advantages.std() + 1e-8)
@@ -112,6 +136,9 @@ class Reinforce(Agent):
 
         # 2. Policy gradient on the log-likelihood of each whole completion.
         stats = {"loss/policy": [], "objective/entropy": [], "loss/grad_norm": []}
+        kl_in_loss = cfg.kl_placement == "loss"
+        if kl_in_loss:
+            stats[f"objective/{cfg.kl_estimator}_kl"] = []
         for idx in self.minibatches(len(rollout)):
             for micro in self.micro_batches(idx):
                 batch = rollout.select(micro)
@@ -119,10 +146,17 @@ class Reinforce(Agent):
                     logprobs, entropy, _ = policy_forward(self.policy, batch, sampling=self.sampling,
                                                           chunk_size=cfg.logprob_chunk_size)
                 sequence_logprob = (logprobs * batch.mask).sum(1)
-                loss = -(advantages[micro] * sequence_logprob).mean()
-                self.check_finite(**{"loss/policy": loss})
+                policy_loss = -(advantages[micro] * sequence_logprob).mean()
+                self.check_finite(**{"loss/policy": policy_loss})
+                loss = policy_loss
+                if kl_in_loss:
+                    kl_loss = kl_penalty_loss(logprobs, batch.ref_logprobs, batch.mask, cfg.kl_estimator,
+                                              per="sequence")
+                    self.check_finite(**{"loss/kl": kl_loss})
+                    stats[f"objective/{cfg.kl_estimator}_kl"].append(kl_loss.detach())
+                    loss = loss + beta * kl_loss
                 (loss / cfg.gradient_accumulation_steps).backward()
-                stats["loss/policy"].append(loss.detach())
+                stats["loss/policy"].append(policy_loss.detach())
                 stats["objective/entropy"].append(masked_mean(entropy, batch.mask).detach())
             stats["loss/grad_norm"].append(torch.tensor(self.optimizer_step()))
         metrics = {k: float(torch.stack(v).mean()) for k, v in stats.items()}

@@ -20,6 +20,7 @@ Without a bound policy, an lmgym environment's per-token reward is
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from typing import Any
 
@@ -88,6 +89,16 @@ class LMGymVecEnv(VecEnv):
     def close(self) -> None:
         pass
 
+    def set_action_mask_fn(self, fn) -> None:
+        """Bind ``fn(observation) -> (n_envs, n_actions) bool`` (see ``TextGenVectorEnv.set_action_mask_fn``), e.g.
+        ``lmgym.masking.NucleusMask(model, top_p=0.9)``; ``None`` unbinds."""
+        self.venv.set_action_mask_fn(fn)
+
+    def action_masks(self) -> np.ndarray:
+        """``(n_envs, n_actions)`` bool: the tokens allowed at the current states (all True without a mask
+        function), in the layout sb3-contrib's ``MaskablePPO`` reads with ``get_action_masks(env)``."""
+        return _to_numpy(self.venv.action_masks()).astype(bool)
+
     # The rest of SB3's VecEnv interface, answered by the one underlying environment.
     def get_attr(self, attr_name, indices=None):
         return [getattr(self.venv, attr_name)] * len(self._get_indices(indices))
@@ -96,8 +107,12 @@ class LMGymVecEnv(VecEnv):
         setattr(self.venv, attr_name, value)
 
     def env_method(self, method_name, *method_args, indices=None, **method_kwargs):
+        rows = self._get_indices(indices)
+        if method_name == "action_masks":  # per-env results, which sb3-contrib stacks into (n_envs, n_actions)
+            masks = self.action_masks()
+            return [masks[i] for i in rows]
         result = getattr(self.venv, method_name)(*method_args, **method_kwargs)
-        return [result] * len(self._get_indices(indices))
+        return [result] * len(rows)
 
     def env_is_wrapped(self, wrapper_class, indices=None):
         return [False] * len(self._get_indices(indices))
@@ -122,8 +137,11 @@ def _lmgym_envs(env) -> list:
     raise TypeError(f"cannot find an lmgym environment inside {type(env).__name__}")
 
 
-def _policy_logprob(model, deterministic: bool = False):
+def _policy_logprob(model, deterministic: bool = False, env=None):
     """``fn(observation, actions) -> log pi(actions|observation)`` for an SB3 model (or policy).
+
+    ``env``: the lmgym environment the function is bound to; a maskable policy (sb3-contrib) is then
+    evaluated under that environment's action mask (``env.set_action_mask_fn``) at the observed states.
 
     ``deterministic``: the policy that ``model.predict(obs, deterministic=True)`` follows, a point
     mass on its choice, so log pi = log 1 = 0 for every action it takes. Otherwise the stochastic
@@ -134,10 +152,15 @@ def _policy_logprob(model, deterministic: bool = False):
         return lambda obs, actions: torch.zeros(actions.shape, dtype=torch.float32, device=actions.device)
     policy = getattr(model, "policy", model)
     if hasattr(policy, "get_distribution"):
+        # sb3-contrib's maskable policies sample from their distribution restricted to the env's action mask:
+        # that masked distribution is the policy whose log-prob the KL term needs.
+        masked = env is not None and "action_masks" in inspect.signature(policy.get_distribution).parameters
+
         @torch.no_grad()
         def logprob(obs, actions):
             obs_t, _ = policy.obs_to_tensor(_to_numpy(obs))
-            return policy.get_distribution(obs_t).log_prob(actions.to(policy.device)).float()
+            extra = {"action_masks": _to_numpy(env.core.action_masks(obs))} if masked else {}
+            return policy.get_distribution(obs_t, **extra).log_prob(actions.to(policy.device)).float()
         return logprob
     if hasattr(policy, "q_net"):
         if not hasattr(model, "exploration_rate"):
@@ -162,9 +185,8 @@ def bind_sb3_model(env, model) -> None:
 
     ``None`` as ``model`` unbinds. Each step then costs one extra policy evaluation.
     """
-    logprob = None if model is None else _policy_logprob(model)
     for e in _lmgym_envs(env):
-        e.bind_policy(logprob)
+        e.bind_policy(None if model is None else _policy_logprob(model, env=e))
 
 
 def evaluate_return(model, env, n_episodes: int = 200, deterministic: bool = False) -> dict[str, float]:
@@ -179,14 +201,16 @@ def evaluate_return(model, env, n_episodes: int = 200, deterministic: bool = Fal
     """
     inner = env.unwrapped
     previous = inner.core.policy_fn
-    inner.bind_policy(_policy_logprob(model, deterministic))
+    inner.bind_policy(_policy_logprob(model, deterministic, env=inner))
+    takes_masks = "action_masks" in inspect.signature(model.predict).parameters  # sb3-contrib's maskable models
     returns, scores = [], []
     try:
         for ep in range(n_episodes):
             obs, _ = inner.reset(seed=ep if ep == 0 else None)
             total, done = 0.0, False
             while not done:
-                action, _ = model.predict(obs, deterministic=deterministic)
+                mask = {"action_masks": inner.action_masks()} if takes_masks else {}
+                action, _ = model.predict(obs, deterministic=deterministic, **mask)
                 obs, reward, term, trunc, info = inner.step(int(action))
                 total += reward
                 done = term or trunc

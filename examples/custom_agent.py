@@ -1,7 +1,11 @@
-"""Plug in your own algorithm: best-of-k rejection-sampling fine-tuning (RAFT / ReST-style) in a few lines.
+"""Plug in your own algorithm: reward-weighted regression (Peters & Schaal 2007) in a few lines.
 
 Subclass ``Agent``, give it a config dataclass and write ``update``; sampling, scoring,
 the training loop, logging, checkpoints and resume come from the base class.
+
+Reward-weighted regression fits the policy to its own samples weighted by
+``softmax(return / temperature)`` within each prompt's group: a soft version of
+best-of-K fine-tuning, which lmgym ships as an agent (``lmgym.agents.RFT``, ``--agent rft``).
 
     python examples/custom_agent.py
 """
@@ -17,25 +21,28 @@ from lmgym.agents.base import policy_forward
 
 
 @dataclass
-class BestOfKConfig(AgentConfig):
-    """Hyper-parameters of best-of-k fine-tuning."""
+class RewardWeightedConfig(AgentConfig):
+    """Hyper-parameters of reward-weighted regression."""
 
     learning_rate: float = 3e-3
     """AdamW learning rate"""
+    temperature_of_weights: float = 0.1
+    """softmax temperature of the returns within a group (lower: closer to keeping only the best)"""
 
 
-class BestOfK(Agent):
-    """Each iteration: sample k completions per prompt, keep the highest-return one, maximise its likelihood."""
+class RewardWeighted(Agent):
+    """Each iteration: weight each completion by softmax(return / temperature) within its group, maximise the
+    weighted log-likelihood."""
 
-    config_class = BestOfKConfig
-    name = "best_of_k"
+    config_class = RewardWeightedConfig
+    name = "reward_weighted"
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         k = rollout.group_size
-        best = rollout.returns.view(-1, k).argmax(dim=1) + torch.arange(0, len(rollout), k, device=self.device)
-        batch = rollout.select(best)
-        logprobs, entropy, _ = policy_forward(self.policy, batch)
-        loss = -((logprobs * batch.mask).sum(1) / batch.mask.sum(1)).mean()  # mean token NLL of the winners
+        weights = torch.softmax(rollout.returns.view(-1, k) / self.config.temperature_of_weights, dim=1).view(-1)
+        logprobs, _, _ = policy_forward(self.policy, rollout)
+        token_mean_logprob = (logprobs * rollout.mask).sum(1) / rollout.mask.sum(1)
+        loss = -(weights * token_mean_logprob).sum() / (len(rollout) // k)  # mean over prompts
         self.check_finite(**{"loss/policy": loss})
         loss.backward()
         grad_norm = self.optimizer_step()
@@ -44,7 +51,7 @@ class BestOfK(Agent):
 
 def main(total_steps: int = 20_000, logdir: str | None = "runs/custom_agent") -> dict:
     venv = gym.make_vec("lmgym/TargetToken-v0", num_envs=64, group_size=8, device="cpu")
-    agent = BestOfK(venv, logdir=logdir)
+    agent = RewardWeighted(venv, logdir=logdir)
     before = agent.evaluate()
     agent.learn(total_steps)
     after = agent.evaluate()

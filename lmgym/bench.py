@@ -15,6 +15,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,10 +26,11 @@ import torch
 
 import lmgym  # noqa: F401  registers the environments
 
-__all__ = ["AGENT_NAMES", "RECOMMENDED", "run", "bench", "parse_overrides", "write_report"]
+__all__ = ["AGENT_NAMES", "RECOMMENDED", "run", "bench", "parse_overrides", "write_report", "readme_block",
+           "update_readme", "machine"]
 
-AGENT_NAMES = ("ppo", "grpo", "reinforce", "rloo", "sb3-ppo")
-GROUPED = {"grpo": 8, "rloo": 8}
+AGENT_NAMES = ("ppo", "grpo", "reinforce", "rloo", "a2c", "rft", "dpo", "online-dpo", "sb3-ppo", "nlpo")
+GROUPED = {"grpo": 8, "rloo": 8, "rft": 8, "online-dpo": 8}
 """Agents that need several completions per prompt, and how many."""
 
 RECOMMENDED = {
@@ -120,15 +122,28 @@ def run(task: str, agent: str, *, steps: int | None = 20_000, seconds: float | N
     """Train ``agent`` on ``task`` until ``steps`` environment steps (tokens) or ``seconds`` of wall time.
 
     Returns a dict with the start and end score / KL / return, the fraction of the exact
-    optimum (diagnostic tasks), wall time, tokens per second, peak memory and the
-    learning curve ``[[env_steps, seconds, score, kl], ...]``.
+    optimum (diagnostic tasks), wall time of training (``wall_seconds``) and of the whole
+    call including building the environment and evaluations (``elapsed_seconds``), tokens
+    per second, peak memory, the :func:`machine` it ran on and the learning curve
+    ``[[env_steps, seconds, score, kl], ...]``.
+
+    ``logdir`` is locked while the run writes to it (another process gets a
+    :class:`lmgym.lock.LockedError` naming this one), and torch's thread count is capped
+    at the usable physical cores (:func:`lmgym.cpu.limit_torch_threads`). When resuming,
+    ``steps`` is the total budget: a checkpoint that already reached it is refused.
     """
+    from lmgym.cpu import limit_torch_threads
+    from lmgym.lock import FolderLock
     from lmgym.models import resolve_device
 
     _check_task(task)
     _check_agent(agent)
     if steps is None and seconds is None:
         raise BenchError("give a budget: steps, seconds, or both")
+    if logdir is not None and Path(logdir).exists() and not Path(logdir).is_dir():
+        raise BenchError(f"the log folder {logdir} is a file; choose another folder")
+    started = time.perf_counter()
+    limit_torch_threads()
     overrides = {**RECOMMENDED.get(task, {}), **(overrides or {})}
     dev = resolve_device(device)
     if dev.type == "cuda":
@@ -138,12 +153,39 @@ def run(task: str, agent: str, *, steps: int | None = 20_000, seconds: float | N
     group = overrides.pop("group_size", GROUPED.get(agent, 1))
     budget = steps if steps is not None else sys.maxsize
     runner = _run_sb3 if agent == "sb3-ppo" else _run_lmgym
-    result = runner(task, agent, budget=budget, seconds=seconds, seed=seed, device=dev, logdir=logdir,
-                    overrides=overrides, env_kwargs=env_kwargs, num_envs=num_envs, group=group, resume=resume,
-                    progress=progress, eval_batches=eval_batches)
+    # One process at a time writes a run's logs and checkpoints.
+    lock = FolderLock(logdir, f"lmgym training {agent} on {task}").acquire() if logdir is not None else None
+    try:
+        result = runner(task, agent, budget=budget, seconds=seconds, seed=seed, device=dev, logdir=logdir,
+                        overrides=overrides, env_kwargs=env_kwargs, num_envs=num_envs, group=group, resume=resume,
+                        progress=progress, eval_batches=eval_batches)
+    finally:
+        if lock is not None:
+            lock.release()
     result.update(task=task, agent=agent, seed=seed, device=str(dev), peak_memory_mib=_peak_memory_mib(dev),
-                  memory_kind="cuda max allocated" if dev.type == "cuda" else "process peak RSS")
+                  memory_kind="cuda max allocated" if dev.type == "cuda" else "process peak RSS",
+                  elapsed_seconds=time.perf_counter() - started, machine=machine(dev))
     return result
+
+
+def machine(device: torch.device | None = None) -> dict:
+    """Where a run was measured: CPU model, usable physical cores, torch's threads, and the GPU if one was used."""
+    import platform
+
+    from lmgym.cpu import available_cores
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": available_cores(), "torch_threads": torch.get_num_threads()}
+    if device is not None and device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
 
 
 def _optimum(venv) -> float | None:
@@ -161,13 +203,18 @@ def _run_lmgym(task, agent, *, budget, seconds, seed, device, logdir, overrides,
     learner = AGENTS[agent](venv, logdir=logdir, seed=seed, **overrides)
     if resume is not None:
         learner.load(resume)
+        if budget <= learner.global_step:
+            raise BenchError(f"the checkpoint {resume} has already trained {learner.global_step} environment steps "
+                             f"and steps={budget} is the total budget, so there is nothing to do; ask for more "
+                             f"(e.g. --steps {learner.global_step + budget})")
     optimum = _optimum(venv)
     start_eval = learner.evaluate(eval_batches)
     curve, t0 = [], time.perf_counter()
 
     def record(agent_, metrics):
-        curve.append([agent_.global_step, time.perf_counter() - t0, metrics["objective/scores"],
-                      metrics["objective/kl"]])
+        if "objective/scores" in metrics:  # offline agents (DPO on a file) sample no episodes while training
+            curve.append([agent_.global_step, time.perf_counter() - t0, metrics["objective/scores"],
+                          metrics["objective/kl"]])
         if seconds is not None and time.perf_counter() - t0 >= seconds:
             return False
         return None
@@ -300,10 +347,16 @@ def bench(out: str | os.PathLike, *, tasks: list[str], agents: list[str], seeds:
           progress: bool = True) -> dict:
     """Run every (task, agent, seed) under the same budget and write the report into ``out``.
 
-    Finished runs are stored under ``out/runs/`` and skipped when the grid is run again;
-    a folder that holds a different grid is refused rather than mixed.
+    Finished runs are stored under ``out/runs/`` with the full configuration of their
+    cell, and reused when the grid is run again only if that configuration is the same;
+    a folder that holds a different grid is refused rather than mixed. A cell that is
+    (re)done starts from an empty log folder, so its TensorBoard run holds one attempt.
+    The output folder is locked for the duration: a second ``lmgym bench`` into it is
+    refused, naming the process that holds it.
     """
     from tqdm.auto import tqdm
+
+    from lmgym.lock import FolderLock
 
     for t in tasks:
         _check_task(t)
@@ -311,35 +364,80 @@ def bench(out: str | os.PathLike, *, tasks: list[str], agents: list[str], seeds:
         _check_agent(a)
     overrides = overrides or {}
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BenchError(f"--out {out} is a file, not a folder; choose a folder for the bench results")
     grid = {"tasks": list(tasks), "agents": list(agents), "seeds": list(seeds), "steps": steps, "seconds": seconds,
             "overrides": overrides}
+    grid = json.loads(json.dumps(grid))  # as it reads back from grid.json
+    with FolderLock(out, "lmgym bench"):
+        _check_grid_file(out, grid)
+        cells = {f"{t.split('/')[-1]}__{a}__seed{s}": {"task": t, "agent": a, "seed": s, "steps": steps,
+                                                        "seconds": seconds, "overrides": grid["overrides"].get(a, {})}
+                 for t in tasks for a in agents for s in seeds}
+        finished = {name: _finished_run(out / "runs" / f"{name}.json", cell) for name, cell in cells.items()}
+        (out / "runs").mkdir(parents=True, exist_ok=True)
+        _atomic_write(out / "grid.json", json.dumps(grid, indent=1))  # only once every stored run fits this grid
+        results = []
+        bar = tqdm(cells.items(), desc="bench grid", unit="run", disable=not progress, position=0, dynamic_ncols=True)
+        for name, cell in bar:
+            task, agent, seed = cell["task"], cell["agent"], cell["seed"]
+            done = finished[name]
+            bar.set_postfix_str(name)
+            if done is not None:
+                results.append(done)
+                continue
+            logdir = out / "tensorboard" / task.split("/")[-1] / agent / f"seed{seed}"
+            if logdir.exists():
+                shutil.rmtree(logdir)  # an unfinished attempt: its curves and checkpoints would mix with this one
+            result = run(task, agent, steps=steps, seconds=seconds, seed=seed, device=device, logdir=logdir,
+                         overrides=dict(overrides.get(agent, {})), progress=progress)
+            result["cell"] = cell
+            _atomic_write(out / "runs" / f"{name}.json", json.dumps(result, indent=1, default=_jsonable))
+            results.append(result)
+        bar.close()
+        return write_report(out, results, grid)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` so that ``path`` is either the old file or the complete new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _check_grid_file(out: Path, grid: dict) -> None:
     grid_file = out / "grid.json"
-    if grid_file.exists():
+    if not grid_file.exists():
+        return
+    try:
         old = json.loads(grid_file.read_text())
-        if old != json.loads(json.dumps(grid)):
-            raise BenchError(f"{out} holds results of a different grid ({grid_file}); choose another --out folder "
-                             "or delete it, rather than mixing results")
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    grid_file.write_text(json.dumps(grid, indent=1))
-    cells = [(t, a, s) for t in tasks for a in agents for s in seeds]
-    results = []
-    bar = tqdm(cells, desc="bench grid", unit="run", disable=not progress, position=0)
-    for task, agent, seed in bar:
-        name = f"{task.split('/')[-1]}__{agent}__seed{seed}"
-        done_file = out / "runs" / f"{name}.json"
-        bar.set_postfix_str(name)
-        if done_file.exists():
-            results.append(json.loads(done_file.read_text()))
-            continue
-        result = run(task, agent, steps=steps, seconds=seconds, seed=seed, device=device,
-                     logdir=out / "tensorboard" / task.split("/")[-1] / agent / f"seed{seed}",
-                     overrides=dict(overrides.get(agent, {})), progress=False)
-        tmp = done_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1, default=_jsonable))
-        os.replace(tmp, done_file)  # a run counts as finished only once its file is complete
-        results.append(result)
-    report = write_report(out, results, grid)
-    return report
+    except (ValueError, OSError) as err:
+        raise BenchError(f"{grid_file} is unreadable ({err}); delete it (finished runs are still checked one by "
+                         "one against their recorded configuration) or choose another --out folder") from err
+    if old != grid:
+        raise BenchError(f"{out} holds results of a different grid ({grid_file}); choose another --out folder "
+                         "or delete it, rather than mixing results")
+
+
+def _finished_run(file: Path, cell: dict) -> dict | None:
+    """The stored result of a finished cell, or None if the cell has not finished. A result recorded under
+    another configuration (or none) is refused, never reused under this one."""
+    if not file.exists():
+        return None
+    try:
+        result = json.loads(file.read_text())
+        recorded = result.get("cell")
+    except (ValueError, OSError, AttributeError) as err:
+        raise BenchError(f"{file} is corrupt ({err}); delete it to run that cell again") from err
+    if not isinstance(recorded, dict):
+        raise BenchError(f"{file} does not record the configuration it was run with (an older lmgym), so it "
+                         "cannot be reused safely; delete it to run that cell again, or choose another --out folder")
+    if recorded != cell:
+        what = ", ".join(f"{k}={recorded.get(k)!r} here but {v!r} now" for k, v in cell.items()
+                         if recorded.get(k) != v)
+        raise BenchError(f"{file} is a run of another configuration ({what}); choose another --out folder or "
+                         "delete the old runs rather than mixing results")
+    return result
 
 
 def _jsonable(obj):
@@ -411,18 +509,58 @@ def results_markdown(table: dict, grid: dict) -> str:
 
 
 def _banded(ax, curves: list[np.ndarray], col: int, label: str) -> None:
-    """Mean line and min-max band over seeds, interpolated onto a common x grid."""
+    """Mean line and min-max band over seeds of the return against column ``col`` (steps or seconds).
+
+    Seeds are interpolated onto a common x grid. The mean and band cover the range every
+    seed has reached (up to the fastest seed's end); past it, each slower seed continues
+    as its own thin line to its end, so the plot runs to the slowest seed without a
+    mean over fewer seeds posing as one over all. A dot marks each seed's end.
+    """
     curves = [c for c in curves if len(c) > 1]
     if not curves:
         return
-    top = min(c[-1, col] for c in curves)
-    grid = np.linspace(max(c[0, col] for c in curves), top, 100)
+    first_end = min(c[-1, col] for c in curves)
+    grid = np.linspace(max(c[0, col] for c in curves), first_end, 200)
     ys = np.stack([np.interp(grid, c[:, col], c[:, 2]) for c in curves])
     line = ax.plot(grid, ys.mean(0), label=label)[0]
-    ax.fill_between(grid, ys.min(0), ys.max(0), alpha=0.2, color=line.get_color())
+    color = line.get_color()
+    ax.fill_between(grid, ys.min(0), ys.max(0), alpha=0.2, color=color, linewidth=0)
+    for c in curves:
+        if c[-1, col] > first_end:
+            rest = c[c[:, col] >= first_end]
+            xs = np.concatenate([[first_end], rest[:, col]])
+            ax.plot(xs, np.concatenate([[np.interp(first_end, c[:, col], c[:, 2])], rest[:, 2]]), color=color,
+                    linewidth=0.8, alpha=0.7)
+    ax.plot([c[-1, col] for c in curves], [c[-1, 2] for c in curves], "o", ms=3, color=color)
+
+
+def _return_curve(run: dict) -> np.ndarray:
+    """``[steps, seconds, return]`` rows of a run's curve, return = score - kl_coef * KL (rows without KL dropped),
+    starting at (0, 0) with the evaluated return of the policy before training."""
+    c = np.asarray(run["curve"], dtype=float).reshape(-1, 4)
+    c = c[np.isfinite(c[:, 2]) & np.isfinite(c[:, 3])]
+    rows = np.column_stack([c[:, 0], c[:, 1], c[:, 2] - run["kl_coef"] * c[:, 3]])
+    start = run.get("start", {}).get("return")
+    if start is not None:
+        rows = np.vstack([[0.0, 0.0, start], rows])
+    return rows
+
+
+def _optimum_of(results: list[dict], task: str) -> float | None:
+    return next((r["optimum"] for r in results if r["task"] == task and r.get("optimum") is not None), None)
 
 
 def _plot_curves(path: Path, results: list[dict], grid: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(results, grid)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def curves_figure(results: list[dict], grid: dict):
+    """Return against environment steps and against wall-clock seconds, one row per task; the exact optimum
+    as a dashed line where it is known."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -432,19 +570,33 @@ def _plot_curves(path: Path, results: list[dict], grid: dict) -> None:
     fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 3.6 * len(tasks)), squeeze=False)
     for row, task in enumerate(tasks):
         for agent in grid["agents"]:
-            curves = [np.asarray(r["curve"], dtype=float) for r in results
-                      if r["task"] == task and r["agent"] == agent and r["curve"]]
+            curves = [_return_curve(r) for r in results if r["task"] == task and r["agent"] == agent and r["curve"]]
             _banded(axes[row, 0], curves, 0, agent)
             _banded(axes[row, 1], curves, 1, agent)
-        axes[row, 0].set(xlabel="environment steps (tokens)", ylabel="score", title=task)
-        axes[row, 1].set(xlabel="wall-clock seconds", ylabel="score", title=task)
+        optimum = _optimum_of(results, task)
+        for ax in axes[row]:
+            if optimum is not None:
+                ax.axhline(optimum, color="black", linestyle="--", linewidth=1,
+                           label=f"exact optimum {optimum:.3f}")
+        axes[row, 0].set(xlabel="environment steps (tokens)", ylabel="return = score - kl_coef * KL", title=task)
+        axes[row, 1].set(xlabel="wall-clock seconds (thin lines: seeds still running)",
+                         ylabel="return = score - kl_coef * KL", title=task)
         axes[row, 0].legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def _plot_frontier(path: Path, results: list[dict], grid: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = frontier_figure(results, grid)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _plot_frontier(path: Path, results: list[dict], grid: dict) -> None:
+def frontier_figure(results: list[dict], grid: dict):
+    """Each run's final score against its KL. Where the exact optimum R* is known, no policy can lie above the
+    line score = R* + kl_coef * KL (its return would exceed R*); the optimal policy is where it touches."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -460,8 +612,68 @@ def _plot_frontier(path: Path, results: list[dict], grid: dict) -> None:
                 kl = [r["end"]["kl"] for r in runs]
                 score = [r["end"]["score"] for r in runs]
                 ax.scatter(kl, score, label=agent, alpha=0.8)
+        optimum = _optimum_of(results, task)
+        if optimum is not None:
+            beta = next(r["kl_coef"] for r in results if r["task"] == task)
+            lo, hi = ax.get_xlim()
+            xs = np.linspace(min(0.0, lo), hi, 50)
+            ax.plot(xs, optimum + beta * xs, color="black", linestyle="--", linewidth=1,
+                    label=f"return = exact optimum {optimum:.3f}")
+            ax.set_xlim(min(0.0, lo), hi)
         ax.set(xlabel="KL to the reference (per episode)", ylabel="score", title=f"{task}: reward vs KL")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+# ----------------------------------------------------------------------------- the README's results block
+README_BEGIN = ("<!-- lmgym bench results: generated from docs/bench/results.json by "
+                "`lmgym bench --out docs/bench --readme README.md`; do not edit by hand -->")
+README_END = "<!-- end of lmgym bench results -->"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
+
+
+def readme_block(report: dict) -> str:
+    """The README's results section rendered from a ``results.json`` report: where and how long it was
+    measured, then the tables of ``results.md``."""
+    grid, runs = report["grid"], report["runs"]
+    machines = [r.get("machine") for r in runs]
+    if runs and all(machines) and all(m == machines[0] for m in machines):
+        m = machines[0]
+        where = (f"{m['cpu']}, {m['cores']} usable physical core{'s' * (m['cores'] != 1)}, torch "
+                 f"{m['torch_threads']} thread{'s' * (m['torch_threads'] != 1)}" + (f", {m['gpu']}" if "gpu" in m
+                                                                                    else ""))
+        total = sum(r["elapsed_seconds"] for r in runs)
+        measured = (f"Measured on this machine ({where}): the {len(runs)} runs took {_duration(total)} in all, "
+                    "each run's wall time including building its environment and, the first time a task needs "
+                    "it, its zoo model.")
+    else:
+        measured = "These results do not record the machine they were measured on."
+    budget = (f" --steps {grid['steps']}" if grid["steps"] else "") + (f" --seconds {grid['seconds']}"
+                                                                      if grid["seconds"] else "")
+    command = (f"lmgym bench --tasks {' '.join(grid['tasks'])} --agents {' '.join(grid['agents'])} --seeds "
+               f"{' '.join(map(str, grid['seeds']))}{budget}")
+    overrides = f", hyper-parameters {json.dumps(grid['overrides'])}" if grid.get("overrides") else ""
+    head = f"The grid: `{command}`{overrides}. {measured}"
+    return "\n".join([README_BEGIN, "", head, "", results_markdown(report["table"], grid).rstrip(), "",
+                      README_END])
+
+
+def update_readme(readme: str | os.PathLike, results_json: str | os.PathLike) -> None:
+    """Replace the marked results block of ``readme`` with :func:`readme_block` of ``results_json``."""
+    readme, results_json = Path(readme), Path(results_json)
+    text = readme.read_text()
+    if text.count(README_BEGIN) != 1 or text.count(README_END) != 1:
+        raise ValueError(f"{readme} needs exactly one results block between the lines {README_BEGIN!r} and "
+                         f"{README_END!r}")
+    try:
+        report = json.loads(results_json.read_text())
+    except ValueError as err:
+        raise BenchError(f"{results_json} is corrupt ({err})") from err
+    before, rest = text.split(README_BEGIN)
+    after = rest.split(README_END, 1)[1]
+    _atomic_write(readme, before + readme_block(report) + after)

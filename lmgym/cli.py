@@ -1,15 +1,17 @@
-"""The ``lmgym`` command: ``train``, ``bench``, ``list`` and ``reward-model train``."""
+"""The ``lmgym`` command: ``train``, ``bench``, ``list``, ``reward-model train`` and ``label``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-DEFAULT_BENCH = dict(tasks=["lmgym/TargetToken-v0", "lmgym/Arithmetic-v0"], agents=["ppo", "grpo", "reinforce", "rloo"],
+DEFAULT_BENCH = dict(tasks=["lmgym/TargetToken-v0", "lmgym/Arithmetic-v0"],
+                     agents=["ppo", "grpo", "reinforce", "rloo", "a2c", "nlpo", "rft", "online-dpo"],
                      seeds=[0, 1], steps=20_000)
-"""The default ``lmgym bench`` grid: a few minutes on a 2-core CPU."""
+"""The default ``lmgym bench`` grid (the README states how long it took on this project's machine)."""
 
 
 def _split_overrides(extra: list[str]) -> list[tuple[str, str]]:
@@ -18,7 +20,7 @@ def _split_overrides(extra: list[str]) -> list[tuple[str, str]]:
     while i < len(extra):
         arg = extra[i]
         if not arg.startswith("--agent."):
-            raise SystemExit(f"lmgym: unrecognised argument {arg!r} (hyper-parameters are --agent.NAME VALUE)")
+            raise ValueError(f"unrecognised argument {arg!r} (hyper-parameters are --agent.NAME VALUE)")
         key = arg[len("--agent."):]
         if "=" in key:
             key, value = key.split("=", 1)
@@ -26,24 +28,58 @@ def _split_overrides(extra: list[str]) -> list[tuple[str, str]]:
         elif i + 1 < len(extra):
             value, i = extra[i + 1], i + 2
         else:
-            raise SystemExit(f"lmgym: {arg} needs a value")
+            raise ValueError(f"{arg} needs a value")
         pairs.append((key, value))
     return pairs
 
 
+class ConfigFileError(ValueError):
+    """A --config file that is missing, of an unsupported format, or malformed."""
+
+
 def _read_config(path: str | None) -> list[tuple[str, object]]:
+    """``(name, value)`` hyper-parameters from a JSON or TOML file: ``{"agent": {...}}`` or flat."""
     if path is None:
         return []
     file = Path(path)
+    if not file.exists():
+        raise ConfigFileError(f"config file {file} does not exist")
     if not file.is_file():
-        raise SystemExit(f"lmgym: config file {file} does not exist")
-    if file.suffix == ".toml":
-        import tomllib
-
-        data = tomllib.loads(file.read_text())
+        raise ConfigFileError(f"config file {file} is not a file")
+    suffix = file.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        raise ConfigFileError(f"{file}: YAML config files are not supported; write the same keys as JSON "
+                              "(cfg.json) or TOML (cfg.toml), e.g. [agent] learning_rate = 3e-4")
+    text = file.read_text()
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigFileError(f"{file}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from err
+    elif suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            try:
+                import tomli as tomllib
+            except ImportError:
+                raise ConfigFileError(f"{file}: reading TOML needs Python 3.11+ or the tomli package; "
+                                      "or write the file as JSON") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigFileError(f"{file}: invalid TOML: {err}") from err
     else:
-        data = json.loads(file.read_text())
-    data = data.get("agent", data)
+        raise ConfigFileError(f"{file}: config files must end in .json or .toml, not {file.suffix or 'nothing'!r}")
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"{file}: expected a table of hyper-parameters, got {type(data).__name__}")
+    if "agent" in data:
+        if set(data) != {"agent"}:
+            raise ConfigFileError(f"{file}: besides the 'agent' table it has {sorted(set(data) - {'agent'})}; "
+                                  "put every hyper-parameter inside 'agent' (or write them all at the top level)")
+        data = data["agent"]
+        if not isinstance(data, dict):
+            raise ConfigFileError(f"{file}: 'agent' must be a table of hyper-parameters, got {type(data).__name__}")
     return list(data.items())
 
 
@@ -57,21 +93,48 @@ def _fresh_dir(path: Path) -> Path:
     return path.parent / f"{path.name}-{n}"
 
 
-def _train(args, extra) -> int:
-    from lmgym.agents import CheckpointError
-    from lmgym.bench import BenchError, parse_overrides, run
+def _resolve_resume(path: str) -> tuple[Path, Path | None]:
+    """The checkpoint folder that ``--resume PATH`` means, and the run folder to continue writing in.
 
+    PATH is a run folder (its latest checkpoint is taken) or one checkpoint folder (it has
+    state.json). The run continues in its own folder when it resumes from that folder's
+    latest checkpoint; from an earlier or a loose checkpoint it branches into a fresh
+    folder (None), so the original run's latest checkpoint stays its latest.
+    """
+    from lmgym.agents import CheckpointError
+    from lmgym.agents.checkpoint import latest_checkpoint
+
+    given = Path(path)
+    if not given.exists():
+        raise CheckpointError(f"--resume {given}: the folder does not exist")
+    if not given.is_dir():
+        raise CheckpointError(f"--resume {given}: not a folder; pass a run folder or one of its checkpoints")
+    if (given / "state.json").is_file():
+        run_dir = given.parent.parent if given.parent.name == "checkpoints" else None
+        if run_dir is not None and latest_checkpoint(run_dir).resolve() == given.resolve():
+            return given, run_dir
+        return given, None
+    if not (given / "checkpoints").is_dir():
+        raise CheckpointError(f"--resume {given}: neither a checkpoint (no state.json) nor a run folder with "
+                              f"checkpoints (no {given / 'checkpoints'})")
+    return latest_checkpoint(given), given
+
+
+def _train(args, extra) -> int:
     if args.model is not None or args.task is None:
         return _train_own(args, extra)
-    try:
-        overrides = parse_overrides(_read_config(args.config) + _split_overrides(extra), args.agent)
-        base = Path(args.logdir) / args.task.split("/")[-1] / args.agent / f"seed{args.seed}"
-        logdir = base if args.resume else _fresh_dir(base)
-        result = run(args.task, args.agent, steps=args.steps, seconds=args.seconds, seed=args.seed,
-                     device=args.device, logdir=logdir, overrides=overrides, resume=args.resume)
-    except (BenchError, CheckpointError) as err:
-        print(f"lmgym: {err}", file=sys.stderr)
-        return 2
+    from lmgym.bench import parse_overrides, run
+
+    overrides = parse_overrides(_read_config(args.config) + _split_overrides(extra), args.agent)
+    base = Path(args.logdir) / args.task.split("/")[-1] / args.agent / f"seed{args.seed}"
+    checkpoint, logdir = None, None
+    if args.resume:
+        checkpoint, logdir = _resolve_resume(args.resume)
+    logdir = logdir or _fresh_dir(base)
+    if checkpoint is not None:
+        print(f"lmgym: resuming from {checkpoint}, writing to {logdir}")
+    result = run(args.task, args.agent, steps=args.steps, seconds=args.seconds, seed=args.seed, device=args.device,
+                 logdir=logdir, overrides=overrides, resume=checkpoint)
     s, e = result["start"], result["end"]
     print(f"\n{args.agent} on {args.task}, seed {args.seed}")
     print(f"  score      {s['score']:.4f} -> {e['score']:.4f}")
@@ -83,30 +146,29 @@ def _train(args, extra) -> int:
           f"peak memory {result['peak_memory_mib']:.0f} MiB ({result['memory_kind']})")
     print(f"  logs       {logdir} (tensorboard --logdir {logdir})")
     if result["checkpoint"]:
-        print(f"  checkpoint {result['checkpoint']} (continue with --resume)")
+        print(f"  checkpoint {result['checkpoint']} (continue with --resume {logdir} --steps N)")
     return 0
 
 
 def _bench(args, extra) -> int:
-    from lmgym.bench import BenchError, bench, parse_overrides
+    from lmgym.bench import bench, parse_overrides, update_readme
 
     if args.throughput:
         return _throughput(args)
     grid = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in DEFAULT_BENCH.items()}
     steps = grid["steps"] if args.seconds is None or args.steps is not None else None
-    try:
-        pairs = _read_config(args.config) + _split_overrides(extra)
-        overrides = {a: parse_overrides(pairs, a) for a in grid["agents"]} if pairs else {}
-        report = bench(args.out, tasks=grid["tasks"], agents=grid["agents"], seeds=grid["seeds"], steps=steps,
-                       seconds=args.seconds, device=args.device, overrides=overrides)
-    except BenchError as err:
-        print(f"lmgym: {err}", file=sys.stderr)
-        return 2
+    pairs = _read_config(args.config) + _split_overrides(extra)
+    overrides = {a: parse_overrides(pairs, a) for a in grid["agents"]} if pairs else {}
+    report = bench(args.out, tasks=grid["tasks"], agents=grid["agents"], seeds=grid["seeds"], steps=steps,
+                   seconds=args.seconds, device=args.device, overrides=overrides)
     out = Path(args.out)
     print((out / "results.md").read_text())
     wall = sum(r["wall_seconds"] for r in report["runs"])
     print(f"{len(report['runs'])} runs, {wall:.0f} s of training. Wrote {out / 'results.md'}, results.json, "
           f"curves.png, frontier.png; TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
+    if args.readme:
+        update_readme(args.readme, out / "results.json")
+        print(f"Rewrote the results block of {args.readme} from {out / 'results.json'}")
     return 0
 
 
@@ -157,17 +219,14 @@ def _list(args, extra) -> int:
 def _reward_model_train(args, extra) -> int:
     from lmgym.reward_model import RewardModel, read_preferences, train_reward_model
 
-    try:
-        groups = read_preferences(args.data)
-        held = read_preferences(args.eval_data) if args.eval_data else None
-    except (ValueError, FileNotFoundError) as err:
-        print(f"lmgym: {err}", file=sys.stderr)
-        return 2
+    groups = read_preferences(args.data)
+    held = read_preferences(args.eval_data) if args.eval_data else None
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
-        print(f"lmgym: {out} already exists and is not empty; pass --overwrite or choose another --out",
-              file=sys.stderr)
-        return 2
+        raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite or choose another --out")
+    import torch
+
+    torch.manual_seed(args.seed)  # the scalar head's initial weights: the same --seed gives the same model
     model = RewardModel.from_pretrained_lm(args.backbone, trust_remote_code=args.trust_remote_code)
     metrics = train_reward_model(model, groups, eval_groups=held, epochs=args.epochs,
                                  learning_rate=args.learning_rate, batch_pairs=args.batch_pairs, margin=args.margin,
@@ -176,6 +235,80 @@ def _reward_model_train(args, extra) -> int:
     (out / "training_metrics.json").write_text(json.dumps(metrics, indent=1))
     print(json.dumps(metrics, indent=1))
     return 0
+
+
+def _label(args, extra) -> int:
+    """Serve the labelling page until Ctrl-C; rankings are appended to --out as they arrive."""
+    from lmgym.label import LabelQueue, RankingStore, read_candidates, read_prompts, sample_candidates
+    from lmgym.label.server import (MissingDependency, bind_socket, create_app, is_loopback, require_web_stack,
+                                    serve)
+
+    if (args.candidates is None) == (args.model is None):
+        print("lmgym: give either --candidates FILE.jsonl or --model PATH with --prompts FILE", file=sys.stderr)
+        return 2
+    if args.model is not None and args.prompts is None:
+        print("lmgym: --model needs --prompts FILE (one prompt per line, or JSONL with a 'prompt' field)",
+              file=sys.stderr)
+        return 2
+    if not is_loopback(args.host) and not args.token:
+        print(f"lmgym: --host {args.host} exposes the page beyond this machine; pass --token SECRET too "
+              "(the page's URL then carries it)", file=sys.stderr)
+        return 2
+    for given in (args.candidates, args.prompts):  # the user's own mistakes first, then the missing extra
+        if given is not None and not Path(given).is_file():
+            print(f"lmgym: {given} does not exist (or is not a file)", file=sys.stderr)
+            return 2
+    try:
+        require_web_stack()
+        if args.candidates is not None:
+            items = read_candidates(args.candidates)
+        else:
+            from lmgym.models import load_model
+
+            prompts = read_prompts(args.prompts)
+            model, tokenizer = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+            items = sample_candidates(model, tokenizer, prompts, args.k, max_new_tokens=args.max_new_tokens,
+                                      seed=args.seed, temperature=args.temperature)
+        store = RankingStore(args.out)
+        queue = LabelQueue(items, store, lease_seconds=args.lease_minutes * 60)
+        app = create_app(queue, token=args.token)
+        sock = bind_socket(args.host, args.port)
+    except (ValueError, TypeError, OSError, MissingDependency) as err:
+        print(f"lmgym: {err}", file=sys.stderr)
+        return 2
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{port}/" + (f"?token={args.token}" if args.token else "")
+    done = queue.progress()
+    print(f"lmgym label: {done['total']} prompts, {done['ranked']} already ranked in {args.out}", flush=True)
+    print(f"lmgym label: open {url}  (Ctrl-C stops; every confirmed ranking is already on disk)", flush=True)
+    try:
+        serve(app, sock)
+    finally:
+        store.close()
+    return 0
+
+
+def _add_label_parser(sub) -> None:
+    p = sub.add_parser("label", help="serve a local page for ranking K completions per prompt",
+                       description="Rank completions in a browser; rankings are appended to --out in the JSONL "
+                                   "format `lmgym reward-model train` reads. Restarting resumes.")
+    p.add_argument("--candidates", help="JSONL of {prompt, completions: [...], id?} lines to rank")
+    p.add_argument("--model", help="sample the candidates from this causal LM (local path or hub name)")
+    p.add_argument("--prompts", help="with --model: prompts, one per line (or JSONL with a 'prompt' field)")
+    p.add_argument("-k", type=int, default=4, help="with --model: completions per prompt (2-9, default 4)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same candidates")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--out", required=True, help="rankings JSONL (appended to; prompts ranked there are skipped)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+    p.add_argument("--token", help="secret the page must present; required with a non-loopback --host")
+    p.add_argument("--lease-minutes", type=float, default=10.0,
+                   help="how long a prompt shown in one tab is withheld from other tabs")
+    p.set_defaults(func=_label)
 
 
 def add_own_model_options(p) -> None:
@@ -302,7 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--logdir", default="runs", help="TensorBoard logs and checkpoints go under this folder")
-    p.add_argument("--resume", help="a checkpoint folder of an earlier run of the same task and agent")
+    p.add_argument("--resume", metavar="RUN_OR_CHECKPOINT",
+                   help="continue an earlier run of the same task and agent: its run folder (takes its latest "
+                        "checkpoint) or one checkpoint folder; --steps is the total, so it must exceed the "
+                        "checkpoint's steps")
     p.add_argument("--config", help="JSON or TOML file of hyper-parameters ({'agent': {...}} or flat)")
     add_own_model_options(p)
     p.set_defaults(func=_train)
@@ -320,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="JSON or TOML file of hyper-parameters applied to every agent")
     p.add_argument("--throughput", action="store_true", help="run the speed benchmarks instead")
     p.add_argument("--size", default="4M", choices=["4M", "100M"], help="model size for --throughput")
+    p.add_argument("--readme", metavar="README.md",
+                   help="also rewrite the marked results block of this README from OUT/results.json "
+                        "(re-running a finished grid only re-renders)")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("list", help="the registered tasks, one line each")
@@ -341,16 +480,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=_reward_model_train)
 
+    _add_label_parser(sub)
     add_export_command(sub)
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Failures a user causes and can fix (bad settings, files, folders, checkpoints, a diverging run)."""
+    from lmgym.agents import CheckpointError, TrainingError
+    from lmgym.lock import LockedError
+
+    return (ValueError, TypeError, OSError, CheckpointError, TrainingError, LockedError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``lmgym`` command. A user-caused failure prints one line, ``lmgym: <what is wrong>``, and returns 2
+    (set ``LMGYM_TRACEBACK=1`` to see the full traceback instead)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("train", "bench"):
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
-    return args.func(args, extra)
+    try:
+        return args.func(args, extra)
+    except KeyboardInterrupt:
+        print("\nlmgym: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if not isinstance(err, _user_errors()) or os.environ.get("LMGYM_TRACEBACK"):
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"lmgym: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

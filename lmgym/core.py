@@ -132,6 +132,7 @@ class TextGenCore:
         self.pad_token_id = int(self.tokenizer.pad_token_id)
         self.ref = CachedLM(self.model, max_sequence_length=self.max_len)
         self.policy_fn = None
+        self.action_mask_fn = None
         self.sampling = Sampling()
 
         n, d = num_envs, self.device
@@ -178,6 +179,36 @@ class TextGenCore:
         if fn is not None and not callable(fn):
             raise TypeError(f"bind_policy needs a callable or None, got {type(fn).__name__}")
         self.policy_fn = fn
+
+    def set_action_mask_fn(self, fn) -> None:
+        """Bind ``fn(observation) -> (N, vocab) bool`` (True: the token may be chosen); ``None`` unbinds."""
+        if fn is not None and not callable(fn):
+            raise TypeError(f"set_action_mask_fn needs a callable or None, got {type(fn).__name__}")
+        self.action_mask_fn = fn
+
+    def action_masks(self, observation: dict | None = None) -> torch.Tensor:
+        """``(N, vocab)`` bool on the device: the tokens the bound mask function allows at the current states, or
+        at the states of a batched ``observation`` (every token when no function is bound)."""
+        if observation is None:
+            if not self.started:
+                raise EpisodeError("there is no state to mask yet: call reset() before action_masks()")
+            observation = self.observation()
+        shape = (len(observation["input_ids"]), self.vocab_size)
+        if self.action_mask_fn is None:
+            return torch.ones(shape, dtype=torch.bool, device=self.device)
+        mask = torch.as_tensor(self.action_mask_fn(observation)).to(self.device)
+        if tuple(mask.shape) != shape:
+            raise ValueError(f"the action mask function returned shape {tuple(mask.shape)}; it must return one "
+                             f"boolean per env and token, {shape}")
+        if mask.dtype != torch.bool:
+            if mask.is_floating_point() or mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError(f"the action mask function must return booleans (or 0/1), got {mask.dtype}")
+            mask = mask.bool()
+        empty = torch.nonzero(~mask.any(1)).flatten().tolist()
+        if empty:
+            raise ValueError(f"the action mask allows no token at all in env(s) {empty[:5]}; keep at least the "
+                             "stop tokens allowed so every episode can end")
+        return mask
 
     def _prompts_for(self, rows: np.ndarray) -> list[Prompt]:
         """Prompts for the next episode of each row; the G rows of a group share their k-th prompt."""
@@ -595,3 +626,14 @@ class CoreView:
         """Bind ``fn(observation, actions) -> log pi`` (batched torch tensors) so the KL term is exact
         when no log-probs are handed over with the actions; ``None`` unbinds."""
         self.core.bind_policy(fn)
+
+    def set_action_mask_fn(self, fn) -> None:
+        """Bind ``fn(observation) -> mask`` so :meth:`action_masks` reports which tokens may be chosen now.
+
+        ``observation`` is the batched dict of ``(N, L)`` torch tensors (as for :meth:`bind_policy`);
+        ``mask`` is ``(N, vocab)`` boolean, True where a token is allowed. :class:`lmgym.masking.NucleusMask`
+        builds one from a masking model's top-p nucleus (NLPO's mask). The environment reports the mask but
+        does not enforce it: it is for the agent (sb3-contrib's ``MaskablePPO`` reads it through
+        ``LMGymVecEnv.action_masks()``). ``None`` unbinds: every token is allowed again.
+        """
+        self.core.set_action_mask_fn(fn)

@@ -152,6 +152,11 @@ class TextGenEnv(CoreView, gym.Env):
         return {"input_ids": obs["input_ids"][0].cpu().numpy(),
                 "attention_mask": obs["attention_mask"][0].cpu().numpy()}
 
+    def action_masks(self) -> np.ndarray:
+        """``(vocab_size,)`` bool: the tokens allowed now by the function bound with :meth:`set_action_mask_fn`
+        (all True without one); sb3-contrib's ``MaskablePPO`` reads it through SB3's ``DummyVecEnv``."""
+        return self.core.action_masks()[0].cpu().numpy()
+
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         _refuse_short_time_limit(self)
         super().reset(seed=seed)

@@ -126,6 +126,12 @@ class TextGenVectorEnv(CoreView, VectorEnv):
         """Submit whole continuations ``(num_envs, T)``; see the class docstring and :class:`SequenceResult`."""
         return self.core.score_sequences(tokens, logprobs)
 
+    def action_masks(self):
+        """``(num_envs, vocab_size)`` bool: the tokens allowed at the current states by the function bound with
+        :meth:`set_action_mask_fn` (all True without one); a tensor on ``device``, or numpy with ``output="numpy"``."""
+        mask = self.core.action_masks()
+        return mask.cpu().numpy() if self.output == "numpy" else mask
+
     def observation(self) -> dict[str, torch.Tensor]:
         """The current observation (after ``score_sequences``, the new prompts)."""
         obs = self.core.observation()

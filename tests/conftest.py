@@ -16,6 +16,21 @@ def tiny():
     return tiny_model(WORDS, hidden_size=32, num_layers=2, num_heads=4, max_positions=64, seed=1, init_std=0.3)
 
 
+@pytest.fixture(autouse=True)
+def tiny_stays_unchanged(request):
+    """The session's ``tiny`` model is shared: a test that trains or converts it would silently change the
+    reference of every later test, so fail the test that did it."""
+    if "tiny" not in request.fixturenames:
+        yield
+        return
+    model = request.getfixturevalue("tiny")[0]
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    yield
+    after = model.state_dict()
+    changed = [k for k, v in before.items() if v.dtype != after[k].dtype or not torch.equal(v, after[k])]
+    assert not changed, f"this test changed the shared session model `tiny` ({changed[:3]}...): deep-copy it first"
+
+
 def count_good(prompts, completions):
     """A reward: how many times 'good' appears, minus 0.1 per word."""
     return [c.split().count("good") - 0.1 * len(c.split()) for c in completions]

@@ -1,5 +1,6 @@
 """Bradley-Terry reward models: the loss, learning clean preferences, centring, save/load, bad data."""
 
+import copy
 import json
 import math
 
@@ -155,7 +156,7 @@ def test_centring_counts_each_distinct_completion_once(tiny):
     """Rankings of 5, 2 and 2 completions: the mean over the 9 distinct completions is 0 after training."""
     lm, tok = tiny
     torch.manual_seed(0)
-    rm = RewardModel(lm.base_model, tok)
+    rm = RewardModel(copy.deepcopy(lm).base_model, tok)  # training must not change the session's shared model
     records = [{"prompt": "the cat", "completions": ["sat", "ran", "sat on mat", "far", "good day"],
                 "ranking": [0, 1, 2, 3, 4]},
                {"prompt": "the dog", "completions": ["ran far", "bad"], "ranking": [1, 0]},

@@ -7,18 +7,13 @@ overrides, so with internet the same task runs on e.g. ``gpt2``.
 
 from __future__ import annotations
 
-import copy
-
-import numpy as np
-
 from lmgym import checks, corpora, zoo
 from lmgym.env import TextGenEnv
 from lmgym.tasks import chat_arithmetic
 from lmgym.tasks.options import check_options, constructor_options
 from lmgym.vector import TextGenVectorEnv
 
-__all__ = ["VaderSentiment", "ArithmeticReward", "make_env", "make_vec_env", "DOCS",
-           "build_preference_reward_model"]
+__all__ = ["VaderSentiment", "ArithmeticReward", "make_env", "make_vec_env", "DOCS"]
 
 
 class VaderSentiment:
@@ -190,34 +185,3 @@ DOCS = {
 """ + _COMMON.format(horizon=20, model="assistant", extra=""),
     "chat_arithmetic": chat_arithmetic.DOC,
 }
-
-
-# ----------------------------------------------------------------------------- zoo builder
-def build_preference_reward_model(out, *, seed: int, steps: int, dependency_steps: int | None,
-                                  progress: bool) -> dict:
-    """Zoo builder of "assistant-rm": SFT samples -> labeller preferences -> Bradley-Terry reward model."""
-    import torch
-
-    from lmgym.reward_model import RewardModel, read_preferences, sample_preferences, train_reward_model
-
-    policy, tokenizer = zoo.load("assistant", seed=seed, steps=dependency_steps, progress=progress)
-    prompts = corpora.assistant_prompts()
-    records = []
-    for round_ in range(6):  # several rounds of 8 samples per prompt give ~240 ranked groups
-        records += sample_preferences(policy, tokenizer, prompts, 8, corpora.polite_concise_labeller,
-                                      max_new_tokens=20, seed=seed * 100 + round_)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(records))
-    held = {int(i) for i in order[: len(records) // 5]}
-    train = read_preferences([r for i, r in enumerate(records) if i not in held])
-    evaluation = read_preferences([r for i, r in enumerate(records) if i in held])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = RewardModel(copy.deepcopy(policy.base_model), tokenizer)
-        metrics = train_reward_model(model, train, eval_groups=evaluation, epochs=20, max_steps=steps,
-                                     learning_rate=1e-3, batch_pairs=128, seed=seed, progress=progress)
-    model.save(out)
-    return {"parameters": sum(p.numel() for p in model.parameters()), "training_pairs":
-            sum(len(g.pairs) for g in train), "held_out_pairs": sum(len(g.pairs) for g in evaluation),
-            "training_steps": metrics["steps"], "train_accuracy": round(metrics["train_accuracy"], 4),
-            "held_out_accuracy": round(metrics["eval_accuracy"], 4)}

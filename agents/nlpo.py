@@ -1,0 +1,205 @@
+"""NLPO, Natural Language Policy Optimization (Ramamurthy et al. 2023, "Is Reinforcement Learning (Not) for
+Natural Language Processing?", RL4LMs).
+
+PPO whose policy may only choose tokens inside the top-p nucleus of a *masking policy*:
+
+1. The masking policy pi_mask starts as a copy of the policy and is refreshed with the policy's
+   weights every ``mask_update_every`` iterations (RL4LMs' IMDB setting: 5); between refreshes it
+   is frozen, so the nucleus lags the policy and keeps it near what it recently knew.
+2. Roll out: at every state s_t the allowed tokens are ``M(s_t)``, the smallest set of pi_mask's most
+   probable tokens whose probability reaches ``mask_top_p`` (at least ``min_tokens_to_keep``
+   tokens), plus the stop and special tokens, which are never masked. The policy samples from its
+   own distribution restricted to ``M(s_t)`` and renormalised,
+   ``pi_M(a|s) = pi(a|s) / sum_{b in M(s)} pi(b|s)`` for ``a in M(s)``; these masked log-probs are the
+   ones the environment's KL term ``log pi_M - log pi_ref`` sees. (The agent's own sampling
+   settings, ``temperature`` / ``top_k`` / ``top_p``, apply as for every agent: the nucleus then
+   further restricts the transformed distribution, and the masking policy's nucleus is taken at
+   the same temperature.)
+3. Update exactly as PPO (GAE, clipped surrogate, clipped value loss), with the ratio
+   ``rho = pi_M / pi_M,old`` of the masked distributions under the same masks. The masks are recomputed
+   from the (unchanged) masking policy in the update rather than stored, which would cost
+   ``N x T x vocab`` booleans; the token actually sampled is always kept, so rounding differences at
+   the nucleus boundary between the cached sampling pass and the full forward cannot exclude it.
+
+With ``mask_top_p = 1`` nothing is masked and NLPO is PPO. Where RL4LMs copies the policy into the
+masking policy just before the update of every ``mask_update_every``-th iteration, here the copy is
+taken just after it (the nucleus is then one update fresher); both refresh on the same schedule.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Annotated
+
+import torch
+
+from lmgym.agents.base import Rollout, policy_forward
+from lmgym.agents.config import ConfigError, Range
+from lmgym.agents.logprobs import accepts_logits_to_keep
+from lmgym.agents.ppo import PPO, PPOConfig
+from lmgym.masking import nucleus_mask
+from lmgym.sampling import Sampling
+
+__all__ = ["NLPOConfig", "NLPO", "sample_in_nucleus"]
+
+
+@dataclass
+class NLPOConfig(PPOConfig):
+    """PPO's hyper-parameters plus the masking policy's (defaults: RL4LMs' IMDB configuration, except
+    ``min_tokens_to_keep``, which RL4LMs sets to 100 for GPT-2's 50k-token vocabulary).
+
+    ``mask_top_p`` is RL4LMs' ``top_mask``; it is not ``top_p``, the agent's own nucleus sampling,
+    which every agent has and which NLPO applies too.
+    """
+
+    mask_top_p: Annotated[float, Range(gt=0, le=1)] = 0.9
+    """probability mass of the masking policy's nucleus the policy samples from, in (0, 1] (1: no mask, PPO)"""
+    mask_update_every: Annotated[int, Range(ge=1)] = 5
+    """copy the policy into the masking policy every this many iterations"""
+    min_tokens_to_keep: Annotated[int, Range(ge=1)] = 1
+    """the masking policy's nucleus holds at least this many tokens"""
+
+
+def sample_restricted(sampling: Sampling, logits: torch.Tensor, allowed: torch.Tensor,
+                      generator: torch.Generator | None = None):
+    """Draw one token per row from ``sampling``'s distribution over ``logits`` ``(B, V)`` restricted to the
+    boolean mask ``allowed`` and renormalised; returns ``(tokens, log-probs of them)`` (Gumbel-max, as
+    :meth:`Sampling.sample`)."""
+    logq, kept = sampling.log_probs(logits)
+    kept = allowed if kept is None else kept & allowed
+    logq = logq - torch.logsumexp(logq.masked_fill(~kept, float("-inf")), dim=-1, keepdim=True)
+    gumbel = torch.rand(logq.shape, generator=generator, device=logq.device).log_().neg_().log_().neg_()
+    tokens = (logq.masked_fill(~kept, float("-inf")) + gumbel).argmax(dim=-1)
+    return tokens, logq.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def sample_in_nucleus(policy, masking_policy, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      max_new_tokens: int, *, sampling: Sampling, mask_top_p: float, min_tokens_to_keep: int,
+                      never_mask: torch.Tensor, stop_token_ids, pad_token_id: int,
+                      generator: torch.Generator | None = None, check_every: int = 8):
+    """Sample continuations of left-padded prompts from ``policy`` restricted to ``masking_policy``'s nucleus.
+
+    Both models step in lock-step, each with its own KV cache. At each step the policy's
+    distribution under ``sampling`` is restricted to the top-``mask_top_p`` nucleus of the masking
+    policy (at the same temperature; ``never_mask`` ids always allowed) and renormalised.
+    Returns ``(tokens, logprobs)`` ``(batch, T)`` like :func:`lmgym.models.sample_continuations`:
+    ``logprobs`` are the masked distribution's, 0 after a row stopped. With ``mask_top_p = 1``
+    the masking policy does not run and the result (and random stream) is exactly
+    ``sample_continuations``'s.
+    """
+    device = input_ids.device
+    stop = torch.as_tensor(list(stop_token_ids), device=device)
+    batch = input_ids.shape[0]
+    mask = attention_mask
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    models = [policy] if mask_top_p >= 1 else [policy, masking_policy]  # a nucleus of mass 1 masks nothing
+    caches, logits = [], []
+    for model in models:
+        keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep)
+        caches.append(out.past_key_values)
+        logits.append(out.logits[:, -1])
+    lengths = mask.sum(1)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens, logprobs = [], []
+    for t in range(max_new_tokens):
+        if len(models) == 1:
+            tok, lp = sampling.sample(logits[0], generator)
+        else:
+            allowed = nucleus_mask(logits[1].float() / sampling.temperature, mask_top_p,
+                                   min_tokens_to_keep=min_tokens_to_keep, never_mask=never_mask)
+            tok, lp = sample_restricted(sampling, logits[0], allowed, generator)
+        tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
+        tokens.append(tok)
+        logprobs.append(torch.where(finished, torch.zeros_like(lp), lp))
+        finished = finished | torch.isin(tok, stop)
+        if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(finished.all())):
+            break
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+        for i, model in enumerate(models):
+            out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=lengths[:, None],
+                        past_key_values=caches[i], use_cache=True)
+            caches[i], logits[i] = out.past_key_values, out.logits[:, -1]
+        lengths = lengths + 1
+    return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
+
+
+class NLPO(PPO):
+    """PPO sampling inside the top-p nucleus of a periodically refreshed masking policy.
+
+    See :class:`NLPOConfig` for the hyper-parameters and the module docstring for the algorithm.
+    ``agent.masking_policy`` is the masking policy (saved in checkpoints beside the policy).
+    """
+
+    config_class = NLPOConfig
+    name = "nlpo"
+
+    def setup(self) -> None:
+        super().setup()
+        if self.config.logprob_chunk_size and self.config.mask_top_p < 1:
+            raise ConfigError("NLPO's mask needs the full logits in the update: set logprob_chunk_size=0 "
+                              "(or mask_top_p=1)")
+        self.masking_policy = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        tokenizer = self.env.tokenizer
+        special = [i for i in getattr(tokenizer, "all_special_ids", []) if 0 <= i < self.env.core.vocab_size]
+        self.never_mask = torch.as_tensor(sorted(set(self.env.stop_token_ids) | set(special)), dtype=torch.long,
+                                          device=self.device)
+        """token ids the mask never removes: the stop tokens and the tokenizer's special tokens"""
+
+    def trainable_modules(self):
+        # Not trained, but part of the run's state: a resumed run must mask with the same weights.
+        return {**super().trainable_modules(), "masking_policy": self.masking_policy}
+
+    # ------------------------------------------------------------------ the mask
+    @torch.no_grad()
+    def action_mask(self, batch: Rollout) -> torch.Tensor | None:
+        """The nucleus ``(N, T, V)`` at each state of ``batch`` (None when ``mask_top_p = 1``: nothing masked)."""
+        cfg = self.config
+        if cfg.mask_top_p >= 1.0:
+            return None
+        ids = torch.cat([batch.query_ids, batch.tokens], dim=1)
+        attention = torch.cat([batch.query_mask, torch.ones_like(batch.tokens)], dim=1)
+        positions = (attention.cumsum(1) - 1).clamp(min=0)
+        with self.autocast():
+            out = self.masking_policy(input_ids=ids, attention_mask=attention, position_ids=positions,
+                                      use_cache=False)
+        logits = out.logits[:, batch.query_ids.shape[1] - 1:-1].float() / self.sampling.temperature
+        allowed = nucleus_mask(logits, cfg.mask_top_p, min_tokens_to_keep=cfg.min_tokens_to_keep,
+                               never_mask=self.never_mask)
+        return allowed.scatter_(-1, batch.tokens[..., None], True)  # the sampled token was in the nucleus
+
+    def refresh_masking_policy(self) -> None:
+        """Copy the policy's current weights into the masking policy."""
+        self.masking_policy.load_state_dict(self.policy.state_dict())
+
+    # ------------------------------------------------------------------ PPO with the masked distribution
+    def sample(self, query_ids, query_mask):
+        cfg = self.config
+        return sample_in_nucleus(self.policy, self.masking_policy, query_ids, query_mask, self.env.max_new_tokens,
+                                 sampling=self.sampling, mask_top_p=cfg.mask_top_p,
+                                 min_tokens_to_keep=cfg.min_tokens_to_keep, never_mask=self.never_mask,
+                                 stop_token_ids=self.env.stop_token_ids,
+                                 pad_token_id=self.env.tokenizer.pad_token_id, generator=self.generator)
+
+    def forward(self, batch: Rollout):
+        """Masked log-probs and entropy of the current policy, and the critic's values, on a batch."""
+        allowed = self.action_mask(batch)
+        with self.autocast():
+            logprobs, entropy, hidden = policy_forward(self.policy, batch, sampling=self.sampling,
+                                                       chunk_size=self.config.logprob_chunk_size,
+                                                       hidden=self.value_model is None,
+                                                       entropy_grad=self.config.ent_coef != 0, action_mask=allowed)
+            if self.value_model is not None:
+                _, _, hidden = policy_forward(self.value_model, batch, hidden=True)
+        return logprobs, entropy, self.value_head(hidden)
+
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        metrics = super().update(rollout)
+        iteration = self.iteration + 1  # this update completes iteration self.iteration + 1 (learn counts after)
+        refreshed = iteration % self.config.mask_update_every == 0
+        if refreshed:
+            self.refresh_masking_policy()
+        metrics["nlpo/mask_refreshed"] = float(refreshed)
+        return metrics

@@ -1,0 +1,217 @@
+"""lmgym bench keeps honest state: locks, grid and run files checked, redone cells logged once, the README
+table generated from results.json, per-run progress, and plots that cover every seed and mark the optimum."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmgym import bench as benchmod
+from lmgym.cli import main
+
+ROOT = Path(__file__).parents[1]
+TINY = ["--steps", "300", "--device", "cpu"]
+
+
+def grid_args(out, agents=("reinforce",), seeds=("0",)):
+    return ["bench", "--tasks", "lmgym/TargetToken-v0", "--agents", *agents, "--seeds", *seeds, "--out", str(out)] + TINY
+
+
+def last_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return [line for line in err.replace("\r", "\n").splitlines() if line.startswith("lmgym: ")][-1]
+
+
+# ----------------------------------------------------------------------------- output folder and its files
+def test_out_pointing_at_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "results").write_text("x")
+    assert main(grid_args(tmp_path / "results")) == 2
+    assert "is a file, not a folder" in last_error(capsys)
+
+
+def test_corrupt_grid_and_run_files_and_reuse_only_under_the_same_cell_config(tmp_path, capsys):
+    out = tmp_path / "b"
+    assert main(grid_args(out)) == 2 - 2  # a finished grid of one cell
+    run_file = out / "runs" / "TargetToken-v0__reinforce__seed0.json"
+    assert json.loads(run_file.read_text())["cell"]["steps"] == 300
+
+    (out / "grid.json").write_text("{not json")
+    assert main(grid_args(out)) == 2
+    assert "grid.json is unreadable" in last_error(capsys)
+
+    # grid.json gone: the old run is not reused under another budget
+    (out / "grid.json").unlink()
+    args = grid_args(out)
+    args[args.index("300")] = "200"
+    assert main(args) == 2
+    assert "steps=300 here but 200 now" in last_error(capsys)
+
+    run_file.write_text('{"task": ')
+    assert main(grid_args(out)) == 2
+    assert f"{run_file} is corrupt" in last_error(capsys)
+
+
+def test_a_redone_cell_starts_a_fresh_tensorboard_run(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "b"
+    assert main(grid_args(out)) == 0
+    # An attempt that was interrupted leaves its logs but no run file: the cell is redone.
+    (out / "runs" / "TargetToken-v0__reinforce__seed0.json").unlink()
+    assert main(grid_args(out)) == 0
+    logdir = out / "tensorboard" / "TargetToken-v0" / "reinforce" / "seed0"
+    events = EventAccumulator(str(logdir))
+    events.Reload()
+    result = json.loads((out / "runs" / "TargetToken-v0__reinforce__seed0.json").read_text())
+    assert len(events.Scalars("objective/scores")) == len(result["curve"])
+    assert len(list(logdir.glob("events.out.tfevents*"))) == 1
+
+
+def test_each_run_has_its_own_progress_bar(tmp_path, capsys):
+    assert main(grid_args(tmp_path / "b")) == 0
+    err = capsys.readouterr().err
+    assert "bench grid" in err and "reinforce:" in err and "tok/s" in err
+
+
+# ----------------------------------------------------------------------------- locks between processes
+HOLDER = """
+import sys, time
+from lmgym.lock import FolderLock
+lock = FolderLock(sys.argv[1], "another lmgym bench").acquire()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.fixture
+def holder():
+    procs = []
+
+    def hold(folder):
+        proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "locked"
+        return proc
+
+    yield hold
+    for proc in procs:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def test_a_second_bench_into_the_same_folder_is_refused(tmp_path, capsys, holder):
+    proc = holder(tmp_path / "b")
+    assert main(grid_args(tmp_path / "b")) == 2
+    line = last_error(capsys)
+    assert f"in use by process {proc.pid}" in line and "another lmgym bench" in line
+    assert not (tmp_path / "b" / "runs").exists()  # it computed nothing
+
+
+def test_a_run_folder_in_use_is_refused(tmp_path, capsys, holder):
+    run_dir = tmp_path / "TargetToken-v0" / "reinforce" / "seed0"
+    assert main(["train", "--task", "lmgym/TargetToken-v0", "--agent", "reinforce", "--logdir", str(tmp_path)]
+                + TINY) == 0
+    proc = holder(run_dir)
+    assert main(["train", "--task", "lmgym/TargetToken-v0", "--agent", "reinforce", "--resume", str(run_dir),
+                 "--steps", "5000", "--device", "cpu"]) == 2
+    assert f"in use by process {proc.pid}" in last_error(capsys)
+
+
+def test_a_dead_benchs_lock_is_taken_over(tmp_path, holder):
+    proc = holder(tmp_path / "b")
+    proc.kill()
+    proc.wait(timeout=30)
+    assert (tmp_path / "b" / ".lmgym.lock").exists()
+    assert main(grid_args(tmp_path / "b")) == 0
+
+
+# ----------------------------------------------------------------------------- the README's results block
+def readme_block_of(text: str) -> str:
+    begin, end = text.index(benchmod.README_BEGIN), text.index(benchmod.README_END)
+    return text[begin:end + len(benchmod.README_END)]
+
+
+def test_readme_results_equal_what_results_json_renders_to():
+    report = json.loads((ROOT / "docs" / "bench" / "results.json").read_text())
+    assert readme_block_of((ROOT / "README.md").read_text()) == benchmod.readme_block(report)
+
+
+def test_update_readme_rewrites_only_the_block(tmp_path):
+    report = {"grid": {"tasks": ["lmgym/TargetToken-v0"], "agents": ["ppo"], "seeds": [0], "steps": 100,
+                       "seconds": None, "overrides": {}},
+              "table": {"lmgym/TargetToken-v0": {"ppo": {
+                  "seeds": [0], "score": (0.9, 0.0), "start_score": (0.16, 0.0), "kl": (6.4, 0.0),
+                  "return": (0.583, 0.0), "fraction_of_optimum": (0.995, 0.0), "wall_seconds": (5.2, 0.0),
+                  "tokens_per_s": (3907.0, 0.0), "peak_memory_mib": (367.0, 0.0), "optimum": 0.586,
+                  "memory_kind": "process peak RSS"}}},
+              "runs": [{"machine": {"cpu": "Some CPU", "cores": 2, "torch_threads": 1}, "elapsed_seconds": 125.4}]}
+    (tmp_path / "results.json").write_text(json.dumps(report))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# top\n\n{benchmod.README_BEGIN}\nold table\n{benchmod.README_END}\n\n## after\n")
+    benchmod.update_readme(readme, tmp_path / "results.json")
+    text = readme.read_text()
+    assert text.startswith("# top\n\n") and text.endswith("\n\n## after\n") and "old table" not in text
+    block = readme_block_of(text)
+    assert "| ppo | 0.160 → 0.900 ± 0.000 | 6.40 ± 0.00 | 0.583 ± 0.000 | 99.5% ± 0.0% | 5.2 | 3907 | 367 |" in block
+    assert "Measured on this machine (Some CPU, 2 usable physical cores, torch 1 thread)" in block
+    assert "took 2 min 5 s in all" in block
+    readme.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="needs exactly one results block"):
+        benchmod.update_readme(readme, tmp_path / "results.json")
+
+
+# ----------------------------------------------------------------------------- plots
+def fake_run(agent, seed, seconds_per_iter, optimum=0.5):
+    curve = [[64 * i, seconds_per_iter * i, 0.1 * i, 0.5 * i] for i in range(1, 11)]
+    return {"task": "lmgym/TargetToken-v0", "agent": agent, "seed": seed, "curve": curve, "optimum": optimum,
+            "kl_coef": 0.05, "start": {"return": 0.0}, "end": {"kl": 5.0, "score": 0.8}}
+
+
+GRID = {"tasks": ["lmgym/TargetToken-v0"], "agents": ["grpo"], "seeds": [0, 1]}
+
+
+def test_wall_clock_plot_covers_the_slowest_seed():
+    import matplotlib.pyplot as plt
+
+    fig = benchmod.curves_figure([fake_run("grpo", 0, 1.0), fake_run("grpo", 1, 2.0)], GRID)
+    try:
+        ax = fig.axes[1]
+        mean = next(line for line in ax.lines if line.get_label() == "grpo")
+        color = mean.get_color()
+        # mean and band over both seeds up to the fast seed's end (t=10) ...
+        assert mean.get_xdata().min() == 0 and mean.get_xdata().max() == pytest.approx(10.0)
+        band = ax.collections[0].get_paths()[0].vertices
+        assert band[:, 0].max() == pytest.approx(10.0)
+        # ... then the slow seed alone, as its own line, to its end at t=20 (return 1.0 - 0.05 * 5 = 0.75)
+        tails = [line for line in ax.lines if line.get_color() == color and line is not mean
+                 and line.get_linestyle() == "-"]
+        assert len(tails) == 1
+        assert tails[0].get_xdata()[-1] == pytest.approx(20.0) and tails[0].get_ydata()[-1] == pytest.approx(0.75)
+        slow = np.asarray(fake_run("grpo", 1, 2.0)["curve"])
+        assert tails[0].get_ydata()[0] == pytest.approx(np.interp(10.0, slow[:, 1], slow[:, 2] - 0.05 * slow[:, 3]))
+    finally:
+        plt.close(fig)
+
+
+def test_exact_optimum_is_marked_on_curves_and_frontier():
+    import matplotlib.pyplot as plt
+
+    runs = [fake_run("grpo", 0, 1.0), fake_run("grpo", 1, 2.0)]
+    fig = benchmod.curves_figure(runs, GRID)
+    try:
+        for ax in fig.axes:
+            marks = [line for line in ax.lines if line.get_label().startswith("exact optimum")]
+            assert marks and np.allclose(marks[0].get_ydata(), 0.5)
+    finally:
+        plt.close(fig)
+    fig = benchmod.frontier_figure(runs, GRID)
+    try:
+        line = next(line for line in fig.axes[0].lines if "exact optimum" in line.get_label())
+        kl, score = np.asarray(line.get_xdata()), np.asarray(line.get_ydata())
+        assert np.allclose(score - 0.05 * kl, 0.5)  # every point on it has return = the optimum
+    finally:
+        plt.close(fig)
