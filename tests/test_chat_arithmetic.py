@@ -163,6 +163,16 @@ def test_missing_extra_is_one_clear_line_and_leaves_no_entry(without_the_wheel):
         gym.make("lmgym/ChatArithmetic-v0")  # the default model needs the extra
 
 
+def test_cli_reports_the_missing_extra_in_one_line(without_the_wheel, tmp_path, capsys):
+    from lmgym.cli import main
+
+    code = main(["train", "--task", "lmgym/ChatArithmetic-v0", "--agent", "grpo", "--steps", "10",
+                 "--logdir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("lmgym: ") and "pip install 'lmgym[smollm]'" in err
+    assert "\n" not in err and "Traceback" not in err
+
+
 def test_missing_gguf_or_accelerate_is_named(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
