@@ -25,7 +25,7 @@ import torch.nn as nn
 from lmgym.agents import checkpoint as checkpoints
 from lmgym.agents.checkpoint import CheckpointError
 from lmgym.agents.config import ConfigError, Range, check_config
-from lmgym.agents.logprobs import accepts_logits_to_keep, chunked_token_logprobs
+from lmgym.agents.logprobs import accepts_logits_to_keep, chunked_token_logprobs, selective_logprobs
 from lmgym.agents.policy import build_policy
 from lmgym.models import resolve_device, sample_continuations, token_logprobs, to_left_padded
 from lmgym.sampling import Sampling
@@ -199,16 +199,23 @@ def policy_forward(model, rollout: Rollout, *, sampling: Sampling | None = None,
             logprobs, entropy = chunked_token_logprobs(states, rollout.tokens, model.get_output_embeddings(), sampling,
                                                        chunk_size, entropy_grad)
             return logprobs, entropy, states if hidden else None
+        # Logits only where a continuation token is predicted: the output layer skips the prompt's positions.
+        keep = ({"logits_to_keep": torch.arange(start, ids.shape[1] - 1, device=ids.device)}
+                if accepts_logits_to_keep(model) else {})
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=hidden,
-                    use_cache=False)
-    if not sampling.truncates and action_mask is None:
-        logits = out.logits[:, start:-1].float() / sampling.temperature
+                    use_cache=False, **keep)
+    logits = out.logits if keep else out.logits[:, start:-1]
+    if not sampling.truncates and action_mask is None and not entropy_grad:
+        # the common case: a hand-written backward and a detached entropy (lmgym.agents.logprobs)
+        z = logits.float() if sampling.temperature == 1 else logits.float() / sampling.temperature
+        logprobs, entropy = selective_logprobs(z, rollout.tokens)
+    elif not sampling.truncates and action_mask is None:
+        logits = logits.float() / sampling.temperature
         logprobs = token_logprobs(logits, rollout.tokens)
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            probs = torch.softmax(logits, dim=-1)
-            entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+        probs = torch.softmax(logits, dim=-1)
+        entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)  # with gradients (an entropy bonus)
     else:
-        logq, kept = sampling.log_probs(out.logits[:, start:-1])
+        logq, kept = sampling.log_probs(logits)
         if action_mask is not None:  # renormalise over the allowed tokens the sampler keeps
             kept = action_mask if kept is None else kept & action_mask
             logq = logq - torch.logsumexp(logq.masked_fill(~kept, float("-inf")), dim=-1, keepdim=True)
@@ -277,7 +284,10 @@ class Agent:
         self.setup()
         self.optimizer = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad],
                                            lr=self.config.learning_rate, eps=self.config.adam_eps,
-                                           weight_decay=self.config.weight_decay)
+                                           weight_decay=self.config.weight_decay,
+                                           # one fused kernel per step instead of a chain of elementwise ops
+                                           # per parameter (same update up to float rounding)
+                                           fused=self.device.type in ("cpu", "cuda"))
         self.global_step = 0  # environment steps (tokens generated)
         self.iteration = 0
         self.episodes = 0
