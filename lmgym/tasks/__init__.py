@@ -16,9 +16,11 @@ LANGUAGE_IDS = {
     "lmgym/Sentiment-v0": "sentiment",
     "lmgym/Arithmetic-v0": "arithmetic",
     "lmgym/Preference-v0": "preference",
+    "lmgym/ChatArithmetic-v0": "chat_arithmetic",
 }
 DEFAULT_ZOO_MODELS = {"lmgym/Sentiment-v0": ["reviews"], "lmgym/Arithmetic-v0": ["arithmetic"],
-                      "lmgym/Preference-v0": ["assistant", "assistant-rm"]}
+                      "lmgym/Preference-v0": ["assistant", "assistant-rm"],
+                      "lmgym/ChatArithmetic-v0": ["smollm2-135m-instruct"]}
 """The zoo entries each language task builds on first use."""
 
 

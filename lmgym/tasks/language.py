@@ -11,6 +11,7 @@ import re
 
 from lmgym import checks, corpora, zoo
 from lmgym.env import TextGenEnv
+from lmgym.tasks import chat_arithmetic
 from lmgym.tasks.options import check_options, constructor_options
 from lmgym.vector import TextGenVectorEnv
 
@@ -88,7 +89,8 @@ def _preference(kwargs: dict, zoo_steps: int | None) -> dict:
 
 
 TASKS = {"sentiment": (_sentiment, set()), "arithmetic": (_arithmetic, {"operations", "partial_credit"}),
-         "preference": (_preference, set())}
+         "preference": (_preference, set()),
+         "chat_arithmetic": (chat_arithmetic.task_spec, {"operations", "max_operand"})}
 
 
 def _task_kwargs(task: str, vector: bool, kwargs: dict) -> dict:
@@ -183,4 +185,5 @@ DOCS = {
     The reward model's score of (prompt, reply), centred to mean 0 over its training
     replies, plus the per-token KL penalty.
 """ + _COMMON.format(horizon=20, model="assistant", extra=""),
+    "chat_arithmetic": chat_arithmetic.DOC,
 }
