@@ -215,3 +215,16 @@ def test_exact_optimum_is_marked_on_curves_and_frontier():
         assert np.allclose(score - 0.05 * kl, 0.5)  # every point on it has return = the optimum
     finally:
         plt.close(fig)
+
+
+def test_readme_speed_table_equals_throughput_json():
+    """The README's Speed ratios are those `lmgym bench --throughput --out docs/bench` wrote, to two decimals."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    measured = json.loads((root / "docs/bench/throughput.json").read_text())
+    expected = [measured["environment"]["ratio_b_over_a"], measured["environment"]["ratio_c_over_a"],
+                measured["grpo"]["ratio"], measured["ppo"]["ratio"], measured["sb3"]["ratio_bridge_over_dummy"]]
+    section = (root / "README.md").read_text().split("## Speed", 1)[1].split("###", 1)[0]
+    shown = [float(x) for x in re.findall(r"^\|[^|]+\| ([0-9.]+) \|$", section, flags=re.M)]
+    assert shown == [round(r, 2) for r in expected]
