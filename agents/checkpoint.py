@@ -43,6 +43,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from lmgym.agents.config import config_problems
+from lmgym.checksums import file_sha256
 from lmgym.core import MAX_KL_COEF
 
 __all__ = ["CheckpointError", "save", "load", "latest_checkpoint", "reference_fingerprint", "weights_usable",
@@ -139,11 +140,6 @@ def reference_fingerprint(model: nn.Module) -> str:
 
 
 # ----------------------------------------------------------------------------- saving
-def _sha256(file: Path) -> str:
-    with open(file, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _json_default(obj):
     if isinstance(obj, np.integer):
         return int(obj)
@@ -180,7 +176,7 @@ def save(agent, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         state["saved_at"] = time.time()
         (tmp / STATE).write_text(json.dumps(state, indent=1, default=_json_default, allow_nan=False))
         files = sorted(p.name for p in tmp.iterdir())
-        manifest = {"format": FORMAT, "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
+        manifest = {"format": FORMAT, "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": file_sha256(tmp / f)}
                                                 for f in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _move_into_place(tmp, path, overwrite)
@@ -328,7 +324,7 @@ def _check_manifest(path: Path, expected_weights: set[str], hint: str = "") -> N
             actual_size = (path / name).stat().st_size
             if actual_size != size:
                 raise CheckpointError(f"{path / name} is corrupt: {actual_size} bytes, {MANIFEST} says {size!r}")
-            actual = _sha256(path / name)
+            actual = file_sha256(path / name)
             if actual != digest:
                 raise CheckpointError(f"{path / name} is corrupt: its sha256 {actual[:12]}... does not match "
                                       f"{MANIFEST} ({digest[:12]}...)")

@@ -20,7 +20,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 __all__ = ["ConfigError", "Range", "OneOf", "check_config", "config_problems"]
 

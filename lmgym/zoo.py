@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from lmgym import corpora, smollm
+from lmgym.checksums import file_sha256
 from lmgym.lock import FileLock, is_locked
 
 __all__ = ["ZooSpec", "ZOO", "home", "entry_path", "recipe", "build", "load", "load_path", "is_built", "verify",
@@ -173,14 +174,6 @@ def _lock(path: Path) -> FileLock:
 
 
 # ----------------------------------------------------------------------------- integrity
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def problem(path: Path) -> str | None:
     """What is wrong with the entry at ``path`` (None if it verifies): missing or empty manifest, a file
     missing or with another checksum than the manifest records, or a file the manifest does not list."""
@@ -197,7 +190,7 @@ def problem(path: Path) -> str | None:
         file = path / rel
         if not file.is_file():
             return f"{rel} is missing"
-        if _sha256(file) != digest:
+        if file_sha256(file) != digest:
             return f"{rel} does not match its checksum"
     unlisted = sorted(str(p.relative_to(path)) for p in path.rglob("*")
                       if p.is_file() and p.name != "manifest.json" and str(p.relative_to(path)) not in files)
@@ -468,7 +461,7 @@ def _build_into(final: Path, name: str, seed: int, steps: int | None, progress: 
         facts = spec.builder(name, spec, tmp, seed=seed, steps=n_steps, dependency_steps=steps, progress=progress)
         facts = {"seed": seed, **facts, "build_seconds": round(time.perf_counter() - start, 1)}
         _write_card(tmp, name, spec, facts)
-        files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        files = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / "manifest.json").write_text(json.dumps({"name": name, "recipe": recipe(name, seed=seed, steps=steps),
                                                        "card": facts, "files": files}, indent=1))
         _swap_in(tmp, final)
