@@ -36,9 +36,9 @@ import torch
 
 from lmgym.agents.base import Rollout, policy_forward
 from lmgym.agents.config import ConfigError, Range
-from lmgym.agents.logprobs import accepts_logits_to_keep
 from lmgym.agents.ppo import PPO, PPOConfig
 from lmgym.masking import nucleus_mask
+from lmgym.models import sample_continuations
 from lmgym.sampling import Sampling
 
 __all__ = ["NLPOConfig", "NLPO", "sample_in_nucleus"]
@@ -61,69 +61,29 @@ class NLPOConfig(PPOConfig):
     """the masking policy's nucleus holds at least this many tokens"""
 
 
-def sample_restricted(sampling: Sampling, logits: torch.Tensor, allowed: torch.Tensor,
-                      generator: torch.Generator | None = None):
-    """Draw one token per row from ``sampling``'s distribution over ``logits`` ``(B, V)`` restricted to the
-    boolean mask ``allowed`` and renormalised; returns ``(tokens, log-probs of them)`` (Gumbel-max, as
-    :meth:`Sampling.sample`)."""
-    logq, kept = sampling.log_probs(logits)
-    kept = allowed if kept is None else kept & allowed
-    logq = logq - torch.logsumexp(logq.masked_fill(~kept, float("-inf")), dim=-1, keepdim=True)
-    gumbel = torch.rand(logq.shape, generator=generator, device=logq.device).log_().neg_().log_().neg_()
-    tokens = (logq.masked_fill(~kept, float("-inf")) + gumbel).argmax(dim=-1)
-    return tokens, logq.gather(-1, tokens[:, None]).squeeze(-1)
-
-
 @torch.no_grad()
 def sample_in_nucleus(policy, masking_policy, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       max_new_tokens: int, *, sampling: Sampling, mask_top_p: float, min_tokens_to_keep: int,
                       never_mask: torch.Tensor, stop_token_ids, pad_token_id: int,
-                      generator: torch.Generator | None = None, check_every: int = 8):
+                      generator: torch.Generator | None = None):
     """Sample continuations of left-padded prompts from ``policy`` restricted to ``masking_policy``'s nucleus.
 
-    Both models step in lock-step, each with its own KV cache. At each step the policy's
-    distribution under ``sampling`` is restricted to the top-``mask_top_p`` nucleus of the masking
-    policy (at the same temperature; ``never_mask`` ids always allowed) and renormalised.
-    Returns ``(tokens, logprobs)`` ``(batch, T)`` like :func:`lmgym.models.sample_continuations`:
-    ``logprobs`` are the masked distribution's, 0 after a row stopped. With ``mask_top_p = 1``
-    the masking policy does not run and the result (and random stream) is exactly
-    ``sample_continuations``'s.
+    :func:`lmgym.models.sample_continuations` steps both models in lock-step, each with its own
+    KV cache; at each step the policy's distribution under ``sampling`` is restricted to the
+    top-``mask_top_p`` nucleus of the masking policy (at the same temperature; ``never_mask`` ids
+    always allowed) and renormalised. ``logprobs`` are the masked distribution's. With
+    ``mask_top_p = 1`` the masking policy does not run and the result (and random stream) is
+    exactly PPO's sampling.
     """
-    device = input_ids.device
-    stop = torch.as_tensor(list(stop_token_ids), device=device)
-    batch = input_ids.shape[0]
-    mask = attention_mask
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    models = [policy] if mask_top_p >= 1 else [policy, masking_policy]  # a nucleus of mass 1 masks nothing
-    caches, logits = [], []
-    for model in models:
-        keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep)
-        caches.append(out.past_key_values)
-        logits.append(out.logits[:, -1])
-    lengths = mask.sum(1)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens, logprobs = [], []
-    for t in range(max_new_tokens):
-        if len(models) == 1:
-            tok, lp = sampling.sample(logits[0], generator)
-        else:
-            allowed = nucleus_mask(logits[1].float() / sampling.temperature, mask_top_p,
-                                   min_tokens_to_keep=min_tokens_to_keep, never_mask=never_mask)
-            tok, lp = sample_restricted(sampling, logits[0], allowed, generator)
-        tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
-        tokens.append(tok)
-        logprobs.append(torch.where(finished, torch.zeros_like(lp), lp))
-        finished = finished | torch.isin(tok, stop)
-        if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(finished.all())):
-            break
-        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-        for i, model in enumerate(models):
-            out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=lengths[:, None],
-                        past_key_values=caches[i], use_cache=True)
-            caches[i], logits[i] = out.past_key_values, out.logits[:, -1]
-        lengths = lengths + 1
-    return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
+    def nucleus(mask_logits: torch.Tensor) -> torch.Tensor:
+        return nucleus_mask(mask_logits.float() / sampling.temperature, mask_top_p,
+                            min_tokens_to_keep=min_tokens_to_keep, never_mask=never_mask)
+
+    masked = mask_top_p < 1  # a nucleus of mass 1 masks nothing
+    return sample_continuations(policy, input_ids, attention_mask, max_new_tokens, stop_token_ids=stop_token_ids,
+                                pad_token_id=pad_token_id, temperature=sampling.temperature, top_k=sampling.top_k,
+                                top_p=sampling.top_p, generator=generator,
+                                mask_model=masking_policy if masked else None, mask_fn=nucleus if masked else None)
 
 
 class NLPO(PPO):

@@ -401,7 +401,8 @@ def _copy_cache(cache):
 @torch.no_grad()
 def sample_continuations(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
                          stop_token_ids, pad_token_id: int, temperature: float = 1.0, top_k: int = 0,
-                         top_p: float = 1.0, generator: torch.Generator | None = None, check_every: int = 8):
+                         top_p: float = 1.0, generator: torch.Generator | None = None, check_every: int = 8,
+                         mask_model=None, mask_fn=None):
     """Sample continuations of left-padded prompts with a KV cache.
 
     Args:
@@ -414,6 +415,9 @@ def sample_continuations(model, input_ids: torch.Tensor, attention_mask: torch.T
         generator: a ``torch.Generator`` on the model's device, for reproducible sampling.
         check_every: look at whether every row has stopped only every this many tokens,
             to avoid a host round-trip per token.
+        mask_model, mask_fn: optionally a second LM stepped in lock-step with its own KV cache, and
+            ``mask_fn(its next-token logits) -> (batch, vocab) bool``: each token is drawn from the
+            sampling distribution restricted to that mask and renormalised (NLPO's masking policy).
 
     Returns:
         ``(tokens, logprobs)``, both ``(batch, T)`` with ``T <= max_new_tokens``; ``logprobs``
@@ -428,14 +432,19 @@ def sample_continuations(model, input_ids: torch.Tensor, attention_mask: torch.T
     batch = input_ids.shape[0]
     mask = attention_mask
     positions = (mask.cumsum(1) - 1).clamp(min=0)
-    keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep)
-    cache, lengths = out.past_key_values, mask.sum(1)
-    logits = out.logits[:, -1]
+    models = [model] if mask_model is None else [model, mask_model]
+    caches, logits = [], []
+    for m in models:
+        keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(m) else {}
+        out = m(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep)
+        caches.append(out.past_key_values)
+        logits.append(out.logits[:, -1])
+    lengths = mask.sum(1)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, logprobs = [], []
     for t in range(max_new_tokens):
-        tok, lp = sampling.sample(logits, generator)
+        allowed = mask_fn(logits[1]) if mask_model is not None else None
+        tok, lp = sampling.sample(logits[0], generator, allowed=allowed)
         tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
         tokens.append(tok)
         logprobs.append(torch.where(finished, torch.zeros_like(lp), lp))
@@ -443,7 +452,9 @@ def sample_continuations(model, input_ids: torch.Tensor, attention_mask: torch.T
         if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(finished.all())):
             break
         mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=lengths[:, None],
-                    past_key_values=cache, use_cache=True)
-        cache, lengths, logits = out.past_key_values, lengths + 1, out.logits[:, -1]
+        for i, m in enumerate(models):
+            out = m(input_ids=tok[:, None], attention_mask=mask, position_ids=lengths[:, None],
+                    past_key_values=caches[i], use_cache=True)
+            caches[i], logits[i] = out.past_key_values, out.logits[:, -1]
+        lengths = lengths + 1
     return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)

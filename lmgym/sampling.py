@@ -108,14 +108,21 @@ class Sampling:
         logq, _ = self.log_probs(logits)
         return logq.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
-    def sample(self, logits: torch.Tensor, generator: torch.Generator | None = None):
+    def sample(self, logits: torch.Tensor, generator: torch.Generator | None = None,
+               allowed: torch.Tensor | None = None):
         """Draw one token per row of ``logits`` ``(B, V)``; returns ``(tokens, log q(tokens))``.
+
+        ``allowed`` (a ``(B, V)`` bool mask, e.g. NLPO's nucleus) restricts q to those tokens and
+        renormalises it; the log-probs returned are then the restricted distribution's.
 
         Uses the Gumbel-max trick, ``argmax(log q + G)`` with ``G = -log(-log U)``, which
         samples from q without a host round-trip and lets non-finite log-probs through for
         the caller to report.
         """
         logq, keep = self.log_probs(logits)
+        if allowed is not None:
+            keep = allowed if keep is None else keep & allowed
+            logq = logq - torch.logsumexp(logq.masked_fill(~keep, float("-inf")), dim=-1, keepdim=True)
         scores = logq if keep is None else logq.masked_fill(~keep, float("-inf"))
         gumbel = torch.rand(scores.shape, generator=generator, device=scores.device).log_().neg_().log_().neg_()
         tokens = (scores + gumbel).argmax(dim=-1)
