@@ -252,17 +252,27 @@ class DPO(_DPOBase):
         for number, group in enumerate(read_preferences(path)):
             where = f"{path}: prompt #{number} ({group.prompt[:40]!r})"
             prompt_ids = list(self.env.core.prompts.encode(group.prompt, where=where).ids)
-            texts = list(dict.fromkeys(text for pair in group.pairs for text in pair))
-            completions = [self.episode_tokens(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
-                           for text in texts]
+            episode = {text: tuple(self.episode_tokens(list(tokenizer(text, add_special_tokens=False)["input_ids"])))
+                       for text in dict.fromkeys(text for pair in group.pairs for text in pair)}
+            # A ranking that holds one completion twice (samples of a policy repeat) pairs it with itself (and two
+            # texts can tokenize to one episode): such a pair states no preference, and its loss, log 2,
+            # has no gradient, so it would only shrink the mean over pairs and count as a wrong answer in
+            # rewards/accuracies. Only pairs of two different episodes are kept.
+            pairs = [(episode[c], episode[r]) for c, r in group.pairs if episode[c] != episode[r]]
+            if not pairs:
+                continue
+            completions = list(dict.fromkeys(sequence for pair in pairs for sequence in pair))
             needed = len(prompt_ids) + max(len(c) for c in completions)
             if context is not None and needed > context:
                 raise ValueError(f"{where}: its {len(prompt_ids)} prompt tokens and its longest completion need "
                                  f"{needed} positions, more than the policy's context of {context}; shorten the "
                                  "prompt or the completions in the preference file")
-            index = {text: i for i, text in enumerate(texts)}
-            encoded.append({"prompt": prompt_ids, "completions": completions,
-                            "pairs": [(index[c], index[r]) for c, r in group.pairs]})
+            index = {sequence: i for i, sequence in enumerate(completions)}
+            encoded.append({"prompt": prompt_ids, "completions": [list(c) for c in completions],
+                            "pairs": [(index[c], index[r]) for c, r in pairs]})
+        if not encoded:
+            raise ValueError(f"every pair in {path} compares a completion with itself; DPO needs pairs of two "
+                             "different completions")
         return encoded
 
     def episode_tokens(self, ids: list[int]) -> list[int]:
