@@ -105,7 +105,9 @@ def test_offline_sequences_are_the_environments_episodes(tmp_path):
 def test_offline_dpo_gradient_matches_a_float64_reference(tmp_path, loss_type, label_smoothing):
     records = [{"prompt": "a", "completions": ["a a", "b", "c c c c c c", "<eos>"], "ranking": [2, 0, 3, 1]},
                {"prompt": "b", "chosen": "a b c", "rejected": "c"},
-               {"prompt": "c", "completions": ["a", "b b", "a"], "scores": [1.0, 0.5, 1.0]}]
+               {"prompt": "c", "completions": ["a", "b b", "a"], "scores": [1.0, 0.5, 1.0]},
+               # a ranking that holds one completion twice: its pair with itself states no preference
+               {"prompt": "a", "completions": ["b", "c", "b"], "ranking": [0, 1, 2]}]
     path = write_jsonl(tmp_path / "p.jsonl", records)
     venv = diagnostic_env(8)
     agent = DPO(venv, preferences=str(path), batch_pairs=1000, beta=0.5, loss_type=loss_type,
@@ -120,7 +122,8 @@ def test_offline_dpo_gradient_matches_a_float64_reference(tmp_path, loss_type, l
     agent.update(agent.training_batch())
 
     # Independently: each pair by hand, sequences tokenized word by word, the stop token appended when shorter
-    # than max_new_tokens (6 here), "<eos>" alone the empty episode.
+    # than max_new_tokens (6 here), "<eos>" alone the empty episode; the loss is the mean over the pairs of two
+    # different completions ("b" above "b" is no pair).
     vocab = {"<eos>": 0, "a": 1, "b": 2, "c": 3}
 
     def episode(text):
@@ -129,7 +132,7 @@ def test_offline_dpo_gradient_matches_a_float64_reference(tmp_path, loss_type, l
 
     pairs = [("a", "c c c c c c", "a a"), ("a", "c c c c c c", "<eos>"), ("a", "c c c c c c", "b"),
              ("a", "a a", "<eos>"), ("a", "a a", "b"), ("a", "<eos>", "b"), ("b", "a b c", "c"),
-             ("c", "a", "b b"), ("c", "a", "b b")]
+             ("c", "a", "b b"), ("c", "a", "b b"), ("a", "b", "c"), ("a", "c", "b")]
     loss = 0.0
     for prompt, chosen, rejected in pairs:
         h = []
@@ -149,25 +152,38 @@ def test_offline_dpo_gradient_matches_a_float64_reference(tmp_path, loss_type, l
 
 
 @pytest.mark.slow
-def test_offline_dpo_from_bradley_terry_preferences_approaches_the_optimum(tmp_path):
+def test_offline_dpo_from_bradley_terry_preferences_reaches_90_percent_of_the_optimum(tmp_path):
     """Pairs labelled by the task's own Bradley-Terry model and beta = kl_coef: DPO's implicit objective is the
-    environment's, so the exact return of the trained policy approaches the exact optimum.
+    environment's, so the exact return of the trained policy reaches 90% of the exact optimum.
 
-    Bradley-Terry labels of a [0, 1] score are weak (P = 0.5 to 0.73), and beta = 0.05 turns a reward error into
-    20 times that error in log-probability, so DPO needs many labels: here 3,200 rankings of 32 completions of
-    pi_ref (1.6 million pairs), three passes. Measured with seeds 1, 2, 3 of data and agent: 94.9%, 90.9%, 89.5%
-    of the optimum (the same data with soft labels, or online DPO, reach 95-99.6%), so the bound is 85%.
+    The data: 3,200 rankings of 32 completions of pi_ref, 1.5 million pairs of two different completions (a
+    ranking's pairs of a completion with itself state nothing and are dropped). A Plackett-Luce ranking's pairs
+    are correlated, but each pair's marginal is exactly the Bradley-Terry probability, so the loss over all of
+    them is unbiased. The labels are weak (P = 0.5 to 0.73 for a [0, 1] score) and beta = 0.05 turns a reward
+    error into 20 times that error in log-probability: the optimum puts about 60% of its mass on `a a a a a a`,
+    which pi_ref samples once in 6,000 (8 nats of log-ratio).
+
+    What held DPO below 90% was optimisation, not bias. Trained on 1.4 million completion tokens (about three
+    passes, 657 Adam steps, learning rate annealed to 0) it reached 93.5, 93.8, 90.3, 95.0, 91.7% with seeds
+    1-5, and every hard-label run analysed stopped short of the optimum on every prompt (seed 3: pi(a a a a a a)
+    = 0.07-0.19 instead of 0.56-0.61, KL to pi_ref 2.8-4.2 nats instead of 6.2-6.8). The tail where the optimum
+    lives is a flat direction of the loss (pi_ref rarely samples it), and a hard label makes each pair's gradient
+    mostly noise; Adam, which scales its steps by the gradient's RMS, then moves the policy there slowly. The
+    same completions with soft labels sigmoid(R_w - R_l) reached 94.3-97.3% in the same budget; twice the data
+    in the same 4.2 million tokens did not help (seed 3: 90.0%), more steps did. Seed 3, the hardest: 90.3% at
+    1.4 million tokens, 90.1% at 4.2 million (about ten passes), 95.5% at 8.4 million (about 20 passes, 3,772
+    steps). At 8.4 million tokens, seeds 1-5: 96.9, 95.1, 95.5, 95.9, 94.3% (2.5 minutes on one core).
     """
     records = bradley_terry_rankings(num_batches=400, k=32, seed=1)
     path = write_jsonl(tmp_path / "bt.jsonl", records)
     venv = diagnostic_env()
     agent = DPO(venv, preferences=str(path), learning_rate=1e-2, batch_pairs=8192, anneal_lr=True, seed=1)
     start = exact_return(agent.policy, venv)
-    agent.learn(1_400_000, progress=False)
+    agent.learn(8_400_000, progress=False)  # about 20 passes over the data's completion tokens
     end = exact_return(agent.policy, venv)
     print(f"offline DPO: {end / venv.optimal_return:.1%} of the exact optimum")
     assert start / venv.optimal_return < 0.5
-    assert end / venv.optimal_return >= 0.85, f"offline DPO reached {end / venv.optimal_return:.1%} of the optimum"
+    assert end / venv.optimal_return >= 0.9, f"offline DPO reached {end / venv.optimal_return:.1%} of the optimum"
 
 
 def test_offline_dpo_learns_from_bradley_terry_preferences_quickly(tmp_path):
@@ -216,6 +232,10 @@ def test_offline_dpo_errors(tmp_path):
     path = write_jsonl(tmp_path / "long.jsonl", [{"prompt": long_prompt, "chosen": "a a", "rejected": "b"}])
     with pytest.raises(ValueError, match=r"long.jsonl: prompt #0 .*need 33 positions, more than the policy's "
                                          r"context of 32"):
+        DPO(env, preferences=str(path))
+    path = write_jsonl(tmp_path / "same.jsonl", [{"prompt": "a", "chosen": "a a", "rejected": "a a"},
+                                                 {"prompt": "b", "completions": ["c", "c"], "ranking": [1, 0]}])
+    with pytest.raises(ValueError, match="same.jsonl compares a completion with itself"):
         DPO(env, preferences=str(path))
     path = write_jsonl(tmp_path / "ok.jsonl", [{"prompt": "a", "chosen": "a a", "rejected": "b"}])
     with pytest.raises(ValueError, match="loss_type must be one of"):
