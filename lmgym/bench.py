@@ -29,8 +29,11 @@ import lmgym  # noqa: F401  registers the environments
 __all__ = ["AGENT_NAMES", "RECOMMENDED", "run", "bench", "parse_overrides", "write_report", "readme_block",
            "update_readme", "machine"]
 
-AGENT_NAMES = ("ppo", "grpo", "reinforce", "rloo", "a2c", "rft", "dpo", "online-dpo", "sb3-ppo", "nlpo")
-GROUPED = {"grpo": 8, "rloo": 8, "rft": 8, "online-dpo": 8}
+AGENT_NAMES = ("ppo", "grpo", "reinforce", "rloo", "a2c", "rft", "dpo", "online-dpo", "sb3-ppo", "nlpo", "trl-grpo",
+               "trl-rloo")
+TRL_AGENTS = ("trl-grpo", "trl-rloo")
+"""Hugging Face TRL's GRPOTrainer and RLOOTrainer, trained through lmgym.integrations.trl (needs lmgym[trl])."""
+GROUPED = {"grpo": 8, "rloo": 8, "rft": 8, "online-dpo": 8, "trl-grpo": 8, "trl-rloo": 8}
 """Agents that need several completions per prompt, and how many."""
 
 RECOMMENDED = {
@@ -65,7 +68,23 @@ def _check_agent(agent: str) -> None:
         raise BenchError(f"unknown agent {agent!r}{hint} (known: {', '.join(AGENT_NAMES)})")
 
 
+def _require_trl(agent: str) -> None:
+    """A ``trl-*`` cell without TRL installed is refused in one line, before any cell runs."""
+    if agent in TRL_AGENTS:
+        from lmgym.integrations.trl import MissingTRLError, require_trl
+
+        try:
+            require_trl()
+        except MissingTRLError as err:
+            raise BenchError(f"the agent {agent} is TRL's trainer: {err}") from None
+
+
 def _config_fields(agent: str) -> set[str]:
+    if agent in TRL_AGENTS:
+        from lmgym.integrations.trl_bench import config_fields
+
+        _require_trl(agent)
+        return config_fields(agent)
     if agent == "sb3-ppo":
         return {"learning_rate", "n_steps", "batch_size", "n_epochs", "gamma", "gae_lambda", "clip_range",
                 "ent_coef", "vf_coef", "max_grad_norm", "num_envs"}
@@ -108,6 +127,20 @@ def _parse_value(raw):
     return raw
 
 
+def _reset_peak_memory(device: torch.device) -> bool:
+    """Start a run's peak-memory count from now, so that cells of one grid (one process) are measured apart
+    rather than each reporting the largest process peak so far. False where the process's peak RSS cannot be
+    reset (not Linux): it then stays the peak since the process started."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:  # Linux: writing 5 to clear_refs resets the resident-set high-water mark (VmHWM, ru_maxrss)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def _peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -138,6 +171,7 @@ def run(task: str, agent: str, *, steps: int | None = 20_000, seconds: float | N
 
     _check_task(task)
     _check_agent(agent)
+    _require_trl(agent)
     if steps is None and seconds is None:
         raise BenchError("give a budget: steps, seconds, or both")
     if logdir is not None and Path(logdir).exists() and not Path(logdir).is_dir():
@@ -146,13 +180,12 @@ def run(task: str, agent: str, *, steps: int | None = 20_000, seconds: float | N
     limit_torch_threads()
     overrides = {**RECOMMENDED.get(task, {}), **(overrides or {})}
     dev = resolve_device(device)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+    peak_reset = _reset_peak_memory(dev)
     env_kwargs = {k: overrides.pop(k) for k in list(overrides) if k in ENV_OPTIONS}
     num_envs = overrides.pop("num_envs", 16 if agent == "sb3-ppo" else 64)
     group = overrides.pop("group_size", GROUPED.get(agent, 1))
     budget = steps if steps is not None else sys.maxsize
-    runner = _run_sb3 if agent == "sb3-ppo" else _run_lmgym
+    runner = _run_sb3 if agent == "sb3-ppo" else _run_trl if agent in TRL_AGENTS else _run_lmgym
     # One process at a time writes a run's logs and checkpoints.
     lock = FolderLock(logdir, f"lmgym training {agent} on {task}").acquire() if logdir is not None else None
     try:
@@ -163,7 +196,8 @@ def run(task: str, agent: str, *, steps: int | None = 20_000, seconds: float | N
         if lock is not None:
             lock.release()
     result.update(task=task, agent=agent, seed=seed, device=str(dev), peak_memory_mib=_peak_memory_mib(dev),
-                  memory_kind="cuda max allocated" if dev.type == "cuda" else "process peak RSS",
+                  memory_kind="cuda max allocated" if dev.type == "cuda" else
+                  "process peak RSS during the run" if peak_reset else "process peak RSS",
                   elapsed_seconds=time.perf_counter() - started, machine=machine(dev))
     return result
 
@@ -229,6 +263,17 @@ def _run_lmgym(task, agent, *, budget, seconds, seed, device, logdir, overrides,
             "wall_seconds": wall, "env_steps": learner.global_step, "tokens_per_s": tokens / wall if wall else 0.0,
             "curve": curve, "hyperparameters": learner.config.to_dict(), "kl_coef": venv.kl_coef,
             "checkpoint": str(learner.last_checkpoint) if learner.last_checkpoint else None}
+
+
+def _run_trl(task, agent, *, budget, seconds, seed, device, logdir, overrides, env_kwargs, num_envs, group, resume,
+             progress, eval_batches) -> dict:
+    from lmgym.integrations.trl_bench import run_cell
+
+    if resume is not None:
+        raise BenchError(f"--resume is not supported for {agent} (the cell trains with TRL and keeps no checkpoint)")
+    return run_cell(task, agent, budget=budget, seconds=seconds, seed=seed, device=device, logdir=logdir,
+                    overrides=overrides, env_kwargs=env_kwargs, num_envs=num_envs, group=group,
+                    eval_batches=eval_batches, progress=progress)
 
 
 # SB3's log keys under lmgym's names (agents/base.py, agents/ppo.py), with the factor that turns the one into
@@ -362,6 +407,7 @@ def bench(out: str | os.PathLike, *, tasks: list[str], agents: list[str], seeds:
         _check_task(t)
     for a in agents:
         _check_agent(a)
+        _require_trl(a)
     overrides = overrides or {}
     out = Path(out)
     if out.exists() and not out.is_dir():
