@@ -140,7 +140,7 @@ def run_cell(task: str, agent: str, *, budget: int, seconds: float | None, seed:
     with tempfile.TemporaryDirectory(prefix="lmgym-trl-") as scratch:
         adapter = TRLTask(venv, scratch)
         optimum = adapter.optimal_return
-        start_eval = adapter.evaluate(num_batches=eval_batches, seed=seed)
+        start_eval = adapter.evaluator(seed=seed).evaluate(eval_batches)  # as lmgym's cells evaluate
         recorder = _Recorder(adapter)
         settings = {**_COMMON, **_LIKE_LMGYM[agent], **adapter.config_kwargs(), **overrides}
         steps_bound = min(10**9, math.ceil(budget / num_envs) + 1)  # every completion is at least one token
@@ -172,7 +172,7 @@ def run_cell(task: str, agent: str, *, budget: int, seconds: float | None, seed:
         finally:
             bar.close()
         wall = recorder.elapsed()
-        end_eval = adapter.evaluate(trainer.model, num_batches=eval_batches, seed=seed)
+        end_eval = adapter.evaluator(trainer.model, seed=seed).evaluate(eval_batches)
     if logdir is not None:
         _write_tensorboard(logdir, recorder.curve, float(venv.kl_coef), settings)
     hyper = {k: v for k, v in settings.items() if isinstance(v, (int, float, str, bool, type(None), dict))}
