@@ -676,6 +676,18 @@ def frontier_figure(results: list[dict], grid: dict):
 README_BEGIN = ("<!-- lmgym bench results: generated from docs/bench/results.json by "
                 "`lmgym bench --out docs/bench --readme README.md`; do not edit by hand -->")
 README_END = "<!-- end of lmgym bench results -->"
+DEFAULT_README_SOURCE = "docs/bench/results.json"
+
+
+def readme_markers(source: str = DEFAULT_README_SOURCE) -> tuple[str, str]:
+    """The two lines that enclose a README's block generated from ``source`` (its results.json, as a path
+    relative to the README): a README may hold one block per results file (the default grid's, a comparison
+    grid's...), each rewritten only from its own file."""
+    if source == DEFAULT_README_SOURCE:
+        return README_BEGIN, README_END
+    folder = Path(source).parent.as_posix()
+    return (f"<!-- lmgym bench results: generated from {source} by `lmgym bench --out {folder} --readme "
+            "README.md`; do not edit by hand -->", f"<!-- end of lmgym bench results from {source} -->")
 
 
 def _duration(seconds: float) -> str:
@@ -683,9 +695,9 @@ def _duration(seconds: float) -> str:
     return f"{minutes} min {secs} s" if minutes else f"{secs} s"
 
 
-def readme_block(report: dict) -> str:
-    """The README's results section rendered from a ``results.json`` report: where and how long it was
-    measured, then the tables of ``results.md``."""
+def readme_block(report: dict, source: str = DEFAULT_README_SOURCE) -> str:
+    """The README's results section rendered from a ``results.json`` report (the file ``source``): where and how
+    long it was measured, then the tables of ``results.md``, between the :func:`readme_markers` of ``source``."""
     grid, runs = report["grid"], report["runs"]
     machines = [r.get("machine") for r in runs]
     if runs and all(machines) and all(m == machines[0] for m in machines):
@@ -705,21 +717,24 @@ def readme_block(report: dict) -> str:
                f"{' '.join(map(str, grid['seeds']))}{budget}")
     overrides = f", hyper-parameters {json.dumps(grid['overrides'])}" if grid.get("overrides") else ""
     head = f"The grid: `{command}`{overrides}. {measured}"
-    return "\n".join([README_BEGIN, "", head, "", results_markdown(report["table"], grid).rstrip(), "",
-                      README_END])
+    begin, end = readme_markers(source)
+    return "\n".join([begin, "", head, "", results_markdown(report["table"], grid).rstrip(), "", end])
 
 
 def update_readme(readme: str | os.PathLike, results_json: str | os.PathLike) -> None:
-    """Replace the marked results block of ``readme`` with :func:`readme_block` of ``results_json``."""
+    """Replace the results block of ``readme`` marked as generated from ``results_json`` (:func:`readme_markers`
+    of its path relative to the README) with :func:`readme_block` of that file."""
     readme, results_json = Path(readme), Path(results_json)
+    source = Path(os.path.relpath(results_json.resolve(), readme.resolve().parent)).as_posix()
+    begin, end = readme_markers(source)
     text = readme.read_text()
-    if text.count(README_BEGIN) != 1 or text.count(README_END) != 1:
-        raise ValueError(f"{readme} needs exactly one results block between the lines {README_BEGIN!r} and "
-                         f"{README_END!r}")
+    if text.count(begin) != 1 or text.count(end) != 1:
+        raise ValueError(f"{readme} needs exactly one results block for {source}, between the lines {begin!r} and "
+                         f"{end!r}; add those two lines where the table should go")
     try:
         report = json.loads(results_json.read_text())
     except ValueError as err:
         raise BenchError(f"{results_json} is corrupt ({err})") from err
-    before, rest = text.split(README_BEGIN)
-    after = rest.split(README_END, 1)[1]
-    _atomic_write(readme, before + readme_block(report) + after)
+    before, rest = text.split(begin)
+    after = rest.split(end, 1)[1]
+    _atomic_write(readme, before + readme_block(report, source) + after)

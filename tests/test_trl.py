@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import sys
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -102,22 +103,21 @@ def test_chat_task_reward_and_prompts_match_the_environment(trl, tmp_path):
 
 
 # ----------------------------------------------------------------------------- training and lmgym's evaluation
-def test_trl_grpo_raises_the_score_and_lmgym_scores_it_with_the_environments_kl(trl, tmp_path):
-    from lmgym.integrations.trl import TRLTask
-
-    task = TRLTask("lmgym/TargetToken-v0", tmp_path, num_envs=16, group_size=4)
+def test_readme_trl_example_raises_the_score_and_lmgym_scores_it_with_the_environments_kl(trl, tmp_path,
+                                                                                          monkeypatch):
+    """The README's TRL block runs as written; what it trained is scored with the environment's reference and KL."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("## TRL's trainers on lmgym tasks")[1].split("```python\n")[1].split("```")[0]
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(block, scope)
+    task, trainer, args = scope["task"], scope["trainer"], scope["args"]
     env = task.env
-    args = trl.GRPOConfig(str(tmp_path / "out"), **task.config_kwargs(), loss_type="grpo", learning_rate=3e-3,
-                          lr_scheduler_type="constant", max_steps=25, seed=0, report_to="none", save_strategy="no",
-                          logging_strategy="no", disable_tqdm=True)
     assert args.beta == env.kl_coef == 0.05
-    trainer = trl.GRPOTrainer(args=args, **task.trainer_kwargs())
     # TRL's reference is the environment's reference, weight for weight
     ref_state = env.reference_model.state_dict()
     assert all(torch.equal(v, ref_state[k]) for k, v in trainer.ref_model.state_dict().items())
-    before = task.evaluate(num_batches=2)
-    trainer.train()
-    after = task.evaluate(trainer.model, num_batches=2)
+    before, after = task.evaluate(), task.evaluate(trainer.model)
     assert after["score"] > before["score"] + 0.3
     # the exact expected returns (every episode enumerated, float64) agree: TRL's training raised the objective
     start, end = exact_return(env.reference_model, env), exact_return(trainer.model, env)
