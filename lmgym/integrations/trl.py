@@ -7,8 +7,9 @@ evaluation::
     from trl import GRPOConfig, GRPOTrainer
     from lmgym.integrations.trl import TRLTask
 
-    task = TRLTask("lmgym/TargetToken-v0", "trl-target")
-    args = GRPOConfig("trl-target/out", **task.config_kwargs(), learning_rate=3e-3, max_steps=30, use_cpu=True)
+    task = TRLTask("lmgym/TargetToken-v0", "trl-target", num_envs=16, group_size=4)
+    args = GRPOConfig("trl-target/out", **task.config_kwargs(), loss_type="grpo", learning_rate=3e-3,
+                      lr_scheduler_type="constant", max_steps=30, report_to="none", save_strategy="no")
     trainer = GRPOTrainer(args=args, **task.trainer_kwargs())
     trainer.train()
     print(task.evaluate(trainer.model))  # score, KL, return = score - kl_coef * KL, fraction of the exact optimum
