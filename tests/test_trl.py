@@ -65,6 +65,28 @@ def test_reward_is_the_environments_score_for_the_same_tokens(trl, tmp_path):
     assert task.reward(prompts=prompts, completions=texts, completion_ids=ids, prompt_index=index) == got
 
 
+def test_textgen_with_your_own_model_prompts_and_reward(trl, tmp_path, tiny):
+    from conftest import PROMPTS, count_good
+
+    from lmgym.integrations.trl import TRLTask
+
+    model, tok = tiny
+    task = TRLTask("lmgym/TextGen-v0", tmp_path, num_envs=8, group_size=2, model=model, tokenizer=tok,
+                   prompts=PROMPTS, reward_fn=count_good, max_new_tokens=5)
+    assert sorted(set(task.dataset()["prompt"])) == sorted(PROMPTS)
+    env = task.env
+    env.reset(seed=1)
+    prompts = [p.text for p in env.core.row_prompts]
+    tokens = torch.randint(0, len(tok), (8, 5), generator=torch.Generator().manual_seed(2))
+    result = env.score_sequences(tokens)
+    ids = trl_completion_ids(tokens, env.stop_token_ids)
+    texts = task.tokenizer.batch_decode(ids, skip_special_tokens=True)
+    got = task.reward(prompts=prompts, completions=texts, completion_ids=ids)
+    assert np.array_equal(np.float32(got), result.scores.numpy())
+    words = [" ".join(tok.convert_ids_to_tokens([t for t in row if t != 0])) for row in ids]  # EOS (0) ends a row
+    assert got == pytest.approx(count_good(prompts, words))
+
+
 def test_chat_task_reward_and_prompts_match_the_environment(trl, tmp_path):
     from test_chat_arithmetic import tiny_chat_model
 
