@@ -23,6 +23,10 @@ leave-one-out baseline on ``score - beta * sum_t k1_t`` without advantage normal
 else lmgym's default 1e-4), fused AdamW without weight decay, gradient norm clipped to 1,
 temperature 1 without top-k / top-p, dropout off, float32 weights.
 
+**Memory.** Cells share the bench's process: a TRL cell runs with whatever that process set, including the
+mmap threshold lmgym's agents pin on the CPU (:mod:`lmgym.heap`, process-wide; the cell's evaluator is an lmgym
+agent), so lmgym's and TRL's cells are measured under the same allocator.
+
 **Curve.** After each generation the cell asks the environment for the batch's KL (a policy forward
 for the log-probs lmgym's agents hand over, then the environment's own reference pass); that
 bookkeeping is timed and left out of the cell's wall time.
