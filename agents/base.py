@@ -25,6 +25,7 @@ import torch.nn as nn
 from lmgym.agents import checkpoint as checkpoints
 from lmgym.agents.checkpoint import CheckpointError
 from lmgym.agents.config import ConfigError, Range, check_config
+from lmgym.agents.distributed import DataParallel
 from lmgym.agents.logprobs import accepts_logits_to_keep, chunked_token_logprobs, selective_logprobs
 from lmgym.agents.policy import build_policy
 from lmgym.models import resolve_device, sample_continuations, token_logprobs, to_left_padded
@@ -268,6 +269,11 @@ class Agent:
         if self.device != env.device:
             raise ValueError(f"the agent runs on {self.device} but the environment on {env.device}; "
                              "create the environment with the same device")
+        # Under torchrun / accelerate launch: join the other processes; this one's environment is its
+        # share of a batch of world_size * num_envs rows (lmgym.agents.distributed).
+        self.distributed = DataParallel.from_environment(self.device)
+        if self.distributed.active:
+            env.core.set_shard(self.distributed.rank, self.distributed.world_size)
         self._check_batch_layout(env.num_envs)
         # The sampling transformation: the policy samples from it, its log-probs (handed to the
         # environment and used in the ratios) are the transformed distribution's, and the
@@ -297,6 +303,7 @@ class Agent:
         self.last_checkpoint: Path | None = None
         """the last checkpoint this agent wrote or loaded; only finite, usable weights are ever written"""
         self._env_started = False
+        self._shard_sampling = True  # off while every process evaluates the same given prompts
         self.run_id = checkpoints.new_run_id()
         self.initial_kl_coef = float(env.kl_coef)
         """the environment's kl_coef when the run started (an adaptive controller moves env.kl_coef)"""
@@ -323,8 +330,15 @@ class Agent:
         return config
 
     def _check_batch_layout(self, num_envs: int) -> None:
-        """The minibatch settings must split the batch of ``num_envs`` episodes evenly."""
+        """The minibatch settings must split the batch of ``num_envs`` episodes evenly (under data parallelism:
+        each micro-batch must split evenly over the processes too)."""
         cfg = self.config
+        world = self.distributed.world_size
+        if world > 1 and num_envs % (cfg.num_minibatches * cfg.gradient_accumulation_steps):
+            raise ConfigError(
+                f"{world} processes cannot share the micro-batches evenly: num_minibatches={cfg.num_minibatches} x "
+                f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must divide each process's "
+                f"{num_envs} episodes (the batch is {world} x num_envs={num_envs}); change num_envs or those settings")
         if num_envs % cfg.num_minibatches:
             raise ConfigError(f"num_minibatches={cfg.num_minibatches} must divide the batch of {num_envs} episodes "
                               "(the environment's num_envs)")
@@ -397,7 +411,16 @@ class Agent:
         return sample_continuations(
             self.policy, query_ids, query_mask, self.env.max_new_tokens, stop_token_ids=self.env.stop_token_ids,
             pad_token_id=self.env.tokenizer.pad_token_id, temperature=self.sampling.temperature,
-            top_k=self.sampling.top_k, top_p=self.sampling.top_p, generator=self.generator)
+            top_k=self.sampling.top_k, top_p=self.sampling.top_p, generator=self.generator,
+            **self.sampling_share())
+
+    def sampling_share(self) -> dict:
+        """Arguments of :func:`lmgym.models.sample_continuations` that make this process sample exactly its share
+        of the data-parallel batch (none with one process); an agent with its own sampler passes them on."""
+        if not self.distributed.active or not self._shard_sampling:
+            return {}
+        return {"noise_share": (self.distributed.rank, self.distributed.world_size),
+                "all_finished": self.distributed.all_finished}
 
     def training_batch(self):
         """The data one iteration of :meth:`learn` trains on: a fresh rollout. An offline algorithm (DPO on a
@@ -418,14 +441,42 @@ class Agent:
         size = n // cfg.num_minibatches
         for _ in range(cfg.update_epochs):
             order = torch.randperm(n, generator=self.generator, device=self.device)
+            # Every process draws the same permutation (their generators are equal); process 0's is made
+            # authoritative so that an agent whose sampler drew unevenly cannot split the batch inconsistently.
+            self.distributed.broadcast(order)
             for start in range(0, n, size):
                 yield order[start:start + size]
 
     def micro_batches(self, idx: torch.Tensor):
+        """The micro-batches of a minibatch ``idx`` (``gradient_accumulation_steps`` of them); under data
+        parallelism, this process's equal part of each (the parts of all processes tile the micro-batch)."""
         steps = self.config.gradient_accumulation_steps
         if len(idx) % steps:
             raise ValueError(f"gradient_accumulation_steps={steps} must divide the minibatch of {len(idx)}")
-        return idx.chunk(steps)
+        world = self.distributed.world_size
+        if world > 1 and (len(idx) // steps) % world:
+            raise ConfigError(f"micro-batches of {len(idx) // steps} episodes cannot be split over {world} processes; "
+                              "make num_minibatches x gradient_accumulation_steps divide each process's num_envs")
+        for micro in idx.chunk(steps):
+            self.current_micro_batch = micro  # the whole micro-batch, for token_share
+            yield micro if world == 1 else micro.chunk(world)[self.distributed.rank]
+
+    def token_share(self, mask: torch.Tensor, part: torch.Tensor) -> torch.Tensor | float:
+        """The factor that turns a token mean over this process's ``part`` of the current micro-batch into its share
+        of the token mean over the whole micro-batch, gradients being averaged over the processes:
+        ``world_size * tokens(part) / tokens(micro-batch)`` (1 with one process). ``mask`` is the rollout's."""
+        if not self.distributed.active:
+            return 1.0
+        whole = self.current_micro_batch
+        return self.distributed.world_size * mask[part].sum() / mask[whole].sum().clamp(min=1)
+
+    def in_parts(self, fn: Callable[["Rollout"], torch.Tensor], rollout: "Rollout") -> torch.Tensor:
+        """``fn(rollout)`` (rows first) computed by each process on its contiguous share of the rows and gathered,
+        instead of by every process on all of them (e.g. PPO's value pass); just ``fn(rollout)`` with one."""
+        if not self.distributed.active:
+            return fn(rollout)
+        share = torch.arange(len(rollout), device=self.device).chunk(self.distributed.world_size)
+        return self.distributed.gather_rows(fn(rollout.select(share[self.distributed.rank])))
 
     def _last_good(self) -> str:
         return (f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
@@ -447,6 +498,7 @@ class Agent:
         :class:`TrainingError` says so and the agent refuses to save them.
         """
         params = [p for p in self.parameters() if p.requires_grad]
+        self.distributed.average_gradients(params)  # every process then takes the same step
         norm = float(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm))
         if not math.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)  # the clipped gradients are nan: never accumulate into them
@@ -494,7 +546,8 @@ class Agent:
         check_config(self.config)  # settings changed on the agent since it was built are checked too
         self._check_batch_layout(self.env.num_envs)
         self._open_writer()
-        bar = tqdm(total=total_steps, initial=self.global_step, disable=not progress, unit="tok",
+        bar = tqdm(total=total_steps, initial=self.global_step, disable=not progress or not self.distributed.is_main,
+                   unit="tok",
                    desc=f"{self.name}", dynamic_ncols=True)
         callbacks = list(callbacks or [])
         saved_at = None
@@ -503,9 +556,11 @@ class Agent:
                 self._anneal(total_steps)
                 start = time.perf_counter()
                 rollout = self.training_batch()
+                if isinstance(rollout, Rollout):  # every process holds the whole batch (lmgym.agents.distributed)
+                    rollout = self.distributed.gather_rollout(rollout)
                 collected = time.perf_counter()
                 with self.policy_active():
-                    metrics = self.update(rollout)
+                    metrics = self.distributed.mean_metrics(self.update(rollout))
                 done = time.perf_counter()
                 steps = int(rollout.lengths.sum())
                 self.global_step += steps
@@ -565,9 +620,15 @@ class Agent:
             if prompts is None:
                 self.env.reset(seed=seed)
                 self._env_started = True
-                batches = [self.collect() for _ in range(num_batches)]
+                batches = [self.distributed.gather_rollout(self.collect()) for _ in range(num_batches)]
             else:
-                batches = self._collect_on(list(prompts), seed, samples)
+                # every process evaluates all the given prompts alike (no sharding of them or of the noise)
+                self._shard_sampling, saved_shard = False, self.env.core.shard
+                self.env.core.shard = (0, 1)
+                try:
+                    batches = self._collect_on(list(prompts), seed, samples)
+                finally:
+                    self._shard_sampling, self.env.core.shard = True, saved_shard
         finally:
             self.generator = saved_generator
             self._env_started = saved_started
@@ -602,7 +663,7 @@ class Agent:
 
     # ------------------------------------------------------------------ logging
     def _open_writer(self) -> None:
-        if self.logdir is None or self.writer is not None:
+        if self.logdir is None or self.writer is not None or not self.distributed.is_main:
             return
         from torch.utils.tensorboard import SummaryWriter
 
@@ -637,19 +698,33 @@ class Agent:
         core = self.env.core
         return {"rng": core.rng.bit_generator.state, "prompts": [list(p.ids) for p in core.row_prompts]}
 
+    def _env_checkpoint_snapshot(self) -> dict:
+        """The environment state a checkpoint holds: the prompts in flight of the whole data-parallel batch
+        (gathered from every process, a collective) and the prompt RNG, which is the same in every process."""
+        snap = self._env_snapshot()
+        snap["prompts"] = self.distributed.gather_objects(snap["prompts"])
+        return snap
+
     def _env_restore(self, snap: dict) -> None:
-        self.env.reset(options={"prompts": snap["prompts"]})
+        prompts, n, world = snap["prompts"], self.env.core.num_envs, self.distributed.world_size
+        if world > 1 and len(prompts) == n * world:  # a checkpoint's whole batch: this process's share
+            prompts = prompts[self.distributed.rank * n:(self.distributed.rank + 1) * n]
+        self.env.reset(options={"prompts": prompts})
         self.env.core.rng.bit_generator.state = snap["rng"]
         self._env_started = True
 
     def state(self) -> dict:
         """Everything besides the weights that a resumed run needs to continue identically, and its lineage."""
-        core = self.env.core
         return {"format": checkpoints.FORMAT, "agent": self.name, "run_id": self.run_id,
                 "config": self.config.to_dict(), "global_step": self.global_step, "iteration": self.iteration,
                 "episodes": self.episodes, "kl_coef": {"initial": self.initial_kl_coef, "current": self.env.kl_coef},
-                "task": self.task_signature(), "layout": {"num_envs": core.num_envs, "group_size": core.group_size},
+                "task": self.task_signature(), "layout": self.batch_layout(),
                 "extra": self.extra_state(), "resumes": self.resumes}
+
+    def batch_layout(self) -> dict:
+        """The batch a checkpoint's prompts in flight belong to: all processes' episodes, and the group size."""
+        core = self.env.core
+        return {"num_envs": core.num_envs * self.distributed.world_size, "group_size": core.group_size}
 
     def extra_state(self) -> dict:
         """Algorithm state to checkpoint (moving averages...), JSON-serialisable."""
@@ -677,7 +752,8 @@ class Agent:
         An existing folder is never replaced unless ``overwrite=True``.
         See :mod:`lmgym.agents.checkpoint`.
         """
-        return checkpoints.save(self, path, overwrite=overwrite)
+        snapshot = self._env_checkpoint_snapshot() if self._env_started else None
+        return self.distributed.on_main(lambda: checkpoints.save(self, path, overwrite=overwrite, env=snapshot))
 
     def checkpoint(self) -> Path | None:
         """Save to ``logdir/checkpoints/iter-NNNNNN`` and remember it as the last good checkpoint.
@@ -688,16 +764,19 @@ class Agent:
         """
         if self.logdir is None:
             return None
-        for _attempt in range(100):
-            path, replace = checkpoints.checkpoint_path(self.logdir, self.iteration, self.run_id)
-            try:
-                self.last_checkpoint = self.save(path, overwrite=replace)
-                break
-            except FileExistsError:  # another process took that name while we wrote: take the next one
-                continue
-        else:
+        snapshot = self._env_checkpoint_snapshot() if self._env_started else None  # every process takes part
+
+        def write() -> Path:  # on process 0 only
+            for _attempt in range(100):
+                path, replace = checkpoints.checkpoint_path(self.logdir, self.iteration, self.run_id)
+                try:
+                    return checkpoints.save(self, path, overwrite=replace, env=snapshot)
+                except FileExistsError:  # another process took that name while we wrote: take the next one
+                    continue
             raise CheckpointError(f"could not find a free checkpoint folder for iteration {self.iteration} under "
                                   f"{self.logdir / 'checkpoints'}")
+
+        self.last_checkpoint = self.distributed.on_main(write)
         return self.last_checkpoint
 
     def load(self, path: str | os.PathLike, *, resume: bool = True) -> "Agent":

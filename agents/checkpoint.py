@@ -150,8 +150,11 @@ def _json_default(obj):
     raise TypeError(f"cannot serialise {type(obj).__name__}")
 
 
-def save(agent, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def save(agent, path: str | os.PathLike, *, overwrite: bool = False, env: dict | None | bool = False) -> Path:
     """Write ``agent``'s checkpoint to the folder ``path`` atomically (see the module docstring).
+
+    ``env``: the environment snapshot to record, when the caller took it already (under data
+    parallelism it gathers every process's prompts, so all of them take it before process 0 writes).
 
     An existing folder is replaced only with ``overwrite=True``. Weights that are not finite
     are never written: :class:`CheckpointError` names the offending tensor.
@@ -172,7 +175,9 @@ def save(agent, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         rng = {"torch_cpu": torch.get_rng_state(), "generator": agent.generator.get_state().cpu()}
         torch.save({"optimizer": agent.optimizer.state_dict(), "rng": rng}, tmp / TRAINER)
         state = agent.state()
-        state["env"] = agent._env_snapshot() if agent._env_started else None
+        if env is False:
+            env = agent._env_snapshot() if agent._env_started else None
+        state["env"] = env
         state["saved_at"] = time.time()
         (tmp / STATE).write_text(json.dumps(state, indent=1, default=_json_default, allow_nan=False))
         files = sorted(p.name for p in tmp.iterdir())
@@ -606,7 +611,7 @@ def _restore_training_state(agent, path: Path, state: dict, trainer: dict, chang
         changed["env.kl_coef"] = [state["kl_initial"], agent.initial_kl_coef]
 
     env = state["env"]
-    layout = {"num_envs": agent.env.core.num_envs, "group_size": agent.env.group_size}
+    layout = agent.batch_layout()
     if env is not None and state["layout"] == layout and len(env["prompts"]) == layout["num_envs"]:
         agent._env_restore(env)
     elif env is not None:

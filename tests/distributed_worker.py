@@ -1,0 +1,83 @@
+"""One process of the data-parallel tests (tests/test_distributed.py launches it with torchrun, or imports it).
+
+For each algorithm: train 3 iterations with a checkpoint after each, save the final parameters, then
+resume from the iteration-2 checkpoint in a fresh agent (as after a kill) and train the third iteration
+again. Process 0 writes the parameters of both as safetensors under OUT/<algo>/; every process
+checks that its random generators equal process 0's.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import torch
+
+import lmgym  # noqa: F401  (registers the environments)
+from lmgym.agents import GRPO, PPO
+
+GLOBAL_ENVS = 8
+ITERATIONS = 3
+SETTINGS = {
+    # dapo divides by the minibatch's token count and accumulates two micro-batches per step
+    "grpo": (GRPO, 4, dict(loss_type="dapo", gradient_accumulation_steps=2, learning_rate=3e-2)),
+    # several epochs of shuffled minibatches, token-mean losses, whitened advantages, adaptive KL
+    "ppo": (PPO, 1, dict(num_minibatches=2, update_epochs=2, gradient_accumulation_steps=2, adaptive_kl=True,
+                         kl_horizon=20, learning_rate=3e-2)),
+}
+
+
+def make_agent(algo: str, world_size: int, logdir=None):
+    cls, group_size, overrides = SETTINGS[algo]
+    env = gym.make_vec("lmgym/TargetToken-v0", num_envs=GLOBAL_ENVS // world_size, group_size=group_size,
+                       device="cpu")
+    return cls(env, logdir=logdir, seed=5, checkpoint_every=1, **overrides)
+
+
+def stop_after(iterations: int):
+    return lambda agent, metrics: agent.iteration < iterations
+
+
+def flat_parameters(agent) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in agent.named_trainable_parameters().items()}
+
+
+def run(algo: str, out: Path, world_size: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Train, then resume from the iteration-2 checkpoint; returns both runs' final parameters."""
+    logdir = out / algo
+    agent = make_agent(algo, world_size, logdir)
+    agent.learn(10**9, callbacks=[stop_after(ITERATIONS)], progress=False)
+    trained = flat_parameters(agent)
+    check_same_generators(agent)
+    resumed = make_agent(algo, world_size, out / f"{algo}-resumed")
+    resumed.load(sorted((logdir / "checkpoints").glob("iter-000002*"))[0])
+    resumed.learn(10**9, callbacks=[stop_after(ITERATIONS)], progress=False)
+    return {"trained": trained, "resumed": flat_parameters(resumed)}
+
+
+def check_same_generators(agent) -> None:
+    """Every process's sampling generator and prompt RNG must equal process 0's (what one checkpoint restores)."""
+    dp = agent.distributed
+    mine = torch.cat([agent.generator.get_state(),
+                      torch.tensor(bytearray(str(agent.env.core.rng.bit_generator.state).encode()))])
+    everyone = dp.gather_objects([mine.tolist()])
+    assert all(s == everyone[0] for s in everyone), "the processes' random generators differ"
+
+
+def main(out: str) -> None:
+    from safetensors.torch import save_file
+
+    from lmgym.agents.distributed import launcher_world
+
+    out = Path(out)
+    rank, world_size = launcher_world()
+    for algo in SETTINGS:
+        result = run(algo, out, world_size)
+        if rank == 0:
+            for name, params in result.items():
+                save_file(params, str(out / algo / f"{name}.safetensors"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
