@@ -65,9 +65,16 @@ def check_same_generators(agent) -> None:
     assert all(s == everyone[0] for s in everyone), "the processes' random generators differ"
 
 
+CLI_TRAIN = ["train", "--task", "lmgym/TargetToken-v0", "--agent", "grpo", "--steps", "100", "--device", "cpu",
+             "--agent.num_envs", "8", "--agent.group_size", "4"]
+CLI_BENCH = ["bench", "--tasks", "lmgym/TargetToken-v0", "--agents", "grpo", "--seeds", "0", "--steps", "60",
+             "--device", "cpu", "--agent.num_envs", "8", "--agent.group_size", "4"]
+
+
 def main(out: str) -> None:
     from safetensors.torch import save_file
 
+    from lmgym import cli
     from lmgym.agents.distributed import launcher_world
 
     out = Path(out)
@@ -77,6 +84,9 @@ def main(out: str) -> None:
         if rank == 0:
             for name, params in result.items():
                 save_file(params, str(out / algo / f"{name}.safetensors"))
+    # `lmgym train` and `lmgym bench`, unchanged, under the launcher (num_envs is the whole batch)
+    assert cli.main(CLI_TRAIN + ["--logdir", str(out / "cli-train")]) == 0
+    assert cli.main(CLI_BENCH + ["--out", str(out / "cli-bench")]) == 0
 
 
 if __name__ == "__main__":
