@@ -26,6 +26,7 @@ from lmgym.agents import checkpoint as checkpoints
 from lmgym.agents.checkpoint import CheckpointError
 from lmgym.agents.config import ConfigError, Range, check_config
 from lmgym.agents.distributed import DataParallel
+from lmgym.agents import sharding
 from lmgym.agents.logprobs import accepts_logits_to_keep, chunked_token_logprobs, selective_logprobs
 from lmgym.agents.policy import build_policy
 from lmgym.models import resolve_device, sample_continuations, token_logprobs, to_left_padded
@@ -288,12 +289,18 @@ class Agent:
         self.policy = build_policy(env, self.config, self.device, policy=policy, peft_config=peft_config)
         self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         self.setup()
+        # FSDP when the launch asks for it (lmgym.agents.sharding): the policy's weights, gradients and AdamW
+        # moments are then split over the processes.
+        self.sharded = self.distributed.active and sharding.fsdp_requested()
+        if self.sharded:
+            sharding.shard_policy(self.policy)
         self.optimizer = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad],
                                            lr=self.config.learning_rate, eps=self.config.adam_eps,
                                            weight_decay=self.config.weight_decay,
                                            # one fused kernel per step instead of a chain of elementwise ops
                                            # per parameter (same update up to float rounding)
-                                           fused=self.device.type in ("cpu", "cuda"))
+                                           # (not with FSDP: the fused kernel cannot take sharded tensors)
+                                           fused=self.device.type in ("cpu", "cuda") and not self.sharded)
         self.global_step = 0  # environment steps (tokens generated)
         self.iteration = 0
         self.episodes = 0
@@ -499,13 +506,16 @@ class Agent:
         """
         params = [p for p in self.parameters() if p.requires_grad]
         self.distributed.average_gradients(params)  # every process then takes the same step
-        norm = float(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm))
+        if self.sharded:
+            norm = float(sharding.clip_grad_norm(params, self.config.max_grad_norm))
+        else:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm))
         if not math.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)  # the clipped gradients are nan: never accumulate into them
             self.check_finite(grad_norm=torch.tensor(norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if not checkpoints.weights_usable(params):
+        if not self._weights_usable(params):
             names = {id(p): name for name, p in self.named_trainable_parameters().items()}
             problem = checkpoints.weight_problem({names.get(id(p), f"parameter #{i}"): p
                                                   for i, p in enumerate(params)})
@@ -514,6 +524,13 @@ class Agent:
                                 f"{self._last_good()}. Lower the learning rate (now "
                                 f"{self.optimizer.param_groups[0]['lr']:g}) or max_grad_norm.")
         return norm
+
+    def _weights_usable(self, params) -> bool:
+        if not self.sharded:
+            return checkpoints.weights_usable(params)
+        local = [p.to_local() if sharding.is_sharded(p) else p for p in params]  # each process checks its shards
+        flag = torch.tensor([int(checkpoints.weights_usable(local))], device=self.device)
+        return bool(self.distributed.all_reduce(flag, torch.distributed.ReduceOp.MIN))
 
     def named_trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         """The trainable modules' parameters by ``module.parameter`` name (tied parameters once)."""
@@ -698,6 +715,20 @@ class Agent:
         core = self.env.core
         return {"rng": core.rng.bit_generator.state, "prompts": [list(p.ids) for p in core.row_prompts]}
 
+    def _checkpoint_payload(self) -> dict:
+        """What process 0 needs from all processes to write a checkpoint (collectives: every process calls this):
+        the whole batch's environment state, and with FSDP the gathered weights and optimizer moments."""
+        payload = {"env": self._env_checkpoint_snapshot() if self._env_started else None}
+        if self.sharded:
+            weights = {}
+            for name, module in self.trainable_modules().items():
+                full = any(sharding.is_sharded(p) for p in module.parameters())
+                weights[name] = checkpoints.untie(sharding.full_weights(module)) if full else \
+                    checkpoints.untie({k: v.detach() for k, v in module.state_dict().items()})
+            payload["weights"] = weights
+            payload["optimizer_state"] = sharding.full_optimizer_state(self.optimizer)
+        return payload
+
     def _env_checkpoint_snapshot(self) -> dict:
         """The environment state a checkpoint holds: the prompts in flight of the whole data-parallel batch
         (gathered from every process, a collective) and the prompt RNG, which is the same in every process."""
@@ -752,8 +783,8 @@ class Agent:
         An existing folder is never replaced unless ``overwrite=True``.
         See :mod:`lmgym.agents.checkpoint`.
         """
-        snapshot = self._env_checkpoint_snapshot() if self._env_started else None
-        return self.distributed.on_main(lambda: checkpoints.save(self, path, overwrite=overwrite, env=snapshot))
+        payload = self._checkpoint_payload()
+        return self.distributed.on_main(lambda: checkpoints.save(self, path, overwrite=overwrite, **payload))
 
     def checkpoint(self) -> Path | None:
         """Save to ``logdir/checkpoints/iter-NNNNNN`` and remember it as the last good checkpoint.
@@ -764,13 +795,13 @@ class Agent:
         """
         if self.logdir is None:
             return None
-        snapshot = self._env_checkpoint_snapshot() if self._env_started else None  # every process takes part
+        payload = self._checkpoint_payload()  # every process takes part
 
         def write() -> Path:  # on process 0 only
             for _attempt in range(100):
                 path, replace = checkpoints.checkpoint_path(self.logdir, self.iteration, self.run_id)
                 try:
-                    return checkpoints.save(self, path, overwrite=replace, env=snapshot)
+                    return checkpoints.save(self, path, overwrite=replace, **payload)
                 except FileExistsError:  # another process took that name while we wrote: take the next one
                     continue
             raise CheckpointError(f"could not find a free checkpoint folder for iteration {self.iteration} under "

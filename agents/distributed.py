@@ -185,12 +185,16 @@ class DataParallel:
     def average_gradients(self, params, bucket_elements: int = 1 << 24) -> None:
         """Average the gradients of ``params`` over the processes, in flat buckets (few collectives).
 
-        Parameters without a gradient are left without one: every process computes the same loss
+        Sharded (FSDP) parameters are skipped: FSDP has averaged their gradients already. Parameters
+        without a gradient are left without one: every process computes the same loss
         terms, so the set of parameters with a gradient is the same everywhere.
         """
         if not self.active:
             return
-        grads = [p.grad for p in params if p.grad is not None]
+        from lmgym.agents.sharding import is_sharded
+
+        # FSDP reduce-scatters (and averages) the gradients of sharded parameters itself
+        grads = [p.grad for p in params if p.grad is not None and not is_sharded(p.grad)]
         bucket: list[torch.Tensor] = []
         size = 0
         for g in grads + [None]:

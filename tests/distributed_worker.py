@@ -40,7 +40,11 @@ def stop_after(iterations: int):
 
 
 def flat_parameters(agent) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in agent.named_trainable_parameters().items()}
+    """The trainable parameters, gathered in full when FSDP shards them (a collective then)."""
+    from lmgym.agents.sharding import is_sharded
+
+    return {k: (v.full_tensor() if is_sharded(v) else v).detach().clone()
+            for k, v in agent.named_trainable_parameters().items()}
 
 
 def run(algo: str, out: Path, world_size: int) -> dict[str, dict[str, torch.Tensor]]:
@@ -48,6 +52,11 @@ def run(algo: str, out: Path, world_size: int) -> dict[str, dict[str, torch.Tens
     logdir = out / algo
     agent = make_agent(algo, world_size, logdir)
     agent.learn(10**9, callbacks=[stop_after(ITERATIONS)], progress=False)
+    if agent.sharded:  # FSDP: each process holds half of every layer weight
+        from lmgym.agents.sharding import is_sharded
+
+        weight = agent.policy.model.layers[0].mlp.up_proj.weight
+        assert is_sharded(weight) and weight.to_local().shape[0] * world_size == weight.shape[0]
     trained = flat_parameters(agent)
     check_same_generators(agent)
     resumed = make_agent(algo, world_size, out / f"{algo}-resumed")
@@ -71,7 +80,7 @@ CLI_BENCH = ["bench", "--tasks", "lmgym/TargetToken-v0", "--agents", "grpo", "--
              "--device", "cpu", "--agent.num_envs", "8", "--agent.group_size", "4"]
 
 
-def main(out: str) -> None:
+def main(out: str, algos: list[str], cli_too: bool) -> None:
     from safetensors.torch import save_file
 
     from lmgym import cli
@@ -79,15 +88,19 @@ def main(out: str) -> None:
 
     out = Path(out)
     rank, world_size = launcher_world()
-    for algo in SETTINGS:
+    for algo in algos:
         result = run(algo, out, world_size)
         if rank == 0:
             for name, params in result.items():
                 save_file(params, str(out / algo / f"{name}.safetensors"))
+    if not cli_too:
+        return
     # `lmgym train` and `lmgym bench`, unchanged, under the launcher (num_envs is the whole batch)
     assert cli.main(CLI_TRAIN + ["--logdir", str(out / "cli-train")]) == 0
     assert cli.main(CLI_BENCH + ["--out", str(out / "cli-bench")]) == 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    # distributed_worker.py OUT [ALGO ...] [--no-cli]
+    names = [a for a in sys.argv[2:] if not a.startswith("--")] or list(SETTINGS)
+    main(sys.argv[1], names, cli_too="--no-cli" not in sys.argv)

@@ -35,15 +35,24 @@ def _launch_env() -> dict:
     return env
 
 
-@pytest.fixture(scope="module")
-def two_processes(tmp_path_factory):
-    """The output folder of one 2-process gloo launch of the worker."""
-    out = tmp_path_factory.mktemp("ddp")
+def _torchrun(out: Path, *args: str, **env) -> Path:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(HERE / "distributed_worker.py"), str(out)]
-    done = subprocess.run(cmd, env=_launch_env(), capture_output=True, text=True, timeout=600)
+           str(HERE / "distributed_worker.py"), str(out), *args]
+    done = subprocess.run(cmd, env=dict(_launch_env(), **env), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """The output folder of one 2-process gloo launch of the worker (data parallelism, then the CLI)."""
+    return _torchrun(tmp_path_factory.mktemp("ddp"))
+
+
+@pytest.fixture(scope="module")
+def two_processes_fsdp(tmp_path_factory):
+    """The same training with the policy sharded by FSDP2 (fully_shard) over the 2 gloo processes."""
+    return _torchrun(tmp_path_factory.mktemp("fsdp"), *worker.SETTINGS, "--no-cli", LMGYM_FSDP="1")
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +93,36 @@ def test_two_processes_write_the_one_process_checkpoint(two_processes, one_proce
         for name in ("policy",) + (("value_head",) if algo == "ppo" else ()):
             assert _max_diff(load_file(str(two_processes / algo / "checkpoints" / it / f"{name}.safetensors")),
                              load_file(str(ref_dir / algo / "checkpoints" / it / f"{name}.safetensors"))) < ATOL
+
+
+@pytest.mark.parametrize("algo", list(worker.SETTINGS))
+def test_fsdp_on_two_processes_trains_resumes_and_checkpoints_like_one(two_processes_fsdp, one_process, algo):
+    ref_dir, ref = one_process
+    for name in ("trained", "resumed"):
+        two = load_file(str(two_processes_fsdp / algo / f"{name}.safetensors"))
+        assert _max_diff(two, ref[algo]["trained"]) < ATOL, name
+    # the gathered checkpoint has the one-process layout: same tensors (tied copies left out), same moments
+    it = two_processes_fsdp / algo / "checkpoints" / "iter-000002"
+    assert _max_diff(load_file(str(it / "policy.safetensors")),
+                     load_file(str(ref_dir / algo / "checkpoints" / "iter-000002" / "policy.safetensors"))) < ATOL
+    moments = torch.load(it / "trainer_state.pt", weights_only=True)["optimizer"]["state"]
+    ref_moments = torch.load(ref_dir / algo / "checkpoints" / "iter-000002" / "trainer_state.pt",
+                             weights_only=True)["optimizer"]["state"]
+    assert moments.keys() == ref_moments.keys()
+    for i in ref_moments:
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(moments[i][key], ref_moments[i][key], atol=1e-6, rtol=1e-4)
+
+
+def test_fsdp_refuses_a_lora_policy():
+    from lmgym.agents.sharding import shard_policy
+
+    class Adapters(torch.nn.Module):  # what a LoRA policy looks like to the sharding code
+        def active(self):
+            return None
+
+    with pytest.raises(ValueError, match="LoRA policy's base weights are the environment's reference"):
+        shard_policy(Adapters())
 
 
 def test_a_one_process_run_resumes_a_two_process_checkpoint(two_processes, one_process, tmp_path):
