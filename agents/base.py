@@ -119,6 +119,9 @@ class Rollout:
     """decoded completions"""
     values: torch.Tensor | None = None
     """value estimates (filled by actor-critic agents)"""
+    sampling_weights: torch.Tensor | None = None
+    """per-token truncated importance weights min(pi_old / mu, cap) when another sampler mu (a vLLM engine) drew
+    the tokens (:mod:`lmgym.agents.vllm`); None when the policy sampled them itself"""
 
     @property
     def returns(self) -> torch.Tensor:
@@ -409,7 +412,9 @@ class Agent:
         return Rollout(query_ids=query_ids, query_mask=query_mask, tokens=tokens, mask=result.mask,
                        logprobs=result.logprobs, ref_logprobs=result.ref_logprobs, rewards=result.rewards,
                        scores=result.scores, kl=result.kl, lengths=result.lengths, group_size=self.env.group_size,
-                       prompts=result.prompts, completions=result.completions)
+                       prompts=result.prompts, completions=result.completions,
+                       # set by an engine sampler (lmgym.agents.vllm) for the rollout it just drew
+                       sampling_weights=self.__dict__.pop("pending_sampling_weights", None))
 
     def sample(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Continuations of the left-padded prompts and the log-probs of their tokens under the distribution
