@@ -152,12 +152,11 @@ def test_world_size_that_cannot_split_the_micro_batches_is_refused(monkeypatch):
 
 
 def test_bench_refuses_a_batch_the_processes_cannot_share(monkeypatch):
-    from lmgym import cli
+    from lmgym.bench import run
 
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ValueError, match=r"num_envs=8 \(groups of 4\) cannot be shared by 3 processes"):
-        from lmgym.bench import run
         run("lmgym/TargetToken-v0", "grpo", steps=10, device="cpu", overrides={"num_envs": 8, "group_size": 4})
 
 
