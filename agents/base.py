@@ -600,7 +600,8 @@ class Agent:
                 if self.config.checkpoint_every and self.iteration % self.config.checkpoint_every == 0:
                     self.checkpoint()
                     saved_at = self.iteration
-                if any(self._call(cb, metrics) is False for cb in callbacks):
+                stop = any(self._call(cb, metrics) is False for cb in callbacks)
+                if self.distributed.any(stop):  # one process's callback (a time budget) stops them all
                     break
             if self.logdir is not None and saved_at != self.iteration:  # not just written by checkpoint_every
                 self.checkpoint()

@@ -67,8 +67,10 @@ class DataParallel:
     method is a cheap no-op, so the single-device path stays the reference.
     """
 
-    def __init__(self, rank: int = 0, world_size: int = 1):
+    def __init__(self, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu"):
         self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        """where this process's small host-side tensors go for a collective (NCCL only takes CUDA tensors)"""
 
     @property
     def active(self) -> bool:
@@ -82,7 +84,8 @@ class DataParallel:
     def from_environment(cls, device: torch.device) -> "DataParallel":
         """Join the launch's process group (gloo on the CPU, NCCL on CUDA) and check every process runs lmgym."""
         if dist.is_available() and dist.is_initialized():
-            me = cls(dist.get_rank(), dist.get_world_size())
+            comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
+            me = cls(dist.get_rank(), dist.get_world_size(), comm)
         else:
             rank, world = launcher_world()
             if world <= 1:
@@ -102,12 +105,12 @@ class DataParallel:
                     "a process that died before joining usually lacks lmgym: run `python -c 'import lmgym'` "
                     "with the launcher's python on every node (pip install lmgym there), and read the "
                     "launcher's log of the failed rank") from None
-            me = cls(rank, world)
+            me = cls(rank, world, device if backend == "nccl" else "cpu")
         me._check_same_lmgym(device)
         return me
 
     def _check_same_lmgym(self, device: torch.device) -> None:
-        """Every process must run the same lmgym: gather a fingerprint of its version and location."""
+        """Every process must run the same lmgym version (gathered from all of them)."""
         if not self.active:
             return
         import lmgym
@@ -131,6 +134,12 @@ class DataParallel:
         """True when every row of every process's batch has stopped (one tiny collective)."""
         flag = finished.all().to(torch.int32).reshape(1)
         return bool(self.all_reduce(flag, dist.ReduceOp.MIN if self.active else None))
+
+    def any(self, flag: bool) -> bool:
+        """True when ``flag`` is true on any process (so that all take the same decision, e.g. to stop)."""
+        if not self.active:
+            return bool(flag)
+        return bool(self.all_reduce(torch.tensor([int(flag)], device=self.device), dist.ReduceOp.MAX))
 
     def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate each process's ``(n, ...)`` tensor along dim 0 in rank order; trailing dims are padded
@@ -219,8 +228,8 @@ class DataParallel:
             return metrics
         keys = sorted(metrics)
         signature = zlib.crc32("\0".join(keys).encode()) & 0x7FFFFFFF
-        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-        bounds = torch.tensor([signature, -signature], dtype=torch.float64)
+        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.device)
+        bounds = torch.tensor([signature, -signature], dtype=torch.float64, device=self.device)
         self.all_reduce(bounds, dist.ReduceOp.MAX)  # (max, -min): equal everywhere, so all processes agree
         if bounds[0] != -bounds[1]:
             raise DistributedError(f"the processes logged different metrics (this one: {keys}); an update must "
