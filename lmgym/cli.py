@@ -376,7 +376,8 @@ def _train_own(args, extra) -> int:
         env = {k: overrides.pop(k) for k in ("max_new_tokens", "kl_coef") if k in overrides}
         name = Path(args.model).name or args.model.replace("/", "_")
         base = Path(args.logdir) / name / args.agent / f"seed{args.seed}"
-        logdir = base if args.resume else _fresh_dir(base)
+        parallel = _data_parallel(args.device)  # under a launcher, process 0 picks the folder
+        logdir = parallel.on_main(lambda: base if args.resume else _fresh_dir(base))
         summary = train_own_model(
             model=args.model, prompts=read_prompts(args.prompts), agent=args.agent, reward=args.reward,
             reward_model=args.reward_model,
@@ -390,6 +391,8 @@ def _train_own(args, extra) -> int:
     except (BenchError, CheckpointError, RewardError, ValueError, TypeError, OSError, ImportError) as err:
         print(f"lmgym: {err}", file=sys.stderr)
         return 2
+    if not parallel.is_main:
+        return 0
     print(f"\n{args.agent} on {args.model}: {summary['iterations']} iterations, {summary['env_steps']} tokens, "
           f"{summary['wall_seconds']:.1f} s")
     if summary["eval_start"]:
