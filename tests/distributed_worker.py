@@ -98,6 +98,22 @@ def main(out: str, algos: list[str], cli_too: bool) -> None:
     # `lmgym train` and `lmgym bench`, unchanged, under the launcher (num_envs is the whole batch)
     assert cli.main(CLI_TRAIN + ["--logdir", str(out / "cli-train")]) == 0
     assert cli.main(CLI_BENCH + ["--out", str(out / "cli-bench")]) == 0
+    # `lmgym train --model` with your own model, prompts and reward: process 0 writes them, all train
+    if rank == 0:
+        from lmgym.models import tiny_model
+
+        model, tok = tiny_model(["the", "cat", "good", "day"], hidden_size=32, num_layers=1, num_heads=4,
+                                max_positions=64, seed=1, init_std=0.3)
+        model.save_pretrained(out / "own-model")
+        tok.save_pretrained(out / "own-model")
+        (out / "own_rewards.py").write_text("def count_good(prompts, completions):\n"
+                                            "    return [c.split().count('good') for c in completions]\n")
+        (out / "own.txt").write_text("the cat\ngood day\nthe day\n")
+    torch.distributed.barrier()
+    assert cli.main(["train", "--model", str(out / "own-model"), "--prompts", str(out / "own.txt"), "--reward",
+                     str(out / "own_rewards.py") + ":count_good", "--agent", "grpo", "--steps", "40",
+                     "--num-envs", "8", "--group-size", "4", "--max-new-tokens", "4", "--device", "cpu",
+                     "--logdir", str(out / "cli-own")]) == 0
 
 
 if __name__ == "__main__":

@@ -140,6 +140,10 @@ def test_lmgym_train_and_bench_run_unchanged_under_torchrun(two_processes):
     assert state["layout"] == {"num_envs": 8, "group_size": 4}  # --agent.num_envs is the whole batch
     report = json.loads((two_processes / "cli-bench" / "results.json").read_text())
     assert len(report["runs"]) == 1 and report["runs"][0]["env_steps"] >= 60
+    own = [p.parent for p in (two_processes / "cli-own").rglob("lmgym_run.json")]
+    assert len(own) == 1 and (own[0] / "summary.json").is_file()
+    assert json.loads((own[0] / "lmgym_run.json").read_text())["num_envs"] == 8
+    assert json.loads(sorted(own[0].rglob("state.json"))[-1].read_text())["layout"]["num_envs"] == 8
 
 
 def test_world_size_that_cannot_split_the_micro_batches_is_refused(monkeypatch):
