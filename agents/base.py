@@ -23,10 +23,10 @@ import torch
 import torch.nn as nn
 
 from lmgym.agents import checkpoint as checkpoints
+from lmgym.agents import sharding
 from lmgym.agents.checkpoint import CheckpointError
 from lmgym.agents.config import ConfigError, Range, check_config
 from lmgym.agents.distributed import DataParallel
-from lmgym.agents import sharding
 from lmgym.agents.logprobs import accepts_logits_to_keep, chunked_token_logprobs, selective_logprobs
 from lmgym.agents.policy import build_policy
 from lmgym.models import resolve_device, sample_continuations, token_logprobs, to_left_padded
@@ -314,6 +314,8 @@ class Agent:
         """the last checkpoint this agent wrote or loaded; only finite, usable weights are ever written"""
         self._env_started = False
         self._shard_sampling = True  # off while every process evaluates the same given prompts
+        self.current_micro_batch: torch.Tensor | None = None
+        """the whole micro-batch whose part :meth:`micro_batches` yielded last (for :meth:`token_share`)"""
         self.run_id = checkpoints.new_run_id()
         self.initial_kl_coef = float(env.kl_coef)
         """the environment's kl_coef when the run started (an adaptive controller moves env.kl_coef)"""
@@ -569,8 +571,7 @@ class Agent:
         self._check_batch_layout(self.env.num_envs)
         self._open_writer()
         bar = tqdm(total=total_steps, initial=self.global_step, disable=not progress or not self.distributed.is_main,
-                   unit="tok",
-                   desc=f"{self.name}", dynamic_ncols=True)
+                   unit="tok", desc=f"{self.name}", dynamic_ncols=True)
         callbacks = list(callbacks or [])
         saved_at = None
         try:
