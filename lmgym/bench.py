@@ -8,6 +8,7 @@ runs), and writes ``results.json``, ``results.md``, ``curves.png`` and ``frontie
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -184,10 +185,14 @@ def run(task: str, agent: str, *, steps: int | None = 20_000, seconds: float | N
     env_kwargs = {k: overrides.pop(k) for k in list(overrides) if k in ENV_OPTIONS}
     num_envs = overrides.pop("num_envs", 16 if agent == "sb3-ppo" else 64)
     group = overrides.pop("group_size", GROUPED.get(agent, 1))
+    # Under torchrun / accelerate launch num_envs is the whole batch, shared by the processes.
+    parallel = _data_parallel(dev, agent, num_envs, group)
+    num_envs //= parallel.world_size
     budget = steps if steps is not None else sys.maxsize
     runner = _run_sb3 if agent == "sb3-ppo" else _run_trl if agent in TRL_AGENTS else _run_lmgym
-    # One process at a time writes a run's logs and checkpoints.
-    lock = FolderLock(logdir, f"lmgym training {agent} on {task}").acquire() if logdir is not None else None
+    # One process at a time writes a run's logs and checkpoints (process 0 of a launch).
+    lock = (FolderLock(logdir, f"lmgym training {agent} on {task}").acquire()
+            if logdir is not None and parallel.is_main else None)
     try:
         result = runner(task, agent, budget=budget, seconds=seconds, seed=seed, device=dev, logdir=logdir,
                         overrides=overrides, env_kwargs=env_kwargs, num_envs=num_envs, group=group, resume=resume,
@@ -200,6 +205,23 @@ def run(task: str, agent: str, *, steps: int | None = 20_000, seconds: float | N
                   "process peak RSS during the run" if peak_reset else "process peak RSS",
                   elapsed_seconds=time.perf_counter() - started, machine=machine(dev))
     return result
+
+
+def _data_parallel(device: torch.device, agent: str, num_envs: int, group: int):
+    """This process's place in a torchrun / accelerate launch (one process: a no-op), after checking that the
+    batch of ``num_envs`` episodes in groups of ``group`` splits evenly over the processes."""
+    from lmgym.agents.distributed import DataParallel, launcher_world
+
+    _, world = launcher_world()
+    if world > 1 and agent == "sb3-ppo":
+        raise BenchError(f"sb3-ppo runs in one process; launch it without torchrun / accelerate (WORLD_SIZE={world})")
+    if world > 1 and agent in TRL_AGENTS:
+        raise BenchError(f"{agent} runs in one process here; launch it without torchrun / accelerate "
+                         f"(WORLD_SIZE={world}), or run TRL's own launcher on the lmgym.integrations.trl task")
+    if world > 1 and num_envs % (world * group):
+        raise BenchError(f"num_envs={num_envs} (groups of {group}) cannot be shared by {world} processes: make "
+                         f"num_envs a multiple of {world} x {group} = {world * group}")
+    return DataParallel.from_environment(device)
 
 
 def machine(device: torch.device | None = None) -> dict:
@@ -415,14 +437,26 @@ def bench(out: str | os.PathLike, *, tasks: list[str], agents: list[str], seeds:
     grid = {"tasks": list(tasks), "agents": list(agents), "seeds": list(seeds), "steps": steps, "seconds": seconds,
             "overrides": overrides}
     grid = json.loads(json.dumps(grid))  # as it reads back from grid.json
-    with FolderLock(out, "lmgym bench"):
-        _check_grid_file(out, grid)
+    # Under torchrun / accelerate launch every process trains each cell (its share of the batch, see run);
+    # process 0 alone reads and writes the folder, and tells the others which cells are done.
+    from lmgym.agents.distributed import DataParallel
+    from lmgym.models import resolve_device
+
+    parallel = DataParallel.from_environment(resolve_device(device))
+    progress = progress and parallel.is_main
+    with FolderLock(out, "lmgym bench") if parallel.is_main else contextlib.nullcontext():
         cells = {f"{t.split('/')[-1]}__{a}__seed{s}": {"task": t, "agent": a, "seed": s, "steps": steps,
                                                         "seconds": seconds, "overrides": grid["overrides"].get(a, {})}
                  for t in tasks for a in agents for s in seeds}
-        finished = {name: _finished_run(out / "runs" / f"{name}.json", cell) for name, cell in cells.items()}
-        (out / "runs").mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "grid.json", json.dumps(grid, indent=1))  # only once every stored run fits this grid
+
+        def prepare() -> dict:
+            _check_grid_file(out, grid)
+            done = {name: _finished_run(out / "runs" / f"{name}.json", cell) for name, cell in cells.items()}
+            (out / "runs").mkdir(parents=True, exist_ok=True)
+            _atomic_write(out / "grid.json", json.dumps(grid, indent=1))  # only once every stored run fits this grid
+            return done
+
+        finished = parallel.on_main(prepare)
         results = []
         bar = tqdm(cells.items(), desc="bench grid", unit="run", disable=not progress, position=0, dynamic_ncols=True)
         for name, cell in bar:
@@ -433,15 +467,16 @@ def bench(out: str | os.PathLike, *, tasks: list[str], agents: list[str], seeds:
                 results.append(done)
                 continue
             logdir = out / "tensorboard" / task.split("/")[-1] / agent / f"seed{seed}"
-            if logdir.exists():
-                shutil.rmtree(logdir)  # an unfinished attempt: its curves and checkpoints would mix with this one
+            # an unfinished attempt: its curves and checkpoints would mix with this one
+            parallel.on_main(lambda: shutil.rmtree(logdir) if logdir.exists() else None)
             result = run(task, agent, steps=steps, seconds=seconds, seed=seed, device=device, logdir=logdir,
                          overrides=dict(overrides.get(agent, {})), progress=progress)
             result["cell"] = cell
-            _atomic_write(out / "runs" / f"{name}.json", json.dumps(result, indent=1, default=_jsonable))
+            parallel.on_main(lambda: _atomic_write(out / "runs" / f"{name}.json",
+                                                   json.dumps(result, indent=1, default=_jsonable)))
             results.append(result)
         bar.close()
-        return write_report(out, results, grid)
+        return parallel.on_main(lambda: write_report(out, results, grid))
 
 
 def _atomic_write(path: Path, text: str) -> None:
