@@ -29,7 +29,7 @@ from lmgym.agents.config import ConfigError, Range, check_config
 from lmgym.agents.distributed import DataParallel
 from lmgym.agents.logprobs import accepts_logits_to_keep, chunked_token_logprobs, selective_logprobs
 from lmgym.agents.policy import build_policy
-from lmgym.heap import pin_mmap_threshold
+from lmgym.heap import returning_large_frees
 from lmgym.models import resolve_device, sample_continuations, token_logprobs, to_left_padded
 from lmgym.sampling import Sampling
 
@@ -82,8 +82,8 @@ class AgentConfig:
     gradient_checkpointing: bool = False
     """recompute the policy's activations in backward instead of storing them (saves memory, costs time)"""
     cpu_mmap_threshold_mib: Annotated[float, Range(ge=0)] = 1.0
-    """CPU only: allocations of at least this size are freed back to the OS at once, so peak RSS follows the live
-    tensors (glibc; process-wide; lmgym.heap); 0 leaves the allocator alone"""
+    """CPU only: during updates, allocations of at least this size are freed back to the OS at once, so peak RSS
+    follows the live tensors (glibc; process-wide; lmgym.heap); 0 leaves the allocator alone"""
     checkpoint_every: Annotated[int, Range(ge=0)] = 0
     """write a checkpoint every this many iterations (0: only at the end of learn)"""
 
@@ -283,8 +283,6 @@ class Agent:
         if self.distributed.active:
             env.core.set_shard(self.distributed.rank, self.distributed.world_size)
         self._check_batch_layout(env.num_envs)
-        if self.device.type == "cpu":
-            pin_mmap_threshold(self.config.cpu_mmap_threshold_mib)
         # The sampling transformation: the policy samples from it, its log-probs (handed to the
         # environment and used in the ratios) are the transformed distribution's, and the
         # environment scores the reference under the same transformation (lmgym.sampling).
@@ -588,7 +586,9 @@ class Agent:
                 if isinstance(rollout, Rollout):  # every process holds the whole batch (lmgym.agents.distributed)
                     rollout = self.distributed.gather_rollout(rollout)
                 collected = time.perf_counter()
-                with self.policy_active():
+                # CPU: the update's activations go back to the OS when freed (lmgym.heap)
+                heap = returning_large_frees(self.config.cpu_mmap_threshold_mib if self.device.type == "cpu" else 0)
+                with self.policy_active(), heap:
                     metrics = self.distributed.mean_metrics(self.update(rollout))
                 done = time.perf_counter()
                 steps = int(rollout.lengths.sum())

@@ -243,3 +243,16 @@ def test_readme_speed_table_equals_throughput_json():
     section = (root / "README.md").read_text().split("## Speed", 1)[1].split("###", 1)[0]
     shown = [float(x) for x in re.findall(r"^\|[^|]+\| ([0-9.]+) \|$", section, flags=re.M)]
     assert shown == [round(r, 2) for r in expected]
+
+
+def test_readme_trl_comparison_equals_grpo_vs_trl_json():
+    """The README's lmgym-against-TRL table is what benchmarks/grpo_vs_trl.py renders from the results it wrote."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("grpo_vs_trl", root / "benchmarks/grpo_vs_trl.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)  # stdlib imports only: TRL lives in the benchmark's own environment
+    readme = (root / "README.md").read_text()
+    block = readme.split(script.README_BEGIN, 1)[1].split(script.README_END, 1)[0]
+    assert block.strip() == script.render(json.loads(script.RESULTS.read_text()))
