@@ -23,10 +23,13 @@ import torch
 import torch.nn as nn
 
 from lmgym.agents import checkpoint as checkpoints
+from lmgym.agents import sharding
 from lmgym.agents.checkpoint import CheckpointError
 from lmgym.agents.config import ConfigError, Range, check_config
+from lmgym.agents.distributed import DataParallel
 from lmgym.agents.logprobs import accepts_logits_to_keep, chunked_token_logprobs, selective_logprobs
 from lmgym.agents.policy import build_policy
+from lmgym.heap import returning_large_frees
 from lmgym.models import resolve_device, sample_continuations, token_logprobs, to_left_padded
 from lmgym.sampling import Sampling
 
@@ -78,6 +81,9 @@ class AgentConfig:
     """> 0: compute update log-probs this many positions at a time, recomputed in backward (saves memory)"""
     gradient_checkpointing: bool = False
     """recompute the policy's activations in backward instead of storing them (saves memory, costs time)"""
+    cpu_mmap_threshold_mib: Annotated[float, Range(ge=0)] = 1.0
+    """CPU only: during updates, allocations of at least this size are freed back to the OS at once, so peak RSS
+    follows the live tensors (glibc; process-wide; lmgym.heap); 0 leaves the allocator alone"""
     checkpoint_every: Annotated[int, Range(ge=0)] = 0
     """write a checkpoint every this many iterations (0: only at the end of learn)"""
 
@@ -117,6 +123,9 @@ class Rollout:
     """decoded completions"""
     values: torch.Tensor | None = None
     """value estimates (filled by actor-critic agents)"""
+    sampling_weights: torch.Tensor | None = None
+    """per-token truncated importance weights min(pi_old / mu, cap) when another sampler mu (a vLLM engine) drew
+    the tokens (:mod:`lmgym.agents.vllm`); None when the policy sampled them itself"""
 
     @property
     def returns(self) -> torch.Tensor:
@@ -268,6 +277,11 @@ class Agent:
         if self.device != env.device:
             raise ValueError(f"the agent runs on {self.device} but the environment on {env.device}; "
                              "create the environment with the same device")
+        # Under torchrun / accelerate launch: join the other processes; this one's environment is its
+        # share of a batch of world_size * num_envs rows (lmgym.agents.distributed).
+        self.distributed = DataParallel.from_environment(self.device)
+        if self.distributed.active:
+            env.core.set_shard(self.distributed.rank, self.distributed.world_size)
         self._check_batch_layout(env.num_envs)
         # The sampling transformation: the policy samples from it, its log-probs (handed to the
         # environment and used in the ratios) are the transformed distribution's, and the
@@ -282,12 +296,18 @@ class Agent:
         self.policy = build_policy(env, self.config, self.device, policy=policy, peft_config=peft_config)
         self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         self.setup()
+        # FSDP when the launch asks for it (lmgym.agents.sharding): the policy's weights, gradients and AdamW
+        # moments are then split over the processes.
+        self.sharded = self.distributed.active and sharding.fsdp_requested()
+        if self.sharded:
+            sharding.shard_policy(self.policy)
         self.optimizer = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad],
                                            lr=self.config.learning_rate, eps=self.config.adam_eps,
                                            weight_decay=self.config.weight_decay,
                                            # one fused kernel per step instead of a chain of elementwise ops
                                            # per parameter (same update up to float rounding)
-                                           fused=self.device.type in ("cpu", "cuda"))
+                                           # (not with FSDP: the fused kernel cannot take sharded tensors)
+                                           fused=self.device.type in ("cpu", "cuda") and not self.sharded)
         self.global_step = 0  # environment steps (tokens generated)
         self.iteration = 0
         self.episodes = 0
@@ -297,6 +317,9 @@ class Agent:
         self.last_checkpoint: Path | None = None
         """the last checkpoint this agent wrote or loaded; only finite, usable weights are ever written"""
         self._env_started = False
+        self._shard_sampling = True  # off while every process evaluates the same given prompts
+        self.current_micro_batch: torch.Tensor | None = None
+        """the whole micro-batch whose part :meth:`micro_batches` yielded last (for :meth:`token_share`)"""
         self.run_id = checkpoints.new_run_id()
         self.initial_kl_coef = float(env.kl_coef)
         """the environment's kl_coef when the run started (an adaptive controller moves env.kl_coef)"""
@@ -323,8 +346,15 @@ class Agent:
         return config
 
     def _check_batch_layout(self, num_envs: int) -> None:
-        """The minibatch settings must split the batch of ``num_envs`` episodes evenly."""
+        """The minibatch settings must split the batch of ``num_envs`` episodes evenly (under data parallelism:
+        each micro-batch must split evenly over the processes too)."""
         cfg = self.config
+        world = self.distributed.world_size
+        if world > 1 and num_envs % (cfg.num_minibatches * cfg.gradient_accumulation_steps):
+            raise ConfigError(
+                f"{world} processes cannot share the micro-batches evenly: num_minibatches={cfg.num_minibatches} x "
+                f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must divide each process's "
+                f"{num_envs} episodes (the batch is {world} x num_envs={num_envs}); change num_envs or those settings")
         if num_envs % cfg.num_minibatches:
             raise ConfigError(f"num_minibatches={cfg.num_minibatches} must divide the batch of {num_envs} episodes "
                               "(the environment's num_envs)")
@@ -388,7 +418,9 @@ class Agent:
         return Rollout(query_ids=query_ids, query_mask=query_mask, tokens=tokens, mask=result.mask,
                        logprobs=result.logprobs, ref_logprobs=result.ref_logprobs, rewards=result.rewards,
                        scores=result.scores, kl=result.kl, lengths=result.lengths, group_size=self.env.group_size,
-                       prompts=result.prompts, completions=result.completions)
+                       prompts=result.prompts, completions=result.completions,
+                       # set by an engine sampler (lmgym.agents.vllm) for the rollout it just drew
+                       sampling_weights=self.__dict__.pop("pending_sampling_weights", None))
 
     def sample(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Continuations of the left-padded prompts and the log-probs of their tokens under the distribution
@@ -397,7 +429,16 @@ class Agent:
         return sample_continuations(
             self.policy, query_ids, query_mask, self.env.max_new_tokens, stop_token_ids=self.env.stop_token_ids,
             pad_token_id=self.env.tokenizer.pad_token_id, temperature=self.sampling.temperature,
-            top_k=self.sampling.top_k, top_p=self.sampling.top_p, generator=self.generator)
+            top_k=self.sampling.top_k, top_p=self.sampling.top_p, generator=self.generator,
+            **self.sampling_share())
+
+    def sampling_share(self) -> dict:
+        """Arguments of :func:`lmgym.models.sample_continuations` that make this process sample exactly its share
+        of the data-parallel batch (none with one process); an agent with its own sampler passes them on."""
+        if not self.distributed.active or not self._shard_sampling:
+            return {}
+        return {"noise_share": (self.distributed.rank, self.distributed.world_size),
+                "all_finished": self.distributed.all_finished}
 
     def training_batch(self):
         """The data one iteration of :meth:`learn` trains on: a fresh rollout. An offline algorithm (DPO on a
@@ -418,14 +459,42 @@ class Agent:
         size = n // cfg.num_minibatches
         for _ in range(cfg.update_epochs):
             order = torch.randperm(n, generator=self.generator, device=self.device)
+            # Every process draws the same permutation (their generators are equal); process 0's is made
+            # authoritative so that an agent whose sampler drew unevenly cannot split the batch inconsistently.
+            self.distributed.broadcast(order)
             for start in range(0, n, size):
                 yield order[start:start + size]
 
     def micro_batches(self, idx: torch.Tensor):
+        """The micro-batches of a minibatch ``idx`` (``gradient_accumulation_steps`` of them); under data
+        parallelism, this process's equal part of each (the parts of all processes tile the micro-batch)."""
         steps = self.config.gradient_accumulation_steps
         if len(idx) % steps:
             raise ValueError(f"gradient_accumulation_steps={steps} must divide the minibatch of {len(idx)}")
-        return idx.chunk(steps)
+        world = self.distributed.world_size
+        if world > 1 and (len(idx) // steps) % world:
+            raise ConfigError(f"micro-batches of {len(idx) // steps} episodes cannot be split over {world} processes; "
+                              "make num_minibatches x gradient_accumulation_steps divide each process's num_envs")
+        for micro in idx.chunk(steps):
+            self.current_micro_batch = micro  # the whole micro-batch, for token_share
+            yield micro if world == 1 else micro.chunk(world)[self.distributed.rank]
+
+    def token_share(self, mask: torch.Tensor, part: torch.Tensor) -> torch.Tensor | float:
+        """The factor that turns a token mean over this process's ``part`` of the current micro-batch into its share
+        of the token mean over the whole micro-batch, gradients being averaged over the processes:
+        ``world_size * tokens(part) / tokens(micro-batch)`` (1 with one process). ``mask`` is the rollout's."""
+        if not self.distributed.active:
+            return 1.0
+        whole = self.current_micro_batch
+        return self.distributed.world_size * mask[part].sum() / mask[whole].sum().clamp(min=1)
+
+    def in_parts(self, fn: Callable[["Rollout"], torch.Tensor], rollout: "Rollout") -> torch.Tensor:
+        """``fn(rollout)`` (rows first) computed by each process on its contiguous share of the rows and gathered,
+        instead of by every process on all of them (e.g. PPO's value pass); just ``fn(rollout)`` with one."""
+        if not self.distributed.active:
+            return fn(rollout)
+        share = torch.arange(len(rollout), device=self.device).chunk(self.distributed.world_size)
+        return self.distributed.gather_rows(fn(rollout.select(share[self.distributed.rank])))
 
     def _last_good(self) -> str:
         return (f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
@@ -447,13 +516,17 @@ class Agent:
         :class:`TrainingError` says so and the agent refuses to save them.
         """
         params = [p for p in self.parameters() if p.requires_grad]
-        norm = float(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm))
+        self.distributed.average_gradients(params)  # every process then takes the same step
+        if self.sharded:
+            norm = float(sharding.clip_grad_norm(params, self.config.max_grad_norm))
+        else:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm))
         if not math.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)  # the clipped gradients are nan: never accumulate into them
             self.check_finite(grad_norm=torch.tensor(norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if not checkpoints.weights_usable(params):
+        if not self._weights_usable(params):
             names = {id(p): name for name, p in self.named_trainable_parameters().items()}
             problem = checkpoints.weight_problem({names.get(id(p), f"parameter #{i}"): p
                                                   for i, p in enumerate(params)})
@@ -462,6 +535,13 @@ class Agent:
                                 f"{self._last_good()}. Lower the learning rate (now "
                                 f"{self.optimizer.param_groups[0]['lr']:g}) or max_grad_norm.")
         return norm
+
+    def _weights_usable(self, params) -> bool:
+        if not self.sharded:
+            return checkpoints.weights_usable(params)
+        local = [p.to_local() if sharding.is_sharded(p) else p for p in params]  # each process checks its shards
+        flag = torch.tensor([int(checkpoints.weights_usable(local))], device=self.device)
+        return bool(self.distributed.all_reduce(flag, torch.distributed.ReduceOp.MIN))
 
     def named_trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         """The trainable modules' parameters by ``module.parameter`` name (tied parameters once)."""
@@ -494,8 +574,8 @@ class Agent:
         check_config(self.config)  # settings changed on the agent since it was built are checked too
         self._check_batch_layout(self.env.num_envs)
         self._open_writer()
-        bar = tqdm(total=total_steps, initial=self.global_step, disable=not progress, unit="tok",
-                   desc=f"{self.name}", dynamic_ncols=True)
+        bar = tqdm(total=total_steps, initial=self.global_step, disable=not progress or not self.distributed.is_main,
+                   unit="tok", desc=f"{self.name}", dynamic_ncols=True)
         callbacks = list(callbacks or [])
         saved_at = None
         try:
@@ -503,9 +583,13 @@ class Agent:
                 self._anneal(total_steps)
                 start = time.perf_counter()
                 rollout = self.training_batch()
+                if isinstance(rollout, Rollout):  # every process holds the whole batch (lmgym.agents.distributed)
+                    rollout = self.distributed.gather_rollout(rollout)
                 collected = time.perf_counter()
-                with self.policy_active():
-                    metrics = self.update(rollout)
+                # CPU: the update's activations go back to the OS when freed (lmgym.heap)
+                heap = returning_large_frees(self.config.cpu_mmap_threshold_mib if self.device.type == "cpu" else 0)
+                with self.policy_active(), heap:
+                    metrics = self.distributed.mean_metrics(self.update(rollout))
                 done = time.perf_counter()
                 steps = int(rollout.lengths.sum())
                 self.global_step += steps
@@ -523,7 +607,8 @@ class Agent:
                 if self.config.checkpoint_every and self.iteration % self.config.checkpoint_every == 0:
                     self.checkpoint()
                     saved_at = self.iteration
-                if any(self._call(cb, metrics) is False for cb in callbacks):
+                stop = any(self._call(cb, metrics) is False for cb in callbacks)
+                if self.distributed.any(stop):  # one process's callback (a time budget) stops them all
                     break
             if self.logdir is not None and saved_at != self.iteration:  # not just written by checkpoint_every
                 self.checkpoint()
@@ -565,9 +650,15 @@ class Agent:
             if prompts is None:
                 self.env.reset(seed=seed)
                 self._env_started = True
-                batches = [self.collect() for _ in range(num_batches)]
+                batches = [self.distributed.gather_rollout(self.collect()) for _ in range(num_batches)]
             else:
-                batches = self._collect_on(list(prompts), seed, samples)
+                # every process evaluates all the given prompts alike (no sharding of them or of the noise)
+                self._shard_sampling, saved_shard = False, self.env.core.shard
+                self.env.core.shard = (0, 1)
+                try:
+                    batches = self._collect_on(list(prompts), seed, samples)
+                finally:
+                    self._shard_sampling, self.env.core.shard = True, saved_shard
         finally:
             self.generator = saved_generator
             self._env_started = saved_started
@@ -602,7 +693,7 @@ class Agent:
 
     # ------------------------------------------------------------------ logging
     def _open_writer(self) -> None:
-        if self.logdir is None or self.writer is not None:
+        if self.logdir is None or self.writer is not None or not self.distributed.is_main:
             return
         from torch.utils.tensorboard import SummaryWriter
 
@@ -637,19 +728,47 @@ class Agent:
         core = self.env.core
         return {"rng": core.rng.bit_generator.state, "prompts": [list(p.ids) for p in core.row_prompts]}
 
+    def _checkpoint_payload(self) -> dict:
+        """What process 0 needs from all processes to write a checkpoint (collectives: every process calls this):
+        the whole batch's environment state, and with FSDP the gathered weights and optimizer moments."""
+        payload = {"env": self._env_checkpoint_snapshot() if self._env_started else None}
+        if self.sharded:
+            weights = {}
+            for name, module in self.trainable_modules().items():
+                full = any(sharding.is_sharded(p) for p in module.parameters())
+                weights[name] = checkpoints.untie(sharding.full_weights(module)) if full else \
+                    checkpoints.untie({k: v.detach() for k, v in module.state_dict().items()})
+            payload["weights"] = weights
+            payload["optimizer_state"] = sharding.full_optimizer_state(self.optimizer)
+        return payload
+
+    def _env_checkpoint_snapshot(self) -> dict:
+        """The environment state a checkpoint holds: the prompts in flight of the whole data-parallel batch
+        (gathered from every process, a collective) and the prompt RNG, which is the same in every process."""
+        snap = self._env_snapshot()
+        snap["prompts"] = self.distributed.gather_objects(snap["prompts"])
+        return snap
+
     def _env_restore(self, snap: dict) -> None:
-        self.env.reset(options={"prompts": snap["prompts"]})
+        prompts, n, world = snap["prompts"], self.env.core.num_envs, self.distributed.world_size
+        if world > 1 and len(prompts) == n * world:  # a checkpoint's whole batch: this process's share
+            prompts = prompts[self.distributed.rank * n:(self.distributed.rank + 1) * n]
+        self.env.reset(options={"prompts": prompts})
         self.env.core.rng.bit_generator.state = snap["rng"]
         self._env_started = True
 
     def state(self) -> dict:
         """Everything besides the weights that a resumed run needs to continue identically, and its lineage."""
-        core = self.env.core
         return {"format": checkpoints.FORMAT, "agent": self.name, "run_id": self.run_id,
                 "config": self.config.to_dict(), "global_step": self.global_step, "iteration": self.iteration,
                 "episodes": self.episodes, "kl_coef": {"initial": self.initial_kl_coef, "current": self.env.kl_coef},
-                "task": self.task_signature(), "layout": {"num_envs": core.num_envs, "group_size": core.group_size},
+                "task": self.task_signature(), "layout": self.batch_layout(),
                 "extra": self.extra_state(), "resumes": self.resumes}
+
+    def batch_layout(self) -> dict:
+        """The batch a checkpoint's prompts in flight belong to: all processes' episodes, and the group size."""
+        core = self.env.core
+        return {"num_envs": core.num_envs * self.distributed.world_size, "group_size": core.group_size}
 
     def extra_state(self) -> dict:
         """Algorithm state to checkpoint (moving averages...), JSON-serialisable."""
@@ -677,7 +796,8 @@ class Agent:
         An existing folder is never replaced unless ``overwrite=True``.
         See :mod:`lmgym.agents.checkpoint`.
         """
-        return checkpoints.save(self, path, overwrite=overwrite)
+        payload = self._checkpoint_payload()
+        return self.distributed.on_main(lambda: checkpoints.save(self, path, overwrite=overwrite, **payload))
 
     def checkpoint(self) -> Path | None:
         """Save to ``logdir/checkpoints/iter-NNNNNN`` and remember it as the last good checkpoint.
@@ -688,16 +808,19 @@ class Agent:
         """
         if self.logdir is None:
             return None
-        for _attempt in range(100):
-            path, replace = checkpoints.checkpoint_path(self.logdir, self.iteration, self.run_id)
-            try:
-                self.last_checkpoint = self.save(path, overwrite=replace)
-                break
-            except FileExistsError:  # another process took that name while we wrote: take the next one
-                continue
-        else:
+        payload = self._checkpoint_payload()  # every process takes part
+
+        def write() -> Path:  # on process 0 only
+            for _attempt in range(100):
+                path, replace = checkpoints.checkpoint_path(self.logdir, self.iteration, self.run_id)
+                try:
+                    return checkpoints.save(self, path, overwrite=replace, **payload)
+                except FileExistsError:  # another process took that name while we wrote: take the next one
+                    continue
             raise CheckpointError(f"could not find a free checkpoint folder for iteration {self.iteration} under "
                                   f"{self.logdir / 'checkpoints'}")
+
+        self.last_checkpoint = self.distributed.on_main(write)
         return self.last_checkpoint
 
     def load(self, path: str | os.PathLike, *, resume: bool = True) -> "Agent":

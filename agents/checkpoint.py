@@ -75,10 +75,12 @@ def new_run_id() -> str:
 
 # ----------------------------------------------------------------------------- weights
 def _storage_key(v: torch.Tensor):
+    if _is_sharded(v):  # an FSDP shard has no storage of its own: tied parameters are the same object
+        return "sharded", id(v)
     return v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)
 
 
-def _untie(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def untie(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses tensors sharing memory (tied embeddings): keep one copy of each storage."""
     seen, out = set(), {}
     for k, v in weights.items():
@@ -91,7 +93,7 @@ def _untie(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _tied_duplicates(module: nn.Module) -> set[str]:
     """The state-dict keys that :func:`_untie` leaves out because they share memory with an earlier key."""
     state = module.state_dict(keep_vars=True)
-    return set(state) - set(_untie({k: v.detach() for k, v in state.items()}))
+    return set(state) - set(untie({k: v.detach() for k, v in state.items()}))
 
 
 def weights_usable(tensors) -> bool:
@@ -117,7 +119,7 @@ def weight_problem(named: dict[str, torch.Tensor]) -> str | None:
 
 
 def _module_weights(agent) -> dict[str, dict[str, torch.Tensor]]:
-    return {name: _untie({k: v.detach() for k, v in module.state_dict().items()})
+    return {name: untie({k: v.detach() for k, v in module.state_dict().items()})
             for name, module in agent.trainable_modules().items()}
 
 
@@ -128,7 +130,7 @@ def reference_fingerprint(model: nn.Module) -> str:
     bfloat16 copy on a GPU, while any two differently trained or initialised models differ.
     """
     h = hashlib.sha256()
-    state = _untie({k: v.detach() for k, v in model.state_dict().items()})
+    state = untie({k: v.detach() for k, v in model.state_dict().items()})
     for name in sorted(state):
         t = state[name]
         kind = "float" if t.is_floating_point() else str(t.dtype)
@@ -150,8 +152,14 @@ def _json_default(obj):
     raise TypeError(f"cannot serialise {type(obj).__name__}")
 
 
-def save(agent, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def save(agent, path: str | os.PathLike, *, overwrite: bool = False, env: dict | None | bool = False,
+         weights: dict | None = None, optimizer_state: dict | None = None) -> Path:
     """Write ``agent``'s checkpoint to the folder ``path`` atomically (see the module docstring).
+
+    ``env``: the environment snapshot to record, when the caller took it already (under data
+    parallelism it gathers every process's prompts, so all of them take it before process 0 writes).
+    ``weights`` / ``optimizer_state``: the gathered module weights and optimizer state of a sharded (FSDP)
+    agent, in the one-process layout (see :mod:`lmgym.agents.sharding`).
 
     An existing folder is replaced only with ``overwrite=True``. Weights that are not finite
     are never written: :class:`CheckpointError` names the offending tensor.
@@ -159,7 +167,7 @@ def save(agent, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True or choose another path")
-    modules = _module_weights(agent)
+    modules = _module_weights(agent) if weights is None else weights
     for name, weights in modules.items():
         problem = weight_problem(weights)
         if problem is not None:
@@ -170,9 +178,12 @@ def save(agent, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         for name, weights in modules.items():
             save_file({k: v.contiguous().cpu() for k, v in weights.items()}, tmp / f"{name}.safetensors")
         rng = {"torch_cpu": torch.get_rng_state(), "generator": agent.generator.get_state().cpu()}
-        torch.save({"optimizer": agent.optimizer.state_dict(), "rng": rng}, tmp / TRAINER)
+        optimizer = agent.optimizer.state_dict() if optimizer_state is None else optimizer_state
+        torch.save({"optimizer": optimizer, "rng": rng}, tmp / TRAINER)
         state = agent.state()
-        state["env"] = agent._env_snapshot() if agent._env_started else None
+        if env is False:
+            env = agent._env_snapshot() if agent._env_started else None
+        state["env"] = env
         state["saved_at"] = time.time()
         (tmp / STATE).write_text(json.dumps(state, indent=1, default=_json_default, allow_nan=False))
         files = sorted(p.name for p in tmp.iterdir())
@@ -348,7 +359,7 @@ def task_signature(env, fingerprint: str) -> dict:
     return {"spec": getattr(spec, "id", None), "vocab_size": int(core.vocab_size),
             "max_new_tokens": int(core.max_new_tokens), "env_kwargs": kwargs,
             "reference": {"sha256": fingerprint, "model_type": getattr(model.config, "model_type", None),
-                          "parameters": sum(p.numel() for p in _untie(dict(model.state_dict())).values())}}
+                          "parameters": sum(p.numel() for p in untie(dict(model.state_dict())).values())}}
 
 
 def _task_differences(saved: dict, mine: dict) -> list[str]:
@@ -576,7 +587,12 @@ def load(agent, path: str | os.PathLike, *, resume: bool = True):
     if resume:
         agent.load_extra_state(state["extra"])
     for name, module in agent.trainable_modules().items():
-        module.load_state_dict(weights[name], strict=False)
+        if getattr(agent, "sharded", False) and any(_is_sharded(p) for p in module.parameters()):
+            from lmgym.agents.sharding import load_full_weights
+
+            load_full_weights(module, weights[name])  # each process keeps its shard of the full weights
+        else:
+            module.load_state_dict(weights[name], strict=False)
     if resume:
         _restore_training_state(agent, path, state, trainer, changed)
     # Whatever follows is a new segment of the lineage: its checkpoints never replace the ones it came from.
@@ -585,8 +601,19 @@ def load(agent, path: str | os.PathLike, *, resume: bool = True):
     return agent
 
 
+def _is_sharded(t: torch.Tensor) -> bool:
+    from lmgym.agents.sharding import is_sharded
+
+    return is_sharded(t)
+
+
 def _restore_training_state(agent, path: Path, state: dict, trainer: dict, changed: dict) -> None:
-    agent.optimizer.load_state_dict(trainer["optimizer"])
+    optimizer_state = trainer["optimizer"]
+    if getattr(agent, "sharded", False):
+        from lmgym.agents.sharding import shard_optimizer_state
+
+        optimizer_state = shard_optimizer_state(agent.optimizer, optimizer_state)
+    agent.optimizer.load_state_dict(optimizer_state)
     cfg = agent.config
     for group in agent.optimizer.param_groups:
         # The restored groups hold the checkpoint's settings: this agent's hyper-parameters win.
@@ -606,7 +633,7 @@ def _restore_training_state(agent, path: Path, state: dict, trainer: dict, chang
         changed["env.kl_coef"] = [state["kl_initial"], agent.initial_kl_coef]
 
     env = state["env"]
-    layout = {"num_envs": agent.env.core.num_envs, "group_size": agent.env.group_size}
+    layout = agent.batch_layout()
     if env is not None and state["layout"] == layout and len(env["prompts"]) == layout["num_envs"]:
         agent._env_restore(env)
     elif env is not None:

@@ -193,10 +193,17 @@ class GRPO(Agent):
                     logprobs, batch.logprobs, batch.ref_logprobs, adv, batch.mask, epsilon_low=cfg.epsilon_low,
                     epsilon_high=cfg.epsilon_high, beta=self.beta, kl_estimator=cfg.kl_estimator,
                     kl_in_loss=kl_in_loss, importance_sampling_level=cfg.importance_sampling_level)
+                if batch.sampling_weights is not None:  # tokens drawn by an engine: truncated IS (lmgym.agents.vllm)
+                    token_loss = token_loss * batch.sampling_weights
                 loss = aggregate_loss(token_loss, batch.mask, cfg.loss_type, self.env.max_new_tokens,
                                       num_tokens=minibatch_tokens)
                 self.check_finite(**{"loss/policy": loss})
-                (loss / micro_divisor).backward()
+                # Data parallelism: this process holds a 1/world part of the micro-batch and gradients are
+                # averaged; grpo and dr_grpo divide by the part's rows (an equal share), bnpo's token mean is
+                # reweighted to the micro-batch's tokens, and dapo's part sum counts world times.
+                share = {"bnpo": self.token_share(rollout.mask, micro),
+                         "dapo": self.distributed.world_size}.get(cfg.loss_type, 1)
+                (loss * share / micro_divisor).backward()
                 with torch.no_grad():
                     adv = adv[:, None]
                     low, high = ratio < 1 - cfg.epsilon_low, ratio > 1 + cfg.epsilon_high

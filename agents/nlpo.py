@@ -65,7 +65,7 @@ class NLPOConfig(PPOConfig):
 def sample_in_nucleus(policy, masking_policy, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       max_new_tokens: int, *, sampling: Sampling, mask_top_p: float, min_tokens_to_keep: int,
                       never_mask: torch.Tensor, stop_token_ids, pad_token_id: int,
-                      generator: torch.Generator | None = None):
+                      generator: torch.Generator | None = None, **share):
     """Sample continuations of left-padded prompts from ``policy`` restricted to ``masking_policy``'s nucleus.
 
     :func:`lmgym.models.sample_continuations` steps both models in lock-step, each with its own
@@ -73,7 +73,8 @@ def sample_in_nucleus(policy, masking_policy, input_ids: torch.Tensor, attention
     top-``mask_top_p`` nucleus of the masking policy (at the same temperature; ``never_mask`` ids
     always allowed) and renormalised. ``logprobs`` are the masked distribution's. With
     ``mask_top_p = 1`` the masking policy does not run and the result (and random stream) is
-    exactly PPO's sampling.
+    exactly PPO's sampling. ``share``: a data-parallel process's sampling share
+    (:meth:`lmgym.agents.Agent.sampling_share`).
     """
     def nucleus(mask_logits: torch.Tensor) -> torch.Tensor:
         return nucleus_mask(mask_logits.float() / sampling.temperature, mask_top_p,
@@ -83,7 +84,8 @@ def sample_in_nucleus(policy, masking_policy, input_ids: torch.Tensor, attention
     return sample_continuations(policy, input_ids, attention_mask, max_new_tokens, stop_token_ids=stop_token_ids,
                                 pad_token_id=pad_token_id, temperature=sampling.temperature, top_k=sampling.top_k,
                                 top_p=sampling.top_p, generator=generator,
-                                mask_model=masking_policy if masked else None, mask_fn=nucleus if masked else None)
+                                mask_model=masking_policy if masked else None, mask_fn=nucleus if masked else None,
+                                **share)
 
 
 class NLPO(PPO):
@@ -141,7 +143,8 @@ class NLPO(PPO):
                                  sampling=self.sampling, mask_top_p=cfg.mask_top_p,
                                  min_tokens_to_keep=cfg.min_tokens_to_keep, never_mask=self.never_mask,
                                  stop_token_ids=self.env.stop_token_ids,
-                                 pad_token_id=self.env.tokenizer.pad_token_id, generator=self.generator)
+                                 pad_token_id=self.env.tokenizer.pad_token_id, generator=self.generator,
+                                 **self.sampling_share())
 
     def forward(self, batch: Rollout):
         """Masked log-probs and entropy of the current policy, and the critic's values, on a batch."""

@@ -190,9 +190,8 @@ class PPO(Agent):
         cfg, mask = self.config, rollout.mask
 
         # 1. Values of the states visited, under the current critic.
-        with torch.no_grad():
-            _, _, old_values = self.forward(rollout)
-            old_values = old_values * mask
+        with torch.no_grad():  # each process values its share of the rows (lmgym.agents.distributed)
+            old_values = self.in_parts(lambda rows: self.forward(rows)[2], rollout) * mask
         self.check_finite(rewards=rollout.rewards, values=old_values)
 
         # 2. GAE advantages and returns, from the per-token rewards: the environment's with k1 in the
@@ -226,7 +225,8 @@ class PPO(Agent):
                     self.check_finite(**{"loss/kl": kl_loss})
                     stats[f"objective/{cfg.kl_estimator}_kl"].append(kl_loss.detach())
                 self.check_finite(**{"loss/policy": policy_loss, "loss/value": value_loss})
-                (loss / cfg.gradient_accumulation_steps).backward()
+                # every term is a mean over the micro-batch's tokens: weigh this process's part by its tokens
+                (loss * self.token_share(rollout.mask, micro) / cfg.gradient_accumulation_steps).backward()
                 for key, value in (("loss/policy", policy_loss), ("loss/value", value_loss),
                                    ("policy/clipfrac", clipfrac), ("policy/approxkl", approx_kl),
                                    ("objective/entropy", entropy_mean)):

@@ -36,15 +36,23 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+RESULTS = HERE.parent / "docs" / "bench" / "grpo_vs_trl.json"
+README_BEGIN = ("<!-- grpo_vs_trl: generated from docs/bench/grpo_vs_trl.json by "
+                "`python benchmarks/grpo_vs_trl.py --readme README.md`; do not edit by hand -->")
+README_END = "<!-- end of grpo_vs_trl -->"
+ARM_NAMES = {"lmgym": "lmgym GRPO", "lmgym-gc": "lmgym GRPO, activation checkpointing",
+             "trl": "TRL 1.16 GRPOTrainer (defaults: activation checkpointing, tiled log-probs)",
+             "torch": "bare PyTorch loop", "lmgym-lora": "lmgym GRPO, LoRA r=16",
+             "lmgym-lora-gc": "lmgym GRPO, LoRA r=16, activation checkpointing"}
 TRL_VENV = HERE / ".venv-trl"
 CACHE = HERE / ".cache"
 TRL_VERSION = "1.16.0"
 
 WORKLOADS = {
     "tiny": dict(prompts=8, generations=8, new_tokens=32, iterations=30, runs=3, lr=1e-5,
-                 arms=["lmgym", "trl", "torch"]),
+                 arms=["lmgym", "lmgym-gc", "trl", "torch"]),
     "smollm2": dict(prompts=8, generations=4, new_tokens=24, iterations=6, runs=2, lr=1e-6,
-                    arms=["lmgym", "trl", "torch", "lmgym-lora"]),
+                    arms=["lmgym", "lmgym-gc", "trl", "torch", "lmgym-lora", "lmgym-lora-gc"]),
 }
 BETA = 0.04
 EPSILON_LOW, EPSILON_HIGH = 0.2, 0.28
@@ -142,7 +150,7 @@ def dequantise(folder: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the arms
-def arm_lmgym(workload: str, folder: Path, iterations: int, lora: bool = False) -> dict:
+def arm_lmgym(workload: str, folder: Path, iterations: int, lora: bool = False, checkpointing: bool = False) -> dict:
     import gymnasium as gym
 
     import lmgym  # noqa: F401
@@ -154,7 +162,7 @@ def arm_lmgym(workload: str, folder: Path, iterations: int, lora: bool = False) 
                        max_new_tokens=w["new_tokens"], device="cpu", dtype="float32")
     peft = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"} if lora else None
     agent = GRPO(env, seed=0, beta=BETA, loss_type="grpo", learning_rate=w["lr"], epsilon_low=EPSILON_LOW,
-                 epsilon_high=EPSILON_HIGH, peft_config=peft)
+                 epsilon_high=EPSILON_HIGH, peft_config=peft, gradient_checkpointing=checkpointing)
     stamps, lengths = [time.perf_counter()], []
 
     def tick(agent, metrics):
@@ -262,7 +270,7 @@ def run_arm(arm: str, workload: str, iterations: int) -> None:
     elif arm == "torch":
         out = arm_torch(workload, folder, iterations)
     else:
-        out = arm_lmgym(workload, folder, iterations, lora=arm == "lmgym-lora")
+        out = arm_lmgym(workload, folder, iterations, lora="lora" in arm, checkpointing=arm.endswith("-gc"))
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -276,11 +284,14 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", help="subset of the workload's arms")
     parser.add_argument("--cpu", type=int, default=0, help="CPU every arm is pinned to (taskset)")
     parser.add_argument("--setup", action="store_true", help="only create the TRL environment and the model folder")
+    parser.add_argument("--readme", type=Path, help="only rewrite this README's table from docs/bench/grpo_vs_trl.json")
     parser.add_argument("--arm", help=argparse.SUPPRESS)
     parser.add_argument("--dequantise", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.dequantise:
         return dequantise(args.dequantise)
+    if args.readme:
+        return update_readme(args.readme)
     w = WORKLOADS[args.workload]
     iterations, runs = args.iterations or w["iterations"], args.runs or w["runs"]
     if args.arm:
@@ -320,12 +331,46 @@ def main() -> None:
     if "lmgym" in a and "trl" in a:
         summary["time_ratio_lmgym_over_trl"] = a["lmgym"]["s_per_iteration"] / a["trl"]["s_per_iteration"]
         summary["rss_ratio_lmgym_over_trl"] = a["lmgym"]["peak_rss_mib"] / a["trl"]["peak_rss_mib"]
-    if "lmgym" in a and "lmgym-lora" in a:
-        summary["rss_ratio_lora_over_full"] = a["lmgym-lora"]["peak_rss_mib"] / a["lmgym"]["peak_rss_mib"]
+    if "lmgym-gc" in a and "trl" in a:  # the same work: TRL's GRPOConfig checkpoints activations by default
+        summary["time_ratio_lmgym_gc_over_trl"] = a["lmgym-gc"]["s_per_iteration"] / a["trl"]["s_per_iteration"]
+        summary["rss_ratio_lmgym_gc_over_trl"] = a["lmgym-gc"]["peak_rss_mib"] / a["trl"]["peak_rss_mib"]
+    for lora, full in (("lmgym-lora", "lmgym"), ("lmgym-lora-gc", "lmgym-gc")):
+        if lora in a and full in a:
+            summary[f"rss_ratio_{lora}_over_{full}".replace("-", "_")] = a[lora]["peak_rss_mib"] / a[full]["peak_rss_mib"]
+    summary["command"] = "OMP_NUM_THREADS=1 python benchmarks/grpo_vs_trl.py " + " ".join(sys.argv[1:])
     print(json.dumps(summary, indent=2))
-    print("| arm | s / iteration | peak RSS (MiB) |\n|-|-|-|")
-    for arm, s in a.items():
-        print(f"| {arm} | {s['s_per_iteration']:.3f} | {s['peak_rss_mib']:.0f} |")
+    stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    stored[args.workload] = summary
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(stored, indent=2) + "\n")
+    print(render(stored))
+
+
+def render(stored: dict) -> str:
+    """The README's table: one row per workload and arm, times and memory relative to TRL's in the same run."""
+    lines = ["| workload | arm | s / iteration (per-run means) | / TRL | peak RSS MiB | / TRL |", "|---|---|---|---|---|---|"]
+    for workload, summary in stored.items():
+        arms = summary["arms"]
+        trl = arms.get("trl")
+        for arm, r in arms.items():
+            runs = ", ".join(f"{t:.2f}" for t in r["run_means"])
+            time_ratio = f"{r['s_per_iteration'] / trl['s_per_iteration']:.2f}" if trl else "-"
+            rss_ratio = f"{r['peak_rss_mib'] / trl['peak_rss_mib']:.2f}" if trl else "-"
+            lines.append(f"| {workload} | {ARM_NAMES.get(arm, arm)} | {r['s_per_iteration']:.2f} ({runs}) | "
+                         f"{time_ratio} | {r['peak_rss_mib']:.0f} | {rss_ratio} |")
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path) -> None:
+    """Rewrite the block between the README's grpo_vs_trl markers from docs/bench/grpo_vs_trl.json."""
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        sys.exit(f"{readme} has no grpo_vs_trl block: put the two marker lines where the table goes:\n"
+                 f"{README_BEGIN}\n{README_END}")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    table = render(json.loads(RESULTS.read_text()))
+    readme.write_text(f"{head}{README_BEGIN}\n\n{table}\n\n{README_END}{tail}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ runs), and writes ``results.json``, ``results.md``, ``curves.png`` and ``frontie
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -29,8 +30,11 @@ import lmgym  # noqa: F401  registers the environments
 __all__ = ["AGENT_NAMES", "RECOMMENDED", "run", "bench", "parse_overrides", "write_report", "readme_block",
            "update_readme", "machine"]
 
-AGENT_NAMES = ("ppo", "grpo", "reinforce", "rloo", "a2c", "rft", "dpo", "online-dpo", "sb3-ppo", "nlpo")
-GROUPED = {"grpo": 8, "rloo": 8, "rft": 8, "online-dpo": 8}
+AGENT_NAMES = ("ppo", "grpo", "reinforce", "rloo", "a2c", "rft", "dpo", "online-dpo", "sb3-ppo", "nlpo", "trl-grpo",
+               "trl-rloo")
+TRL_AGENTS = ("trl-grpo", "trl-rloo")
+"""Hugging Face TRL's GRPOTrainer and RLOOTrainer, trained through lmgym.integrations.trl (needs lmgym[trl])."""
+GROUPED = {"grpo": 8, "rloo": 8, "rft": 8, "online-dpo": 8, "trl-grpo": 8, "trl-rloo": 8}
 """Agents that need several completions per prompt, and how many."""
 
 RECOMMENDED = {
@@ -65,7 +69,23 @@ def _check_agent(agent: str) -> None:
         raise BenchError(f"unknown agent {agent!r}{hint} (known: {', '.join(AGENT_NAMES)})")
 
 
+def _require_trl(agent: str) -> None:
+    """A ``trl-*`` cell without TRL installed is refused in one line, before any cell runs."""
+    if agent in TRL_AGENTS:
+        from lmgym.integrations.trl import MissingTRLError, require_trl
+
+        try:
+            require_trl()
+        except MissingTRLError as err:
+            raise BenchError(f"the agent {agent} is TRL's trainer: {err}") from None
+
+
 def _config_fields(agent: str) -> set[str]:
+    if agent in TRL_AGENTS:
+        from lmgym.integrations.trl_bench import config_fields
+
+        _require_trl(agent)
+        return config_fields(agent)
     if agent == "sb3-ppo":
         return {"learning_rate", "n_steps", "batch_size", "n_epochs", "gamma", "gae_lambda", "clip_range",
                 "ent_coef", "vf_coef", "max_grad_norm", "num_envs"}
@@ -108,6 +128,20 @@ def _parse_value(raw):
     return raw
 
 
+def _reset_peak_memory(device: torch.device) -> bool:
+    """Start a run's peak-memory count from now, so that cells of one grid (one process) are measured apart
+    rather than each reporting the largest process peak so far. False where the process's peak RSS cannot be
+    reset (not Linux): it then stays the peak since the process started."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:  # Linux: writing 5 to clear_refs resets the resident-set high-water mark (VmHWM, ru_maxrss)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def _peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -138,6 +172,7 @@ def run(task: str, agent: str, *, steps: int | None = 20_000, seconds: float | N
 
     _check_task(task)
     _check_agent(agent)
+    _require_trl(agent)
     if steps is None and seconds is None:
         raise BenchError("give a budget: steps, seconds, or both")
     if logdir is not None and Path(logdir).exists() and not Path(logdir).is_dir():
@@ -146,15 +181,18 @@ def run(task: str, agent: str, *, steps: int | None = 20_000, seconds: float | N
     limit_torch_threads()
     overrides = {**RECOMMENDED.get(task, {}), **(overrides or {})}
     dev = resolve_device(device)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+    peak_reset = _reset_peak_memory(dev)
     env_kwargs = {k: overrides.pop(k) for k in list(overrides) if k in ENV_OPTIONS}
     num_envs = overrides.pop("num_envs", 16 if agent == "sb3-ppo" else 64)
     group = overrides.pop("group_size", GROUPED.get(agent, 1))
+    # Under torchrun / accelerate launch num_envs is the whole batch, shared by the processes.
+    parallel = _data_parallel(dev, agent, num_envs, group)
+    num_envs //= parallel.world_size
     budget = steps if steps is not None else sys.maxsize
-    runner = _run_sb3 if agent == "sb3-ppo" else _run_lmgym
-    # One process at a time writes a run's logs and checkpoints.
-    lock = FolderLock(logdir, f"lmgym training {agent} on {task}").acquire() if logdir is not None else None
+    runner = _run_sb3 if agent == "sb3-ppo" else _run_trl if agent in TRL_AGENTS else _run_lmgym
+    # One process at a time writes a run's logs and checkpoints (process 0 of a launch).
+    lock = (FolderLock(logdir, f"lmgym training {agent} on {task}").acquire()
+            if logdir is not None and parallel.is_main else None)
     try:
         result = runner(task, agent, budget=budget, seconds=seconds, seed=seed, device=dev, logdir=logdir,
                         overrides=overrides, env_kwargs=env_kwargs, num_envs=num_envs, group=group, resume=resume,
@@ -163,9 +201,27 @@ def run(task: str, agent: str, *, steps: int | None = 20_000, seconds: float | N
         if lock is not None:
             lock.release()
     result.update(task=task, agent=agent, seed=seed, device=str(dev), peak_memory_mib=_peak_memory_mib(dev),
-                  memory_kind="cuda max allocated" if dev.type == "cuda" else "process peak RSS",
+                  memory_kind="cuda max allocated" if dev.type == "cuda" else
+                  "process peak RSS during the run" if peak_reset else "process peak RSS",
                   elapsed_seconds=time.perf_counter() - started, machine=machine(dev))
     return result
+
+
+def _data_parallel(device: torch.device, agent: str, num_envs: int, group: int):
+    """This process's place in a torchrun / accelerate launch (one process: a no-op), after checking that the
+    batch of ``num_envs`` episodes in groups of ``group`` splits evenly over the processes."""
+    from lmgym.agents.distributed import DataParallel, launcher_world
+
+    _, world = launcher_world()
+    if world > 1 and agent == "sb3-ppo":
+        raise BenchError(f"sb3-ppo runs in one process; launch it without torchrun / accelerate (WORLD_SIZE={world})")
+    if world > 1 and agent in TRL_AGENTS:
+        raise BenchError(f"{agent} runs in one process here; launch it without torchrun / accelerate "
+                         f"(WORLD_SIZE={world}), or run TRL's own launcher on the lmgym.integrations.trl task")
+    if world > 1 and num_envs % (world * group):
+        raise BenchError(f"num_envs={num_envs} (groups of {group}) cannot be shared by {world} processes: make "
+                         f"num_envs a multiple of {world} x {group} = {world * group}")
+    return DataParallel.from_environment(device)
 
 
 def machine(device: torch.device | None = None) -> dict:
@@ -229,6 +285,17 @@ def _run_lmgym(task, agent, *, budget, seconds, seed, device, logdir, overrides,
             "wall_seconds": wall, "env_steps": learner.global_step, "tokens_per_s": tokens / wall if wall else 0.0,
             "curve": curve, "hyperparameters": learner.config.to_dict(), "kl_coef": venv.kl_coef,
             "checkpoint": str(learner.last_checkpoint) if learner.last_checkpoint else None}
+
+
+def _run_trl(task, agent, *, budget, seconds, seed, device, logdir, overrides, env_kwargs, num_envs, group, resume,
+             progress, eval_batches) -> dict:
+    from lmgym.integrations.trl_bench import run_cell
+
+    if resume is not None:
+        raise BenchError(f"--resume is not supported for {agent} (the cell trains with TRL and keeps no checkpoint)")
+    return run_cell(task, agent, budget=budget, seconds=seconds, seed=seed, device=device, logdir=logdir,
+                    overrides=overrides, env_kwargs=env_kwargs, num_envs=num_envs, group=group,
+                    eval_batches=eval_batches, progress=progress)
 
 
 # SB3's log keys under lmgym's names (agents/base.py, agents/ppo.py), with the factor that turns the one into
@@ -362,6 +429,7 @@ def bench(out: str | os.PathLike, *, tasks: list[str], agents: list[str], seeds:
         _check_task(t)
     for a in agents:
         _check_agent(a)
+        _require_trl(a)
     overrides = overrides or {}
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -369,14 +437,26 @@ def bench(out: str | os.PathLike, *, tasks: list[str], agents: list[str], seeds:
     grid = {"tasks": list(tasks), "agents": list(agents), "seeds": list(seeds), "steps": steps, "seconds": seconds,
             "overrides": overrides}
     grid = json.loads(json.dumps(grid))  # as it reads back from grid.json
-    with FolderLock(out, "lmgym bench"):
-        _check_grid_file(out, grid)
+    # Under torchrun / accelerate launch every process trains each cell (its share of the batch, see run);
+    # process 0 alone reads and writes the folder, and tells the others which cells are done.
+    from lmgym.agents.distributed import DataParallel
+    from lmgym.models import resolve_device
+
+    parallel = DataParallel.from_environment(resolve_device(device))
+    progress = progress and parallel.is_main
+    with FolderLock(out, "lmgym bench") if parallel.is_main else contextlib.nullcontext():
         cells = {f"{t.split('/')[-1]}__{a}__seed{s}": {"task": t, "agent": a, "seed": s, "steps": steps,
                                                         "seconds": seconds, "overrides": grid["overrides"].get(a, {})}
                  for t in tasks for a in agents for s in seeds}
-        finished = {name: _finished_run(out / "runs" / f"{name}.json", cell) for name, cell in cells.items()}
-        (out / "runs").mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "grid.json", json.dumps(grid, indent=1))  # only once every stored run fits this grid
+
+        def prepare() -> dict:
+            _check_grid_file(out, grid)
+            done = {name: _finished_run(out / "runs" / f"{name}.json", cell) for name, cell in cells.items()}
+            (out / "runs").mkdir(parents=True, exist_ok=True)
+            _atomic_write(out / "grid.json", json.dumps(grid, indent=1))  # only once every stored run fits this grid
+            return done
+
+        finished = parallel.on_main(prepare)
         results = []
         bar = tqdm(cells.items(), desc="bench grid", unit="run", disable=not progress, position=0, dynamic_ncols=True)
         for name, cell in bar:
@@ -387,15 +467,16 @@ def bench(out: str | os.PathLike, *, tasks: list[str], agents: list[str], seeds:
                 results.append(done)
                 continue
             logdir = out / "tensorboard" / task.split("/")[-1] / agent / f"seed{seed}"
-            if logdir.exists():
-                shutil.rmtree(logdir)  # an unfinished attempt: its curves and checkpoints would mix with this one
+            # an unfinished attempt: its curves and checkpoints would mix with this one
+            parallel.on_main(lambda: shutil.rmtree(logdir) if logdir.exists() else None)
             result = run(task, agent, steps=steps, seconds=seconds, seed=seed, device=device, logdir=logdir,
                          overrides=dict(overrides.get(agent, {})), progress=progress)
             result["cell"] = cell
-            _atomic_write(out / "runs" / f"{name}.json", json.dumps(result, indent=1, default=_jsonable))
+            parallel.on_main(lambda: _atomic_write(out / "runs" / f"{name}.json",
+                                                   json.dumps(result, indent=1, default=_jsonable)))
             results.append(result)
         bar.close()
-        return write_report(out, results, grid)
+        return parallel.on_main(lambda: write_report(out, results, grid))
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -630,6 +711,18 @@ def frontier_figure(results: list[dict], grid: dict):
 README_BEGIN = ("<!-- lmgym bench results: generated from docs/bench/results.json by "
                 "`lmgym bench --out docs/bench --readme README.md`; do not edit by hand -->")
 README_END = "<!-- end of lmgym bench results -->"
+DEFAULT_README_SOURCE = "docs/bench/results.json"
+
+
+def readme_markers(source: str = DEFAULT_README_SOURCE) -> tuple[str, str]:
+    """The two lines that enclose a README's block generated from ``source`` (its results.json, as a path
+    relative to the README): a README may hold one block per results file (the default grid's, a comparison
+    grid's...), each rewritten only from its own file."""
+    if source == DEFAULT_README_SOURCE:
+        return README_BEGIN, README_END
+    folder = Path(source).parent.as_posix()
+    return (f"<!-- lmgym bench results: generated from {source} by `lmgym bench --out {folder} --readme "
+            "README.md`; do not edit by hand -->", f"<!-- end of lmgym bench results from {source} -->")
 
 
 def _duration(seconds: float) -> str:
@@ -637,9 +730,9 @@ def _duration(seconds: float) -> str:
     return f"{minutes} min {secs} s" if minutes else f"{secs} s"
 
 
-def readme_block(report: dict) -> str:
-    """The README's results section rendered from a ``results.json`` report: where and how long it was
-    measured, then the tables of ``results.md``."""
+def readme_block(report: dict, source: str = DEFAULT_README_SOURCE) -> str:
+    """The README's results section rendered from a ``results.json`` report (the file ``source``): where and how
+    long it was measured, then the tables of ``results.md``, between the :func:`readme_markers` of ``source``."""
     grid, runs = report["grid"], report["runs"]
     machines = [r.get("machine") for r in runs]
     if runs and all(machines) and all(m == machines[0] for m in machines):
@@ -659,21 +752,24 @@ def readme_block(report: dict) -> str:
                f"{' '.join(map(str, grid['seeds']))}{budget}")
     overrides = f", hyper-parameters {json.dumps(grid['overrides'])}" if grid.get("overrides") else ""
     head = f"The grid: `{command}`{overrides}. {measured}"
-    return "\n".join([README_BEGIN, "", head, "", results_markdown(report["table"], grid).rstrip(), "",
-                      README_END])
+    begin, end = readme_markers(source)
+    return "\n".join([begin, "", head, "", results_markdown(report["table"], grid).rstrip(), "", end])
 
 
 def update_readme(readme: str | os.PathLike, results_json: str | os.PathLike) -> None:
-    """Replace the marked results block of ``readme`` with :func:`readme_block` of ``results_json``."""
+    """Replace the results block of ``readme`` marked as generated from ``results_json`` (:func:`readme_markers`
+    of its path relative to the README) with :func:`readme_block` of that file."""
     readme, results_json = Path(readme), Path(results_json)
+    source = Path(os.path.relpath(results_json.resolve(), readme.resolve().parent)).as_posix()
+    begin, end = readme_markers(source)
     text = readme.read_text()
-    if text.count(README_BEGIN) != 1 or text.count(README_END) != 1:
-        raise ValueError(f"{readme} needs exactly one results block between the lines {README_BEGIN!r} and "
-                         f"{README_END!r}")
+    if text.count(begin) != 1 or text.count(end) != 1:
+        raise ValueError(f"{readme} needs exactly one results block for {source}, between the lines {begin!r} and "
+                         f"{end!r}; add those two lines where the table should go")
     try:
         report = json.loads(results_json.read_text())
     except ValueError as err:
         raise BenchError(f"{results_json} is corrupt ({err})") from err
-    before, rest = text.split(README_BEGIN)
-    after = rest.split(README_END, 1)[1]
-    _atomic_write(readme, before + readme_block(report) + after)
+    before, rest = text.split(begin)
+    after = rest.split(end, 1)[1]
+    _atomic_write(readme, before + readme_block(report, source) + after)

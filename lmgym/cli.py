@@ -127,14 +127,18 @@ def _train(args, extra) -> int:
 
     overrides = parse_overrides(_read_config(args.config) + _split_overrides(extra), args.agent)
     base = Path(args.logdir) / args.task.split("/")[-1] / args.agent / f"seed{args.seed}"
+    # Under torchrun / accelerate launch, process 0 picks the folders and the others follow it.
+    parallel = _data_parallel(args.device)
     checkpoint, logdir = None, None
     if args.resume:
         checkpoint, logdir = _resolve_resume(args.resume)
-    logdir = logdir or _fresh_dir(base)
-    if checkpoint is not None:
+    logdir = parallel.on_main(lambda: logdir or _fresh_dir(base))
+    if checkpoint is not None and parallel.is_main:
         print(f"lmgym: resuming from {checkpoint}, writing to {logdir}")
     result = run(args.task, args.agent, steps=args.steps, seconds=args.seconds, seed=args.seed, device=args.device,
-                 logdir=logdir, overrides=overrides, resume=checkpoint)
+                 logdir=logdir, overrides=overrides, resume=checkpoint, progress=parallel.is_main)
+    if not parallel.is_main:
+        return 0
     s, e = result["start"], result["end"]
     print(f"\n{args.agent} on {args.task}, seed {args.seed}")
     print(f"  score      {s['score']:.4f} -> {e['score']:.4f}")
@@ -150,6 +154,14 @@ def _train(args, extra) -> int:
     return 0
 
 
+def _data_parallel(device: str):
+    """This process's place in a torchrun / accelerate launch (a no-op object without one)."""
+    from lmgym.agents.distributed import DataParallel
+    from lmgym.models import resolve_device
+
+    return DataParallel.from_environment(resolve_device(device))
+
+
 def _bench(args, extra) -> int:
     from lmgym.bench import bench, parse_overrides, update_readme
 
@@ -161,6 +173,8 @@ def _bench(args, extra) -> int:
     overrides = {a: parse_overrides(pairs, a) for a in grid["agents"]} if pairs else {}
     report = bench(args.out, tasks=grid["tasks"], agents=grid["agents"], seeds=grid["seeds"], steps=steps,
                    seconds=args.seconds, device=args.device, overrides=overrides)
+    if not _data_parallel(args.device).is_main:  # process 0 of a launch reports
+        return 0
     out = Path(args.out)
     print((out / "results.md").read_text())
     wall = sum(r["wall_seconds"] for r in report["runs"])
@@ -362,7 +376,8 @@ def _train_own(args, extra) -> int:
         env = {k: overrides.pop(k) for k in ("max_new_tokens", "kl_coef") if k in overrides}
         name = Path(args.model).name or args.model.replace("/", "_")
         base = Path(args.logdir) / name / args.agent / f"seed{args.seed}"
-        logdir = base if args.resume else _fresh_dir(base)
+        parallel = _data_parallel(args.device)  # under a launcher, process 0 picks the folder
+        logdir = parallel.on_main(lambda: base if args.resume else _fresh_dir(base))
         summary = train_own_model(
             model=args.model, prompts=read_prompts(args.prompts), agent=args.agent, reward=args.reward,
             reward_model=args.reward_model,
@@ -376,6 +391,8 @@ def _train_own(args, extra) -> int:
     except (BenchError, CheckpointError, RewardError, ValueError, TypeError, OSError, ImportError) as err:
         print(f"lmgym: {err}", file=sys.stderr)
         return 2
+    if not parallel.is_main:
+        return 0
     print(f"\n{args.agent} on {args.model}: {summary['iterations']} iterations, {summary['env_steps']} tokens, "
           f"{summary['wall_seconds']:.1f} s")
     if summary["eval_start"]:
@@ -489,10 +506,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Failures a user causes and can fix (bad settings, files, folders, checkpoints, a diverging run, an optional
     extra not installed)."""
     from lmgym.agents import CheckpointError, TrainingError
+    from lmgym.agents.distributed import DistributedError
     from lmgym.lock import LockedError
     from lmgym.smollm import MissingExtraError
 
-    return (ValueError, TypeError, OSError, CheckpointError, TrainingError, LockedError, MissingExtraError)
+    return (ValueError, TypeError, OSError, CheckpointError, TrainingError, LockedError, MissingExtraError,
+            DistributedError)
 
 
 def main(argv: list[str] | None = None) -> int:

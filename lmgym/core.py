@@ -149,6 +149,23 @@ class TextGenCore:
         self._episodes = np.zeros(n, dtype=np.int64)
         self._group_prompts: dict[tuple[int, int], list] = {}
         self.rng = np.random.default_rng()
+        self.shard = (0, 1)
+        """``(k, K)``: these rows are the k-th of K equal shares of a data-parallel batch (see :meth:`set_shard`)"""
+
+    def set_shard(self, index: int, count: int) -> None:
+        """Make this environment the ``index``-th of ``count`` equal shares of one batch of ``count * num_envs`` rows.
+
+        Every new batch of prompts (``reset`` and the restart after ``score_sequences``) is then drawn
+        for the whole batch, in the order a single environment of ``count * num_envs`` rows draws it,
+        and this share's rows kept: with the same seed, share k holds exactly the prompts rows
+        ``k * num_envs ...`` of the single environment would hold (GRPO groups stay inside a share).
+        Used by data-parallel agents (:mod:`lmgym.agents.distributed`); rows restarted one by one
+        (per-token stepping) draw from this share's stream alone.
+        """
+        index, count = checks.integer(index, "index", low=0), checks.integer(count, "count", low=1)
+        if index >= count:
+            raise ValueError(f"shard index {index} must be below the number of shards {count}")
+        self.shard = (index, count)
 
     def set_kl_coef(self, kl_coef: float) -> None:
         """Set beta: any real number type (numpy, 0-d torch) in ``[0, MAX_KL_COEF]``."""
@@ -212,6 +229,9 @@ class TextGenCore:
 
     def _prompts_for(self, rows: np.ndarray) -> list[Prompt]:
         """Prompts for the next episode of each row; the G rows of a group share their k-th prompt."""
+        index, count = self.shard
+        if count > 1 and len(rows) == self.num_envs:
+            return self._share_of_global_draw(index, count)
         if self.group_size == 1:
             return self.prompts.draw(self.rng, len(rows))
         out = []
@@ -225,6 +245,15 @@ class TextGenCore:
                 del self._group_prompts[key]
             out.append(entry[0])
         return out
+
+    def _share_of_global_draw(self, index: int, count: int) -> list[Prompt]:
+        """This share's rows of a full batch drawn for ``count`` shares, in the single environment's draw order:
+        one draw of all rows without groups, one prompt per group (in row order) with them."""
+        n, g = self.num_envs, self.group_size
+        if g == 1:
+            return self.prompts.draw(self.rng, n * count)[index * n:(index + 1) * n]
+        groups = [self.prompts.draw(self.rng, 1)[0] for _ in range(n * count // g)]
+        return [p for p in groups[index * n // g:(index + 1) * n // g] for _ in range(g)]
 
     def _fixed_prompts(self, prompts) -> list[Prompt]:
         if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__") or is_chat_messages(prompts):

@@ -37,11 +37,18 @@ __all__ = [
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` picks CUDA when available, else the CPU; anything else goes to ``torch.device``."""
+    """``"auto"`` picks CUDA when available, else the CPU; anything else goes to ``torch.device``.
+
+    Under a launcher that runs one process per GPU (``torchrun``, ``accelerate launch``: they set
+    ``LOCAL_RANK``), ``"auto"`` is this process's own GPU, ``cuda:LOCAL_RANK``.
+    """
     if isinstance(device, torch.device):
         return device
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        local_rank = os.environ.get("LOCAL_RANK")
+        return torch.device(f"cuda:{int(local_rank)}" if local_rank is not None else "cuda")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
@@ -402,7 +409,8 @@ def _copy_cache(cache):
 def sample_continuations(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
                          stop_token_ids, pad_token_id: int, temperature: float = 1.0, top_k: int = 0,
                          top_p: float = 1.0, generator: torch.Generator | None = None, check_every: int = 8,
-                         mask_model=None, mask_fn=None):
+                         mask_model=None, mask_fn=None, noise_share: tuple[int, int] | None = None,
+                         all_finished=None):
     """Sample continuations of left-padded prompts with a KV cache.
 
     Args:
@@ -418,6 +426,10 @@ def sample_continuations(model, input_ids: torch.Tensor, attention_mask: torch.T
         mask_model, mask_fn: optionally a second LM stepped in lock-step with its own KV cache, and
             ``mask_fn(its next-token logits) -> (batch, vocab) bool``: each token is drawn from the
             sampling distribution restricted to that mask and renormalised (NLPO's masking policy).
+        noise_share, all_finished: for one process's share of a data-parallel batch: ``(k, K)`` draws
+            the random noise of all K shares and keeps the k-th (see :meth:`lmgym.sampling.Sampling.sample`),
+            and ``all_finished(finished) -> bool`` says whether every row of *every* share has
+            stopped, so all processes take the same number of steps (and random draws) as one process would.
 
     Returns:
         ``(tokens, logprobs)``, both ``(batch, T)`` with ``T <= max_new_tokens``; ``logprobs``
@@ -444,12 +456,13 @@ def sample_continuations(model, input_ids: torch.Tensor, attention_mask: torch.T
     tokens, logprobs = [], []
     for t in range(max_new_tokens):
         allowed = mask_fn(logits[1]) if mask_model is not None else None
-        tok, lp = sampling.sample(logits[0], generator, allowed=allowed)
+        tok, lp = sampling.sample(logits[0], generator, allowed=allowed, noise_share=noise_share)
         tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
         tokens.append(tok)
         logprobs.append(torch.where(finished, torch.zeros_like(lp), lp))
         finished = finished | torch.isin(tok, stop)
-        if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(finished.all())):
+        if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and (
+                bool(finished.all()) if all_finished is None else all_finished(finished))):
             break
         mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
         for i, m in enumerate(models):

@@ -109,7 +109,7 @@ class Sampling:
         return logq.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
     def sample(self, logits: torch.Tensor, generator: torch.Generator | None = None,
-               allowed: torch.Tensor | None = None):
+               allowed: torch.Tensor | None = None, noise_share: tuple[int, int] | None = None):
         """Draw one token per row of ``logits`` ``(B, V)``; returns ``(tokens, log q(tokens))``.
 
         ``allowed`` (a ``(B, V)`` bool mask, e.g. NLPO's nucleus) restricts q to those tokens and
@@ -118,12 +118,24 @@ class Sampling:
         Uses the Gumbel-max trick, ``argmax(log q + G)`` with ``G = -log(-log U)``, which
         samples from q without a host round-trip and lets non-finite log-probs through for
         the caller to report.
+
+        ``noise_share=(k, K)`` says these B rows are the k-th of K equal shares of a batch of
+        K * B rows (one process's share under data parallelism): the noise of the whole batch is
+        drawn and the share's rows kept, so each row gets exactly the token it would get in the
+        one-process run of K * B rows, and ``generator`` advances as it would there.
         """
         logq, keep = self.log_probs(logits)
         if allowed is not None:
             keep = allowed if keep is None else keep & allowed
             logq = logq - torch.logsumexp(logq.masked_fill(~keep, float("-inf")), dim=-1, keepdim=True)
         scores = logq if keep is None else logq.masked_fill(~keep, float("-inf"))
-        gumbel = torch.rand(scores.shape, generator=generator, device=scores.device).log_().neg_().log_().neg_()
+        if noise_share is None:
+            uniform = torch.rand(scores.shape, generator=generator, device=scores.device)
+        else:
+            k, count = noise_share
+            rows = scores.shape[0]
+            uniform = torch.rand((rows * count, *scores.shape[1:]), generator=generator,
+                                 device=scores.device)[k * rows:(k + 1) * rows]
+        gumbel = uniform.log_().neg_().log_().neg_()
         tokens = (scores + gumbel).argmax(dim=-1)
         return tokens, logq.gather(-1, tokens[:, None]).squeeze(-1)

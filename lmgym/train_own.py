@@ -167,18 +167,26 @@ def train_own_model(*, model: str, prompts, agent: str, reward=None, reward_mode
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     # Size the environment for the longest prompt of either set, so held-out prompts fit too.
     longest = max(PromptSource(p, tokenizer).max_prompt_tokens for p in (prompts, eval_prompts) if p)
-    venv = gym.make_vec("lmgym/TextGen-v0", num_envs=num_envs, group_size=group_size, model=model,
+    # Under torchrun / accelerate launch num_envs is the whole batch, shared by the processes (process 0 writes).
+    from lmgym.agents.distributed import launcher_world
+
+    rank, world = launcher_world()
+    if num_envs % (world * group_size):
+        raise ValueError(f"num_envs={num_envs} (groups of {group_size}) cannot be shared by {world} processes: "
+                         f"make it a multiple of {world * group_size}")
+    venv = gym.make_vec("lmgym/TextGen-v0", num_envs=num_envs // world, group_size=group_size, model=model,
                         tokenizer=tokenizer, reward_fn=reward_fn, prompts=prompts, max_new_tokens=max_new_tokens,
                         kl_coef=kl_coef, max_prompt_tokens=longest, device=dev, dtype=dtype,
                         trust_remote_code=trust_remote_code)
     logdir = Path(logdir)
     logdir.mkdir(parents=True, exist_ok=True)
     local = Path(model).expanduser()
-    (logdir / RUN_FILE).write_text(json.dumps({
-        "model": str(local.resolve()) if local.exists() else model, "agent": agent, "num_envs": num_envs,
-        "group_size": group_size, "max_new_tokens": max_new_tokens, "stop_token_ids": venv.stop_token_ids,
-        "reward": reward if isinstance(reward, str) else None,
-        "reward_model": str(reward_model) if reward_model is not None else None, "peft_config": lora}, indent=1))
+    if rank == 0:
+        (logdir / RUN_FILE).write_text(json.dumps({
+            "model": str(local.resolve()) if local.exists() else model, "agent": agent, "num_envs": num_envs,
+            "group_size": group_size, "max_new_tokens": max_new_tokens, "stop_token_ids": venv.stop_token_ids,
+            "reward": reward if isinstance(reward, str) else None,
+            "reward_model": str(reward_model) if reward_model is not None else None, "peft_config": lora}, indent=1))
     learner = AGENTS[agent](venv, logdir=logdir, seed=seed, peft_config=lora, **(overrides or {}))
     if resume is not None:
         learner.load(resume)
@@ -207,7 +215,8 @@ def train_own_model(*, model: str, prompts, agent: str, reward=None, reward_mode
                "eval_start": {k: v for k, v in start.items() if k != "samples"} if start else None,
                "eval_end": {k: v for k, v in end.items() if k != "samples"} if end else None,
                "eval_samples": end["samples"][:16] if end else None}
-    (logdir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    if rank == 0:
+        (logdir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     if learner.writer is not None:
         learner.writer.flush()
     return summary

@@ -83,3 +83,20 @@ def test_bench_refuses_a_folder_with_another_grid(tmp_path, capsys):
 def test_bad_input_is_named(args, message, capsys):
     assert main(args + TINY) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux's clear_refs")
+def test_each_run_reports_its_own_peak_memory():
+    """Cells of one grid run in one process: each reports the peak RSS during its own run, not the process's
+    largest so far (a memory-hungry earlier cell would otherwise set every later cell's figure)."""
+    import numpy as np
+    import torch
+
+    import lmgym.bench as bench
+
+    block = np.ones(400 * 2**20 // 8)  # 400 MiB, touched
+    earlier_peak = bench._peak_memory_mib(torch.device("cpu"))
+    del block
+    result = bench.run("lmgym/TargetToken-v0", "reinforce", steps=200, device="cpu", progress=False)
+    assert result["peak_memory_mib"] < earlier_peak - 200  # the 400 MiB block was freed before the run
+    assert result["memory_kind"] == "process peak RSS during the run"

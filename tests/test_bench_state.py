@@ -2,6 +2,7 @@
 table generated from results.json, per-run progress, and plots that cover every seed and mark the optimum."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -130,14 +131,19 @@ def test_a_dead_benchs_lock_is_taken_over(tmp_path, holder):
 
 
 # ----------------------------------------------------------------------------- the README's results block
-def readme_block_of(text: str) -> str:
-    begin, end = text.index(benchmod.README_BEGIN), text.index(benchmod.README_END)
-    return text[begin:end + len(benchmod.README_END)]
+def readme_block_of(text: str, source: str = benchmod.DEFAULT_README_SOURCE) -> str:
+    begin_line, end_line = benchmod.readme_markers(source)
+    begin, end = text.index(begin_line), text.index(end_line)
+    return text[begin:end + len(end_line)]
 
 
 def test_readme_results_equal_what_results_json_renders_to():
-    report = json.loads((ROOT / "docs" / "bench" / "results.json").read_text())
-    assert readme_block_of((ROOT / "README.md").read_text()) == benchmod.readme_block(report)
+    readme = (ROOT / "README.md").read_text()
+    sources = re.findall(r"<!-- lmgym bench results: generated from (\S+) by", readme)
+    assert benchmod.DEFAULT_README_SOURCE in sources and len(set(sources)) == len(sources)
+    for source in sources:  # every generated block, each from its own results file
+        report = json.loads((ROOT / source).read_text())
+        assert readme_block_of(readme, source) == benchmod.readme_block(report, source)
 
 
 def test_update_readme_rewrites_only_the_block(tmp_path):
@@ -151,17 +157,26 @@ def test_update_readme_rewrites_only_the_block(tmp_path):
               "runs": [{"machine": {"cpu": "Some CPU", "cores": 2, "torch_threads": 1}, "elapsed_seconds": 125.4}]}
     (tmp_path / "results.json").write_text(json.dumps(report))
     readme = tmp_path / "README.md"
-    readme.write_text(f"# top\n\n{benchmod.README_BEGIN}\nold table\n{benchmod.README_END}\n\n## after\n")
+    begin, end = benchmod.readme_markers("results.json")
+    readme.write_text(f"# top\n\n{begin}\nold table\n{end}\n\n## after\n")
     benchmod.update_readme(readme, tmp_path / "results.json")
     text = readme.read_text()
     assert text.startswith("# top\n\n") and text.endswith("\n\n## after\n") and "old table" not in text
-    block = readme_block_of(text)
+    block = readme_block_of(text, "results.json")
+    assert block.startswith("<!-- lmgym bench results: generated from results.json by `lmgym bench --out . "
+                            "--readme README.md`")
     assert "| ppo | 0.160 → 0.900 ± 0.000 | 6.40 ± 0.00 | 0.583 ± 0.000 | 99.5% ± 0.0% | 5.2 | 3907 | 367 |" in block
     assert "Measured on this machine (Some CPU, 2 usable physical cores, torch 1 thread)" in block
     assert "took 2 min 5 s in all" in block
     readme.write_text("# no markers\n")
-    with pytest.raises(ValueError, match="needs exactly one results block"):
+    with pytest.raises(ValueError, match="needs exactly one results block for results.json"):
         benchmod.update_readme(readme, tmp_path / "results.json")
+    # a block generated from another file is not this file's to rewrite
+    other_begin, other_end = benchmod.readme_markers("docs/bench/results.json")
+    readme.write_text(f"{other_begin}\nkept\n{other_end}\n")
+    with pytest.raises(ValueError, match="needs exactly one results block for results.json"):
+        benchmod.update_readme(readme, tmp_path / "results.json")
+    assert "kept" in readme.read_text()
 
 
 # ----------------------------------------------------------------------------- plots
@@ -228,3 +243,16 @@ def test_readme_speed_table_equals_throughput_json():
     section = (root / "README.md").read_text().split("## Speed", 1)[1].split("###", 1)[0]
     shown = [float(x) for x in re.findall(r"^\|[^|]+\| ([0-9.]+) \|$", section, flags=re.M)]
     assert shown == [round(r, 2) for r in expected]
+
+
+def test_readme_trl_comparison_equals_grpo_vs_trl_json():
+    """The README's lmgym-against-TRL table is what benchmarks/grpo_vs_trl.py renders from the results it wrote."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("grpo_vs_trl", root / "benchmarks/grpo_vs_trl.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)  # stdlib imports only: TRL lives in the benchmark's own environment
+    readme = (root / "README.md").read_text()
+    block = readme.split(script.README_BEGIN, 1)[1].split(script.README_END, 1)[0]
+    assert block.strip() == script.render(json.loads(script.RESULTS.read_text()))
