@@ -45,8 +45,11 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: flo
 
 # ----------------------------------------------------------------------------- data
 def groups_from_rankings(prompt: str, ranked: list[str]) -> PreferenceGroup:
-    """All K-choose-2 pairs of completions ranked best first."""
-    return PreferenceGroup(prompt, [(ranked[i], ranked[j]) for i, j in itertools.combinations(range(len(ranked)), 2)])
+    """All K-choose-2 pairs of completions ranked best first, except a completion paired with itself (a ranking of
+    sampled completions can hold one twice: such a pair states no preference, yet would count in the mean loss
+    and as a wrong prediction in the accuracy)."""
+    return PreferenceGroup(prompt, [(ranked[i], ranked[j]) for i, j in itertools.combinations(range(len(ranked)), 2)
+                                    if ranked[i] != ranked[j]])
 
 
 def _check_text(value, field: str, where: str) -> str:
@@ -67,8 +70,9 @@ def _record_to_group(record: dict, where: str) -> PreferenceGroup:
         for name in ("chosen", "rejected"):
             if name not in record:
                 raise ValueError(f"{where}: missing field {name!r} (a pair needs 'prompt', 'chosen' and 'rejected')")
-        return PreferenceGroup(prompt, [(_check_text(record["chosen"], "chosen", where),
-                                         _check_text(record["rejected"], "rejected", where))])
+        chosen, rejected = (_check_text(record["chosen"], "chosen", where),
+                            _check_text(record["rejected"], "rejected", where))
+        return PreferenceGroup(prompt, [(chosen, rejected)] if chosen != rejected else [])
     if "completions" not in record:
         raise ValueError(f"{where}: missing field 'chosen'/'rejected' or 'completions'")
     completions = [_check_text(c, "completions", where) for c in record["completions"]]
@@ -82,7 +86,8 @@ def _record_to_group(record: dict, where: str) -> PreferenceGroup:
         if len(scores) != len(completions):
             raise ValueError(f"{where}: 'scores' has {len(scores)} entries for {len(completions)} completions")
         pairs = [(completions[i], completions[j]) if scores[i] > scores[j] else (completions[j], completions[i])
-                 for i, j in itertools.combinations(range(len(completions)), 2) if scores[i] != scores[j]]
+                 for i, j in itertools.combinations(range(len(completions)), 2)
+                 if scores[i] != scores[j] and completions[i] != completions[j]]
         return PreferenceGroup(prompt, pairs)
     raise ValueError(f"{where}: 'completions' needs a 'ranking' (best first) or 'scores'")
 
@@ -107,7 +112,9 @@ def read_preferences(source) -> list[PreferenceGroup]:
     groups = [_record_to_group(r, where) for r, where in records]
     groups = [g for g in groups if g.pairs]
     if not groups:
-        raise ValueError("the preference data holds no pairs")
+        where = f"{source}" if isinstance(source, (str, os.PathLike)) else "the preference data"
+        raise ValueError(f"{where} holds no pairs of two different completions (a completion paired with itself, "
+                         "or a tie, states no preference)")
     return groups
 
 

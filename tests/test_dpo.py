@@ -235,7 +235,11 @@ def test_offline_dpo_errors(tmp_path):
         DPO(env, preferences=str(path))
     path = write_jsonl(tmp_path / "same.jsonl", [{"prompt": "a", "chosen": "a a", "rejected": "a a"},
                                                  {"prompt": "b", "completions": ["c", "c"], "ranking": [1, 0]}])
-    with pytest.raises(ValueError, match="same.jsonl compares a completion with itself"):
+    with pytest.raises(ValueError, match="same.jsonl holds no pairs of two different completions"):
+        DPO(env, preferences=str(path))
+    # different texts, the same episode (the tokenizer splits on whitespace): no preference either
+    path = write_jsonl(tmp_path / "same_tokens.jsonl", [{"prompt": "a", "chosen": "a a", "rejected": "a  a"}])
+    with pytest.raises(ValueError, match="same_tokens.jsonl compares a completion with itself"):
         DPO(env, preferences=str(path))
     path = write_jsonl(tmp_path / "ok.jsonl", [{"prompt": "a", "chosen": "a a", "rejected": "b"}])
     with pytest.raises(ValueError, match="loss_type must be one of"):

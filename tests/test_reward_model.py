@@ -30,6 +30,16 @@ def test_rankings_expand_to_all_pairs():
     assert sorted(g.pairs) == [("b", "a"), ("b", "c")]  # the tie gives no pair
 
 
+def test_a_completion_is_never_paired_with_itself():
+    """Rankings of sampled completions repeat some: a self-pair states no preference, has no gradient, and would
+    count as a wrong prediction in the accuracy."""
+    assert groups_from_rankings("p", ["x", "y", "x"]).pairs == [("x", "y"), ("y", "x")]
+    [g] = read_preferences([{"prompt": "p", "completions": ["x", "x", "y"], "scores": [0.9, 0.1, 0.5]}])
+    assert sorted(g.pairs) == [("x", "y"), ("y", "x")]
+    with pytest.raises(ValueError, match="no pairs of two different completions"):
+        read_preferences([{"prompt": "p", "chosen": "x", "rejected": "x"}])
+
+
 def synthetic_preferences(n, seed):
     """Clean pairs: the labeller's preferred reply of two random replies to the same prompt."""
     rng = np.random.default_rng(seed)
