@@ -180,6 +180,12 @@ def test_lora_checkpoint_resumes(tmp_path):
     _, agent = lora_agent(model, tok)
     agent.learn(60, progress=False)
     path = agent.save(tmp_path / "ckpt")
+    # the checkpoint holds the adapters only: the base is the environment's reference, pinned by its fingerprint
+    from safetensors.torch import load_file
+
+    stored = load_file(path / "policy.safetensors")
+    adapters = {k for k, v in agent.policy.named_parameters() if v.requires_grad}
+    assert set(stored) == adapters and all("lora_" in k for k in stored)
     _, resumed = lora_agent(fresh_model()[0], tok)
     resumed.load(path)
     for (name, a), (_, b) in zip(agent.policy.named_parameters(), resumed.policy.named_parameters()):
@@ -188,3 +194,17 @@ def test_lora_checkpoint_resumes(tmp_path):
     resumed.learn(120, progress=False)
     for (name, a), (_, b) in zip(agent.policy.named_parameters(), resumed.policy.named_parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+
+
+def test_lora_checkpoint_refuses_a_different_base(tmp_path):
+    """A LoRA checkpoint stores only adapters: loading them onto another base model must be refused, not mixed."""
+    from lmgym.agents import CheckpointError
+
+    model, tok = fresh_model()
+    _, agent = lora_agent(model, tok)
+    agent.learn(30, progress=False)
+    path = agent.save(tmp_path / "ckpt")
+    other, _ = tiny_model(WORDS, hidden_size=32, num_layers=2, num_heads=4, max_positions=64, seed=2, init_std=0.3)
+    _, elsewhere = lora_agent(other, tok)
+    with pytest.raises(CheckpointError, match="reference model"):
+        elsewhere.load(path)
