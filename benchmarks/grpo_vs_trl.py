@@ -284,6 +284,8 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", help="subset of the workload's arms")
     parser.add_argument("--cpu", type=int, default=0, help="CPU every arm is pinned to (taskset)")
     parser.add_argument("--setup", action="store_true", help="only create the TRL environment and the model folder")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results file (default: docs/bench/grpo_vs_trl.json)")
+    parser.add_argument("--label", help="the results' key and the table's workload column (default: the workload)")
     parser.add_argument("--readme", type=Path, help="only rewrite this README's table from docs/bench/grpo_vs_trl.json")
     parser.add_argument("--arm", help=argparse.SUPPRESS)
     parser.add_argument("--dequantise", help=argparse.SUPPRESS)
@@ -339,10 +341,10 @@ def main() -> None:
             summary[f"rss_ratio_{lora}_over_{full}".replace("-", "_")] = a[lora]["peak_rss_mib"] / a[full]["peak_rss_mib"]
     summary["command"] = "OMP_NUM_THREADS=1 python benchmarks/grpo_vs_trl.py " + " ".join(sys.argv[1:])
     print(json.dumps(summary, indent=2))
-    stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    stored[args.workload] = summary
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(stored, indent=2) + "\n")
+    stored = json.loads(args.out.read_text()) if args.out.exists() else {}
+    stored[args.label or args.workload] = summary
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(stored, indent=2) + "\n")
     print(render(stored))
 
 
