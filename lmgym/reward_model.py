@@ -26,6 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from lmgym.jsonl import read_records
+
 __all__ = ["PreferenceGroup", "RewardModel", "LearnedReward", "bradley_terry_loss", "read_preferences",
            "groups_from_rankings", "train_reward_model", "pairwise_accuracy", "sample_preferences"]
 
@@ -95,18 +97,7 @@ def _record_to_group(record: dict, where: str) -> PreferenceGroup:
 def read_preferences(source) -> list[PreferenceGroup]:
     """Read preference groups from a JSONL path or a list of records; errors name the line."""
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"preference data {path} does not exist")
-        records = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append((json.loads(line), f"{path}, line {n}"))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}, line {n}: not valid JSON ({err.msg})") from None
+        records = read_records(source, "preference data")
     else:
         records = [(r, f"record {i}") for i, r in enumerate(source)]
     groups = [_record_to_group(r, where) for r, where in records]

@@ -19,6 +19,8 @@ import os
 import sys
 from pathlib import Path
 
+from lmgym.jsonl import read_records
+
 __all__ = ["read_prompts", "load_reward", "load_reward_model", "train_own_model", "samples_markdown"]
 
 
@@ -27,19 +29,11 @@ def read_prompts(path: str | os.PathLike) -> list:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"prompt file {file} does not exist")
-    lines = file.read_text(encoding="utf-8").splitlines()
     if file.suffix == ".txt":
-        prompts = [line for line in lines if line.strip()]
+        prompts = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
     elif file.suffix == ".jsonl":
         prompts = []
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{file}, line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where} is not valid JSON ({err.msg})") from None
+        for record, where in read_records(file, "prompt file"):
             if isinstance(record, dict):
                 if "messages" in record:
                     record = record["messages"]

@@ -411,3 +411,13 @@ def test_cli_samples_candidates_from_a_model_and_resumes(tiny, tmp_path, monkeyp
         store.append(ranking_record(items[0], [[i] for i in range(len(items[0].completions))], "ada"))
     assert cli.main(args) == 0
     assert f"{len(items)} prompts, 1 already ranked" in capsys.readouterr().out
+
+
+def test_prompt_file_errors_name_the_line_in_the_file(tmp_path):
+    """Blank lines count: the error points at the line an editor shows (lmgym.jsonl)."""
+    from lmgym.label import read_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "a"}\n\n{"prompt": 3}\n')
+    with pytest.raises(ValueError, match=r"prompts.jsonl, line 3: expected an object with a string 'prompt'"):
+        read_prompts(path)

@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmgym.jsonl import read_records
+
 __all__ = ["LabelItem", "item_id", "read_candidates", "read_prompts", "sample_candidates"]
 
 MAX_COMPLETIONS = 9
@@ -53,29 +55,19 @@ def _make_item(prompt, completions, where: str, given_id=None) -> LabelItem:
 
 def read_candidates(path: str | os.PathLike) -> list[LabelItem]:
     """Items from a JSONL of ``{"prompt", "completions": [...], "id"?}`` lines; errors name the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"candidates file {path} does not exist")
-    items, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {n}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or "prompt" not in record or "completions" not in record:
-                raise ValueError(f"{where}: expected an object with 'prompt' and 'completions'")
-            item = _make_item(record["prompt"], record["completions"], where, record.get("id"))
-            if item.id in seen:
-                if items[seen[item.id]] == item:
-                    continue  # the same prompt and completions twice: rank them once
-                raise ValueError(f"{where}: id {item.id!r} is already used on line {seen[item.id] + 1}; ids must "
-                                 "be unique")
-            seen[item.id] = len(items)
-            items.append(item)
+    items, seen = [], {}  # seen: id -> (item, where it was read)
+    for record, where in read_records(path, "candidates file"):
+        if not isinstance(record, dict) or "prompt" not in record or "completions" not in record:
+            raise ValueError(f"{where}: expected an object with 'prompt' and 'completions'")
+        item = _make_item(record["prompt"], record["completions"], where, record.get("id"))
+        if item.id in seen:
+            first, first_where = seen[item.id]
+            if first == item:
+                continue  # the same prompt and completions twice: rank them once
+            raise ValueError(f"{where}: id {item.id!r} is already used on {first_where.rsplit(', ', 1)[1]}; ids "
+                             "must be unique")
+        seen[item.id] = (item, where)
+        items.append(item)
     if not items:
         raise ValueError(f"{path} holds no candidates")
     return items
@@ -84,20 +76,16 @@ def read_candidates(path: str | os.PathLike) -> list[LabelItem]:
 def read_prompts(path: str | os.PathLike) -> list[str]:
     """Prompts from a text file (one per non-empty line) or a JSONL of ``{"prompt": ...}`` lines."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file {path} does not exist")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if path.suffix == ".jsonl":
-        prompts = []
-        for n, line in enumerate(lines, start=1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, record {n}: not valid JSON ({err.msg})") from None
+    if path.suffix != ".jsonl":
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts file {path} does not exist")
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        lines = []
+        for record, where in read_records(path, "prompts file"):
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f"{path}, record {n}: expected an object with a string 'prompt'")
-            prompts.append(record["prompt"])
-        lines = prompts
+                raise ValueError(f"{where}: expected an object with a string 'prompt'")
+            lines.append(record["prompt"])
     if not lines:
         raise ValueError(f"{path} holds no prompts")
     return lines
