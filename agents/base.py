@@ -27,10 +27,10 @@ from lmgym.agents import sharding
 from lmgym.agents.checkpoint import CheckpointError
 from lmgym.agents.config import ConfigError, Range, check_config
 from lmgym.agents.distributed import DataParallel
-from lmgym.agents.logprobs import accepts_logits_to_keep, chunked_token_logprobs, selective_logprobs
+from lmgym.agents.forward import policy_forward
 from lmgym.agents.policy import build_policy
 from lmgym.heap import returning_large_frees
-from lmgym.models import resolve_device, sample_continuations, token_logprobs, to_left_padded
+from lmgym.models import resolve_device, sample_continuations, to_left_padded
 from lmgym.sampling import Sampling
 
 __all__ = ["AgentConfig", "Agent", "Rollout", "Callback", "TrainingError", "CheckpointError", "ConfigError",
@@ -171,69 +171,6 @@ class ValueHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.linear(hidden.float()).squeeze(-1)
-
-
-def policy_forward(model, rollout: Rollout, *, sampling: Sampling | None = None, temperature: float = 1.0,
-                   hidden: bool = False, entropy_grad: bool = False, chunk_size: int = 0,
-                   action_mask: torch.Tensor | None = None):
-    """One forward of ``model`` over prompt + continuation.
-
-    Returns ``(logprobs, entropy, hidden_states)``, each ``(N, T)`` (hidden ``(N, T, H)``
-    or None): the log-prob of each continuation token, the entropy of the policy at
-    that state, and the last hidden state at the position that predicts it. The
-    entropy carries gradients only with ``entropy_grad=True`` (an entropy bonus);
-    otherwise it is a detached statistic for logging.
-
-    Log-probs and entropy are those of the distribution the agent samples from:
-    ``sampling`` (temperature, top-k, top-p; see :mod:`lmgym.sampling`), or, without it,
-    the model's distribution at ``temperature``. ``chunk_size > 0`` takes the memory-saving
-    path of :mod:`lmgym.agents.logprobs` (no full-vocabulary logits kept for backward).
-    ``action_mask`` (bool ``(N, T, V)``) restricts that distribution further to the allowed tokens,
-    renormalised (NLPO's nucleus; not with ``chunk_size``).
-    """
-    sampling = sampling if sampling is not None else Sampling(temperature)
-    if action_mask is not None and chunk_size:
-        raise ValueError("policy_forward: an action_mask needs the full logits; use chunk_size=0")
-    ids = torch.cat([rollout.query_ids, rollout.tokens], dim=1)
-    mask = torch.cat([rollout.query_mask, torch.ones_like(rollout.tokens)], dim=1)
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    start = rollout.query_ids.shape[1] - 1
-    # A LoRA policy runs with its adapters on (lmgym.agents.lora); other models have no such switch.
-    with (model.active() if hasattr(model, "active") else contextlib.nullcontext()):
-        if chunk_size:
-            keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True,
-                        use_cache=False, **keep)
-            states = out.hidden_states[-1][:, start:-1]
-            logprobs, entropy = chunked_token_logprobs(states, rollout.tokens, model.get_output_embeddings(), sampling,
-                                                       chunk_size, entropy_grad)
-            return logprobs, entropy, states if hidden else None
-        # Logits only where a continuation token is predicted: the output layer skips the prompt's positions.
-        keep = ({"logits_to_keep": torch.arange(start, ids.shape[1] - 1, device=ids.device)}
-                if accepts_logits_to_keep(model) else {})
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=hidden,
-                    use_cache=False, **keep)
-    logits = out.logits if keep else out.logits[:, start:-1]
-    if not sampling.truncates and action_mask is None and not entropy_grad:
-        # the common case: a hand-written backward and a detached entropy (lmgym.agents.logprobs)
-        z = logits.float() if sampling.temperature == 1 else logits.float() / sampling.temperature
-        logprobs, entropy = selective_logprobs(z, rollout.tokens)
-    elif not sampling.truncates and action_mask is None:
-        logits = logits.float() / sampling.temperature
-        logprobs = token_logprobs(logits, rollout.tokens)
-        probs = torch.softmax(logits, dim=-1)
-        entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)  # with gradients (an entropy bonus)
-    else:
-        logq, kept = sampling.log_probs(logits)
-        if action_mask is not None:  # renormalise over the allowed tokens the sampler keeps
-            kept = action_mask if kept is None else kept & action_mask
-            logq = logq - torch.logsumexp(logq.masked_fill(~kept, float("-inf")), dim=-1, keepdim=True)
-        logprobs = logq.gather(-1, rollout.tokens.unsqueeze(-1)).squeeze(-1)
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            inside = logq.masked_fill(~kept, float("-inf"))
-            entropy = -(inside.exp() * logq.masked_fill(~kept, 0.0)).sum(-1)
-    h = out.hidden_states[-1][:, start:-1] if hidden else None
-    return logprobs, entropy, h
 
 
 class Callback:
