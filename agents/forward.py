@@ -43,7 +43,7 @@ from lmgym.models import token_logprobs
 from lmgym.sampling import Sampling
 
 if TYPE_CHECKING:
-    from lmgym.agents.base import Rollout
+    from lmgym.agents.rollout import Rollout
 
 __all__ = ["policy_forward", "shares_prompts", "length_buckets", "bucket_count", "LENGTH_BUCKETS", "FEW_TRAINABLE"]
 
@@ -171,7 +171,7 @@ def policy_forward(model, rollout: "Rollout", *, sampling: Sampling | None = Non
                    action_mask: torch.Tensor | None = None):
     """One forward of ``model`` over prompt + continuation.
 
-    ``rollout`` is a :class:`~lmgym.agents.base.Rollout` or anything with its ``query_ids``,
+    ``rollout`` is a :class:`~lmgym.agents.rollout.Rollout` or anything with its ``query_ids``,
     ``query_mask``, ``tokens`` and ``mask``; a ``group_size`` above 1 says prompts repeat.
 
     Returns ``(logprobs, entropy, hidden_states)``, each ``(N, T)`` (hidden ``(N, T, H)``
