@@ -204,7 +204,7 @@ def policy_forward(model, rollout: "Rollout", *, sampling: Sampling | None = Non
     with (model.active() if hasattr(model, "active") else contextlib.nullcontext()):
         prompts = _PromptCache(model, ids, mask, positions, start) if shares_prompts(model, rollout) else None
         # a cache of another kind (sliding windows, recurrent states) serves one bucket, reordered in place
-        order, buckets, widths = length_buckets(lengths, 1 if prompts and not prompts.splittable else bucket_count(model))
+        order, buckets, widths = length_buckets(lengths, 1 if prompts is not None and not prompts.splittable else bucket_count(model))
         for rows, width in zip(buckets, widths):
             logits, state = _bucket_outputs(model, ids, mask, positions, start, rows, width, prompts,
                                             hidden=hidden or bool(chunk_size), full_logits=not chunk_size,
