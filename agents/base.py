@@ -166,7 +166,7 @@ class Agent:
         self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         self.setup()
         # FSDP when the launch asks for it (lmgym.agents.sharding): the policy's weights, gradients and AdamW
-        # moments are then split over the processes.
+        # moments are then split over the processes (with LoRA: the base, which is the env's reference model).
         self.sharded = self.distributed.active and sharding.fsdp_requested()
         if self.sharded:
             sharding.shard_policy(self.policy)
@@ -604,9 +604,12 @@ class Agent:
         if self.sharded:
             weights = {}
             for name, module in self.trainable_modules().items():
-                full = any(sharding.is_sharded(p) for p in module.parameters())
+                # what the checkpoint stores of the module: gathered only if sharded (a LoRA policy's adapters
+                # stay whole on every process; its sharded base is never stored, so never gathered)
+                stored = checkpoints.saved_state(module)
+                full = any(sharding.is_sharded(v) for v in stored.values())
                 weights[name] = checkpoints.untie(sharding.full_weights(module)) if full else \
-                    checkpoints.untie({k: v.detach() for k, v in module.state_dict().items()})
+                    checkpoints.untie({k: v.detach() for k, v in stored.items()})
             payload["weights"] = weights
             payload["optimizer_state"] = sharding.full_optimizer_state(self.optimizer)
         return payload

@@ -596,7 +596,8 @@ def load(agent, path: str | os.PathLike, *, resume: bool = True):
     if resume:
         agent.load_extra_state(state["extra"])
     for name, module in agent.trainable_modules().items():
-        if getattr(agent, "sharded", False) and any(_is_sharded(p) for p in module.parameters()):
+        # a LoRA policy's stored adapters are whole even when its base is sharded: loaded as they are
+        if getattr(agent, "sharded", False) and any(_is_sharded(v) for v in saved_state(module).values()):
             from lmgym.agents.sharding import load_full_weights
 
             load_full_weights(module, weights[name])  # each process keeps its shard of the full weights

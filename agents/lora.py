@@ -78,15 +78,24 @@ class AdapterPolicy(nn.Module):
                 p.requires_grad_(True)
 
     @property
+    def base(self) -> nn.Module:
+        """The model the adapters live in: the environment's reference model itself (what FSDP shards)."""
+        return self.model.get_base_model()
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The adapter weights (the only parameters that train)."""
+        return list(self._adapters)
+
+    @property
     def config(self):
-        return self.model.get_base_model().config
+        return self.base.config
 
     @property
     def generation_config(self):
-        return self.model.get_base_model().generation_config
+        return self.base.generation_config
 
     def get_output_embeddings(self):
-        return self.model.get_base_model().get_output_embeddings()
+        return self.base.get_output_embeddings()
 
     def train(self, mode: bool = True) -> "AdapterPolicy":
         self.training = mode  # applied to the shared model only inside active()

@@ -9,9 +9,26 @@ a time and backwards reduce-scatter its gradient (FSDP averages it over the proc
 
 Checkpoints stay the one-process format: the full weights and the full AdamW moments are gathered
 for process 0 to write, and a checkpoint is sharded again when loaded, so a run can move between
-one process, data parallelism and FSDP. The environment's reference model is not sharded (it only
-runs forward passes, under ``torch.no_grad``); LoRA policies, whose adapters live inside that
-reference, are therefore not sharded either (a clear error says so).
+one process, data parallelism and FSDP. The environment's reference model of a full fine-tuning run
+is not sharded (it only runs forward passes, under ``torch.no_grad``).
+
+**LoRA.** A LoRA policy (:mod:`lmgym.agents.lora`) is adapters injected into the environment's
+reference model, so its base *is* the reference: that model is what gets sharded, and the
+environment's own forwards (pi_ref, adapters off) all-gather its layers like the policy's do. The
+adapters are left out of FSDP (``ignored_params``): every process holds them whole, their
+gradients are averaged like plain data parallelism's, and a checkpoint writes them as they are
+(it holds the adapters only, see :func:`lmgym.agents.checkpoint.saved_state`): the frozen base is
+never gathered. Adapters are a few MB against the base's GB, so keeping them whole costs little
+and spares a gather per checkpoint.
+
+**Every forward of a sharded model is a collective**: all processes must run the same forwards in
+the same order, or they wait on each other forever. lmgym's agents keep them in lockstep: sampling
+takes as many decode steps on every process as the longest row of the whole batch needs (see
+:func:`lmgym.models.sample_continuations`'s ``all_finished``); the environment's submission path runs
+the same reference forwards everywhere (one prefill per restart of all rows, one scoring forward over
+the ``T`` sampled columns, ``T`` being equal on every process); the update forwards equal parts of
+each micro-batch. The environment's per-token ``step`` is *not* lockstep (rows restart when their
+own episode ends), so an agent that steps token by token (SB3) cannot run with a sharded reference.
 """
 
 from __future__ import annotations
@@ -38,21 +55,27 @@ def is_sharded(t: torch.Tensor) -> bool:
 
 
 def shard_policy(policy: nn.Module) -> nn.Module:
-    """Shard ``policy`` in place with ``fully_shard``: one unit per decoder layer, plus the rest at the root."""
+    """Shard ``policy`` in place with ``fully_shard``: one unit per decoder layer, plus the rest at the root.
+
+    A LoRA policy's base model (the environment's reference) is sharded instead, with its adapters left
+    whole on every process (see the module docstring)."""
     from torch.distributed.fsdp import fully_shard
 
-    if hasattr(policy, "active"):
-        raise ValueError("FSDP shards the policy's own weights, but a LoRA policy's base weights are the "
-                         "environment's reference model; train LoRA adapters with plain data parallelism "
-                         "(unset LMGYM_FSDP / use an accelerate config without FSDP)")
-    layer_classes = set(getattr(policy, "_no_split_modules", None) or [])
-    layers = [m for m in policy.modules() if type(m).__name__ in layer_classes]
+    from lmgym.agents.lora import AdapterPolicy
+
+    if isinstance(policy, AdapterPolicy):
+        model, whole = policy.base, set(policy.adapter_parameters())
+    else:
+        model, whole = policy, set()
+    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
     if not layers:
-        raise ValueError(f"cannot find the decoder layers of {type(policy).__name__} to shard (it names none in "
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__} to shard (it names none in "
                          "_no_split_modules); train it without FSDP")
+    # every call names the adapters: each fully_shard takes the parameters of its subtree not yet managed
     for layer in layers:
-        fully_shard(layer)
-    fully_shard(policy)
+        fully_shard(layer, ignored_params=whole or None)
+    fully_shard(model, ignored_params=whole or None)
     return policy
 
 

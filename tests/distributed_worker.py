@@ -26,10 +26,16 @@ SETTINGS = {
     "ppo": (PPO, 1, dict(num_minibatches=2, update_epochs=2, gradient_accumulation_steps=2, adaptive_kl=True,
                          kl_horizon=20, learning_rate=3e-2)),
 }
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj", "lm_head"]}
+LORA_SETTINGS = {
+    # adapters inside the environment's reference model, one of them in the root FSDP unit (lm_head); with
+    # FSDP that reference is what is sharded, so the environment's pi_ref forwards all-gather too
+    "grpo-lora": (GRPO, 4, dict(SETTINGS["grpo"][2], peft_config=LORA)),
+}
 
 
 def make_agent(algo: str, world_size: int, logdir=None):
-    cls, group_size, overrides = SETTINGS[algo]
+    cls, group_size, overrides = {**SETTINGS, **LORA_SETTINGS}[algo]
     env = gym.make_vec("lmgym/TargetToken-v0", num_envs=GLOBAL_ENVS // world_size, group_size=group_size,
                        device="cpu")
     return cls(env, logdir=logdir, seed=5, checkpoint_every=1, **overrides)
@@ -40,11 +46,12 @@ def stop_after(iterations: int):
 
 
 def flat_parameters(agent) -> dict[str, torch.Tensor]:
-    """The trainable parameters, gathered in full when FSDP shards them (a collective then)."""
+    """The parameters that train (a LoRA policy's adapters, not its frozen base), gathered in full when FSDP
+    shards them (a collective then)."""
     from lmgym.agents.sharding import is_sharded
 
     return {k: (v.full_tensor() if is_sharded(v) else v).detach().clone()
-            for k, v in agent.named_trainable_parameters().items()}
+            for k, v in agent.named_trainable_parameters().items() if v.requires_grad}
 
 
 def run(algo: str, out: Path, world_size: int) -> dict[str, dict[str, torch.Tensor]]:
@@ -55,8 +62,14 @@ def run(algo: str, out: Path, world_size: int) -> dict[str, dict[str, torch.Tens
     if agent.sharded:  # FSDP: each process holds half of every layer weight
         from lmgym.agents.sharding import is_sharded
 
-        weight = agent.policy.model.layers[0].mlp.up_proj.weight
+        lora = algo in LORA_SETTINGS
+        # with LoRA the sharded model is the environment's reference, the adapters' base
+        model = agent.env.reference_model if lora else agent.policy
+        assert not lora or model is agent.policy.base
+        weight = model.model.layers[0].mlp.up_proj.weight
         assert is_sharded(weight) and weight.to_local().shape[0] * world_size == weight.shape[0]
+        if lora:  # the adapters stay whole on every process
+            assert not any(is_sharded(p) for p in agent.policy.adapter_parameters())
     trained = flat_parameters(agent)
     check_same_generators(agent)
     resumed = make_agent(algo, world_size, out / f"{algo}-resumed")

@@ -2,8 +2,9 @@
 
 One ``torchrun --nproc_per_node 2`` launch (tests/distributed_worker.py) trains GRPO and PPO for 3
 iterations with a checkpoint after each, resumes a fresh agent from the iteration-2 checkpoint, and
-runs ``lmgym train`` / ``lmgym bench`` unchanged. The independent reference is a one-process run of the
-same global batch and seeds, in this process.
+runs ``lmgym train`` / ``lmgym bench`` unchanged. Two more launches train the same with FSDP2: the
+policy sharded, and GRPO's LoRA adapters on a sharded base (the environment's reference model). The
+independent reference is a one-process run of the same global batch and seeds, in this process.
 """
 
 from __future__ import annotations
@@ -114,15 +115,63 @@ def test_fsdp_on_two_processes_trains_resumes_and_checkpoints_like_one(two_proce
             assert torch.allclose(moments[i][key], ref_moments[i][key], atol=1e-6, rtol=1e-4)
 
 
-def test_fsdp_refuses_a_lora_policy():
-    from lmgym.agents.sharding import shard_policy
+@pytest.fixture(scope="module")
+def two_processes_fsdp_lora(tmp_path_factory):
+    """GRPO training LoRA adapters, their base (the environment's reference model) sharded by FSDP2."""
+    pytest.importorskip("peft")
+    return _torchrun(tmp_path_factory.mktemp("fsdp-lora"), *worker.LORA_SETTINGS, "--no-cli", LMGYM_FSDP="1")
 
-    class Adapters(torch.nn.Module):  # what a LoRA policy looks like to the sharding code
-        def active(self):
-            return None
 
-    with pytest.raises(ValueError, match="LoRA policy's base weights are the environment's reference"):
-        shard_policy(Adapters())
+@pytest.fixture(scope="module")
+def one_process_lora(tmp_path_factory):
+    pytest.importorskip("peft")
+    out = tmp_path_factory.mktemp("single-lora")
+    return out, {algo: worker.run(algo, out, world_size=1) for algo in worker.LORA_SETTINGS}
+
+
+@pytest.mark.parametrize("algo", list(worker.LORA_SETTINGS))
+def test_fsdp_lora_on_two_processes_trains_and_resumes_like_one(two_processes_fsdp_lora, one_process_lora, algo,
+                                                                tmp_path):
+    """The sharded base serves both the policy's forwards (adapters on) and the environment's pi_ref forwards
+    (adapters off) on every process; the adapters end where the one-process run's do, resumed or not, and a
+    one-process run resumes the sharded run's checkpoint."""
+    _, ref = one_process_lora
+    initial = worker.flat_parameters(worker.make_agent(algo, 1))
+    assert initial and all("lora_" in k for k in initial)  # the adapters, not the frozen base
+    assert _max_diff(ref[algo]["trained"], initial) > 1e-2  # the runs really learned something
+    for name in ("trained", "resumed"):
+        two = load_file(str(two_processes_fsdp_lora / algo / f"{name}.safetensors"))
+        assert _max_diff(two, ref[algo]["trained"]) < ATOL, name
+    assert _max_diff(ref[algo]["resumed"], ref[algo]["trained"]) < 1e-6
+    single = worker.make_agent(algo, 1, tmp_path)
+    single.load(two_processes_fsdp_lora / algo / "checkpoints" / "iter-000002")
+    single.learn(10**9, callbacks=[worker.stop_after(3)], progress=False)
+    assert _max_diff(worker.flat_parameters(single), ref[algo]["trained"]) < ATOL
+
+
+@pytest.mark.parametrize("algo", list(worker.LORA_SETTINGS))
+def test_fsdp_lora_checkpoint_holds_the_adapters_of_the_one_process_run(two_processes_fsdp_lora, one_process_lora,
+                                                                         algo):
+    ref_dir, _ = one_process_lora
+    agent = worker.make_agent(algo, 1)
+    adapters = {k for k, v in agent.policy.named_parameters() if v.requires_grad}
+    base = {k for k, v in agent.policy.named_parameters() if not v.requires_grad}
+    assert adapters and base
+    for it in ("iter-000001", "iter-000002", "iter-000003"):
+        mine, theirs = two_processes_fsdp_lora / algo / "checkpoints" / it, ref_dir / algo / "checkpoints" / it
+        stored = load_file(str(mine / "policy.safetensors"))
+        assert set(stored) == adapters  # the adapters only, whole: never the sharded base
+        assert _max_diff(stored, load_file(str(theirs / "policy.safetensors"))) < ATOL
+        state, ref_state = (json.loads((d / "state.json").read_text()) for d in (mine, theirs))
+        for key in ("run_id", "saved_at"):
+            state.pop(key), ref_state.pop(key)
+        assert state == ref_state  # counters, the base's fingerprint, the prompts in flight, the prompt RNG
+        moments = torch.load(mine / "trainer_state.pt", weights_only=True)["optimizer"]["state"]
+        ref_moments = torch.load(theirs / "trainer_state.pt", weights_only=True)["optimizer"]["state"]
+        assert moments.keys() == ref_moments.keys() and len(moments) == len(adapters)
+        for i in ref_moments:
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.allclose(moments[i][key], ref_moments[i][key], atol=1e-6, rtol=1e-4)
 
 
 def test_a_one_process_run_resumes_a_two_process_checkpoint(two_processes, one_process, tmp_path):
