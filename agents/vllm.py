@@ -70,12 +70,18 @@ class EngineSampler:
         if getattr(agent, "sharded", False):
             raise ValueError("an engine generates with the full weights; it cannot follow an FSDP-sharded policy")
         self.agent, self.engine, self.cap = agent, engine, float(importance_sampling_cap)
-        self.synced_version: int | None = None
+        self.synced_version: tuple | None = None
         self.pushes = 0
 
-    def policy_version(self) -> int:
-        """Changes whenever the optimizer took a step (AdamW's step counts)."""
-        return sum(int(s["step"]) for s in self.agent.optimizer.state.values() if "step" in s)
+    def policy_version(self) -> tuple:
+        """Changes whenever a weight of the policy changed: an optimizer step (AdamW's step counts), and also a
+        checkpoint's weights loaded alone (``load(..., resume=False)``) or a user's own edit, which no optimizer
+        counter sees: those write the tensors in place, which bumps their version counters (or replace them,
+        which makes new objects). Both are needed: the fused AdamW kernel writes without bumping the counters.
+        """
+        policy = self.agent.policy
+        steps = sum(int(s["step"]) for s in self.agent.optimizer.state.values() if "step" in s)
+        return steps, tuple((id(t), t._version) for t in (*policy.parameters(), *policy.buffers()))
 
     def sync(self) -> bool:
         """Push the policy's weights to the engine if an update changed them since the last push."""
