@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from lmgym.folders import written_atomically
 from lmgym.jsonl import read_records
 
 __all__ = ["PreferenceGroup", "RewardModel", "LearnedReward", "bradley_terry_loss", "read_preferences",
@@ -181,14 +182,15 @@ class RewardModel(nn.Module):
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write backbone (save_pretrained), head (safetensors), tokenizer and ``reward_model.json``."""
         path = Path(path)
-        if path.exists() and any(path.iterdir()) and not overwrite:
-            raise FileExistsError(f"{path} already exists and is not empty; pass overwrite=True or another path")
-        path.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
-                  path / "reward_head.safetensors")
-        (path / "reward_model.json").write_text(json.dumps({"format": 1, "hidden_size": self.head.in_features}))
+        if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+            raise FileExistsError(f"{path} already exists and is not an empty folder; pass overwrite=True or "
+                                  "another path")
+        with written_atomically(path, overwrite=overwrite) as tmp:  # overwrite replaces the folder whole
+            self.backbone.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
+                      tmp / "reward_head.safetensors")
+            (tmp / "reward_model.json").write_text(json.dumps({"format": 1, "hidden_size": self.head.in_features}))
         return path
 
     @classmethod
