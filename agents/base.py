@@ -15,7 +15,7 @@ import math
 import os
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Callable
 
@@ -27,10 +27,11 @@ from lmgym.agents import sharding
 from lmgym.agents.checkpoint import CheckpointError
 from lmgym.agents.config import ConfigError, Range, check_config
 from lmgym.agents.distributed import DataParallel
-from lmgym.agents.logprobs import accepts_logits_to_keep, chunked_token_logprobs, selective_logprobs
+from lmgym.agents.forward import policy_forward
 from lmgym.agents.policy import build_policy
+from lmgym.agents.rollout import Rollout, masked_mean, masked_whiten
 from lmgym.heap import returning_large_frees
-from lmgym.models import resolve_device, sample_continuations, token_logprobs, to_left_padded
+from lmgym.models import resolve_device, sample_continuations, to_left_padded
 from lmgym.sampling import Sampling
 
 __all__ = ["AgentConfig", "Agent", "Rollout", "Callback", "TrainingError", "CheckpointError", "ConfigError",
@@ -91,75 +92,6 @@ class AgentConfig:
         return dataclasses.asdict(self)
 
 
-@dataclass
-class Rollout:
-    """One batch of finished episodes: per-token tensors ``(N, T)`` and per-episode ``(N,)``, on one device."""
-
-    query_ids: torch.Tensor
-    """left-padded prompts ``(N, P)``"""
-    query_mask: torch.Tensor
-    """1 for prompt tokens"""
-    tokens: torch.Tensor
-    """sampled continuations ``(N, T)``"""
-    mask: torch.Tensor
-    """1.0 for tokens inside the episode"""
-    logprobs: torch.Tensor
-    """log pi_old of each token, from sampling"""
-    ref_logprobs: torch.Tensor
-    """log pi_ref of each token"""
-    rewards: torch.Tensor
-    """per-token rewards from the environment (KL penalty + score on the last step)"""
-    scores: torch.Tensor
-    """task score of each episode"""
-    kl: torch.Tensor
-    """per-token KL estimate log pi_old - log pi_ref"""
-    lengths: torch.Tensor
-    """tokens per episode"""
-    group_size: int = 1
-    """G consecutive episodes share one prompt"""
-    prompts: list[str] = field(default_factory=list)
-    """each episode's prompt text"""
-    completions: list[str] = field(default_factory=list)
-    """decoded completions"""
-    values: torch.Tensor | None = None
-    """value estimates (filled by actor-critic agents)"""
-    sampling_weights: torch.Tensor | None = None
-    """per-token truncated importance weights min(pi_old / mu, cap) when another sampler mu (a vLLM engine) drew
-    the tokens (:mod:`lmgym.agents.vllm`); None when the policy sampled them itself"""
-
-    @property
-    def returns(self) -> torch.Tensor:
-        """Each episode's undiscounted return: score - beta * sum KL."""
-        return self.rewards.sum(1)
-
-    def __len__(self) -> int:
-        return self.tokens.shape[0]
-
-    def select(self, idx: torch.Tensor) -> "Rollout":
-        """The rollout's tensors restricted to the episodes ``idx`` (texts are left out: updates do not
-        read them, and gathering them would cost a host round-trip per minibatch)."""
-        out = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = v[idx] if isinstance(v, torch.Tensor) else v
-        out["prompts"], out["completions"] = [], []
-        return Rollout(**out)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
-
-
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Normalise ``x`` to unit variance (and zero mean) over the masked entries."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    return out if shift_mean else out + mean
-
-
 class ValueHead(nn.Module):
     """A scalar head on a hidden state: V(s_t) read at the position that predicts token t."""
 
@@ -171,69 +103,6 @@ class ValueHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.linear(hidden.float()).squeeze(-1)
-
-
-def policy_forward(model, rollout: Rollout, *, sampling: Sampling | None = None, temperature: float = 1.0,
-                   hidden: bool = False, entropy_grad: bool = False, chunk_size: int = 0,
-                   action_mask: torch.Tensor | None = None):
-    """One forward of ``model`` over prompt + continuation.
-
-    Returns ``(logprobs, entropy, hidden_states)``, each ``(N, T)`` (hidden ``(N, T, H)``
-    or None): the log-prob of each continuation token, the entropy of the policy at
-    that state, and the last hidden state at the position that predicts it. The
-    entropy carries gradients only with ``entropy_grad=True`` (an entropy bonus);
-    otherwise it is a detached statistic for logging.
-
-    Log-probs and entropy are those of the distribution the agent samples from:
-    ``sampling`` (temperature, top-k, top-p; see :mod:`lmgym.sampling`), or, without it,
-    the model's distribution at ``temperature``. ``chunk_size > 0`` takes the memory-saving
-    path of :mod:`lmgym.agents.logprobs` (no full-vocabulary logits kept for backward).
-    ``action_mask`` (bool ``(N, T, V)``) restricts that distribution further to the allowed tokens,
-    renormalised (NLPO's nucleus; not with ``chunk_size``).
-    """
-    sampling = sampling if sampling is not None else Sampling(temperature)
-    if action_mask is not None and chunk_size:
-        raise ValueError("policy_forward: an action_mask needs the full logits; use chunk_size=0")
-    ids = torch.cat([rollout.query_ids, rollout.tokens], dim=1)
-    mask = torch.cat([rollout.query_mask, torch.ones_like(rollout.tokens)], dim=1)
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    start = rollout.query_ids.shape[1] - 1
-    # A LoRA policy runs with its adapters on (lmgym.agents.lora); other models have no such switch.
-    with (model.active() if hasattr(model, "active") else contextlib.nullcontext()):
-        if chunk_size:
-            keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True,
-                        use_cache=False, **keep)
-            states = out.hidden_states[-1][:, start:-1]
-            logprobs, entropy = chunked_token_logprobs(states, rollout.tokens, model.get_output_embeddings(), sampling,
-                                                       chunk_size, entropy_grad)
-            return logprobs, entropy, states if hidden else None
-        # Logits only where a continuation token is predicted: the output layer skips the prompt's positions.
-        keep = ({"logits_to_keep": torch.arange(start, ids.shape[1] - 1, device=ids.device)}
-                if accepts_logits_to_keep(model) else {})
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=hidden,
-                    use_cache=False, **keep)
-    logits = out.logits if keep else out.logits[:, start:-1]
-    if not sampling.truncates and action_mask is None and not entropy_grad:
-        # the common case: a hand-written backward and a detached entropy (lmgym.agents.logprobs)
-        z = logits.float() if sampling.temperature == 1 else logits.float() / sampling.temperature
-        logprobs, entropy = selective_logprobs(z, rollout.tokens)
-    elif not sampling.truncates and action_mask is None:
-        logits = logits.float() / sampling.temperature
-        logprobs = token_logprobs(logits, rollout.tokens)
-        probs = torch.softmax(logits, dim=-1)
-        entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)  # with gradients (an entropy bonus)
-    else:
-        logq, kept = sampling.log_probs(logits)
-        if action_mask is not None:  # renormalise over the allowed tokens the sampler keeps
-            kept = action_mask if kept is None else kept & action_mask
-            logq = logq - torch.logsumexp(logq.masked_fill(~kept, float("-inf")), dim=-1, keepdim=True)
-        logprobs = logq.gather(-1, rollout.tokens.unsqueeze(-1)).squeeze(-1)
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            inside = logq.masked_fill(~kept, float("-inf"))
-            entropy = -(inside.exp() * logq.masked_fill(~kept, 0.0)).sum(-1)
-    h = out.hidden_states[-1][:, start:-1] if hidden else None
-    return logprobs, entropy, h
 
 
 class Callback:

@@ -154,7 +154,7 @@ class PreferenceBatch:
 
     def sequences(self, rows: torch.Tensor) -> "_SequenceView":
         """The sequence tensors of ``rows``, in the shape :func:`policy_forward` reads."""
-        return _SequenceView(self.query_ids[rows], self.query_mask[rows], self.tokens[rows])
+        return _SequenceView(self.query_ids[rows], self.query_mask[rows], self.tokens[rows], self.mask[rows])
 
 
 @dataclass
@@ -162,6 +162,9 @@ class _SequenceView:
     query_ids: torch.Tensor
     query_mask: torch.Tensor
     tokens: torch.Tensor
+    mask: torch.Tensor
+    group_size: int = 2
+    """a pair's two sequences share their prompt, so policy_forward encodes each distinct prompt once"""
 
 
 class _DPOBase(Agent):
@@ -326,7 +329,7 @@ class DPO(_DPOBase):
         as_long = lambda values: torch.as_tensor(values, dtype=torch.long, device=device)  # noqa: E731
         with self.autocast():
             # pi_ref under the same sampling transformation (temperature) as the policy, as the environment scores it
-            ref_logprobs, _, _ = policy_forward(self.env.reference_model, _SequenceView(query_ids, query_mask, tokens),
+            ref_logprobs, _, _ = policy_forward(self.env.reference_model, _SequenceView(query_ids, query_mask, tokens, mask),
                                                 sampling=self.sampling)
         target = torch.full((len(chosen),), 1.0 - self.config.label_smoothing, device=device)
         return PreferenceBatch(query_ids=query_ids, query_mask=query_mask, tokens=tokens, mask=mask,

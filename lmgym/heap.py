@@ -13,7 +13,8 @@ shows the effect on a synthetic allocation pattern).
 
 :func:`returning_large_frees` pins the threshold low (``mallopt(M_MMAP_THRESHOLD)``, which
 also turns the dynamic adjustment off) for the duration of an update, after handing the
-heap's free pages back (``malloc_trim``), and on leaving sets it to glibc's ceiling, 32 MiB,
+heap's free pages back (``malloc_trim``), and on leaving hands them back again (the
+update's smaller tensors were freed into the heap) and sets it to glibc's ceiling, 32 MiB,
 where the dynamic threshold ends up anyway: sampling's per-token full-vocabulary tensors
 then keep being reused from the heap (mapping fresh pages for each of them made GRPO on a
 3.4M-parameter model with a 50k vocabulary 14% slower). It is process-wide, so the agents use it
@@ -61,3 +62,6 @@ def returning_large_frees(mib: float):
         yield
     finally:
         libc.mallopt(M_MMAP_THRESHOLD, CEILING)
+        # the update's tensors below the threshold (many, when the forward runs in length buckets) were freed
+        # into the heap in an order that leaves holes; give their whole pages back too
+        libc.malloc_trim(0)

@@ -122,8 +122,10 @@ class _Recorder(TaskReward):
         tokens = tokens.to(env.device)
         query_ids, query_mask = left_pad([p.ids for p in prompts], self.core.pad_token_id, env.device)
         model = self.trainer.model
+        mask = (torch.arange(width) < torch.tensor([min(len(ids), width) for ids in completion_ids])[:, None]).float()
         logprobs, _, _ = policy_forward(model, SimpleNamespace(query_ids=query_ids, query_mask=query_mask,
-                                                               tokens=tokens))
+                                                               tokens=tokens, mask=mask.to(env.device),
+                                                               group_size=env.group_size))
         result = env.score_sequences(tokens, logprobs.float())
         return float(result.kl.sum(1).mean())
 
