@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from lmgym.folders import written_atomically
 from lmgym.jsonl import read_records
+from lmgym.models import right_pad
 
 __all__ = ["PreferenceGroup", "RewardModel", "LearnedReward", "bradley_terry_loss", "read_preferences",
            "groups_from_rankings", "train_reward_model", "pairwise_accuracy", "sample_preferences"]
@@ -147,13 +148,7 @@ class RewardModel(nn.Module):
         limit = getattr(self.backbone.config, "max_position_embeddings", None)
         if limit:
             rows = [r[-limit:] for r in rows]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.as_tensor(r)
-            mask[i, :len(r)] = 1
-        return ids.to(self.device), mask.to(self.device)
+        return right_pad(rows, self.tokenizer.pad_token_id, self.device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """r(x, y) of each row, read at its last real token; rows may be padded on either side."""
