@@ -122,7 +122,15 @@ def _run_info(checkpoint: Path) -> dict | None:
     for folder in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
         file = folder / RUN_FILE
         if file.is_file():
-            return json.loads(file.read_text())
+            try:
+                info = json.loads(file.read_text())
+            except (OSError, ValueError) as err:
+                raise ExportError(f"{file} cannot be read ({err}); it is the run file `lmgym train --model` writes: "
+                                  "restore it, or delete it and pass the base model (--model PATH)") from err
+            if not isinstance(info, dict):
+                raise ExportError(f"{file} holds a {type(info).__name__}, not the JSON object `lmgym train --model` "
+                                  "writes; restore it, or delete it and pass the base model (--model PATH)")
+            return info
     return None
 
 
