@@ -200,7 +200,14 @@ class RewardModel(nn.Module):
         if not meta_file.is_file() or not head_file.is_file():
             raise FileNotFoundError(f"{path} is not a saved reward model (reward_model.json and "
                                     "reward_head.safetensors are expected; save one with RewardModel.save)")
-        meta = json.loads(meta_file.read_text())
+        try:
+            meta = json.loads(meta_file.read_text())
+        except ValueError as err:
+            raise ValueError(f"{meta_file} is not valid JSON ({err}); save the reward model again") from err
+        hidden = meta.get("hidden_size") if isinstance(meta, dict) else None
+        if isinstance(hidden, bool) or not isinstance(hidden, int):
+            raise ValueError(f"{meta_file} must be a JSON object with an integer hidden_size (as RewardModel.save "
+                             f"writes), got {meta!r:.80}; save the reward model again")
         try:
             backbone = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as err:

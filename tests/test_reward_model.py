@@ -211,3 +211,12 @@ def test_save_over_a_folder_replaces_it_whole_and_a_failed_save_keeps_the_old_on
     (tmp_path / "file").write_text("x")
     with pytest.raises(FileExistsError, match="overwrite=True"):
         second.save(tmp_path / "file")
+
+
+@pytest.mark.parametrize("text", ['{"format": 1, "hidden', '{"format": 1}', '[32]'])
+def test_a_corrupt_reward_model_json_is_named(tiny, tmp_path, text):
+    model, tok = tiny
+    RewardModel(copy.deepcopy(model.base_model), tok).save(tmp_path / "rm")
+    (tmp_path / "rm" / "reward_model.json").write_text(text)
+    with pytest.raises(ValueError, match="reward_model.json"):
+        RewardModel.load(tmp_path / "rm")
