@@ -30,8 +30,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import time
 import uuid
 import warnings
@@ -45,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from lmgym.agents.config import config_problems
 from lmgym.checksums import file_sha256
 from lmgym.core import MAX_KL_COEF
+from lmgym.folders import written_atomically
 
 __all__ = ["CheckpointError", "save", "load", "latest_checkpoint", "reference_fingerprint", "weights_usable",
            "weight_problem",
@@ -181,9 +180,7 @@ def save(agent, path: str | os.PathLike, *, overwrite: bool = False, env: dict |
         problem = weight_problem(weights)
         if problem is not None:
             raise CheckpointError(f"refusing to write {path}: the {name} weights are unusable ({problem})")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with written_atomically(path, overwrite=overwrite) as tmp:
         for name, weights in modules.items():
             save_file({k: v.contiguous().cpu() for k, v in weights.items()}, tmp / f"{name}.safetensors")
         rng = {"torch_cpu": torch.get_rng_state(), "generator": agent.generator.get_state().cpu()}
@@ -199,25 +196,7 @@ def save(agent, path: str | os.PathLike, *, overwrite: bool = False, env: dict |
         manifest = {"format": FORMAT, "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": file_sha256(tmp / f)}
                                                 for f in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _move_into_place(tmp, path, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
-
-
-def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
-    try:
-        os.rename(tmp, path)  # atomic; fails if another writer created a non-empty ``path`` meanwhile
-        return
-    except OSError:
-        if not overwrite:
-            raise FileExistsError(f"{path} was created by another writer while this checkpoint was written; "
-                                  "choose another path") from None
-    old = path.with_name(f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 _ITER = re.compile(r"^iter-(\d+)(?:-(\d+))?$")

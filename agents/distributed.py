@@ -146,16 +146,19 @@ class DataParallel:
         with zeros to the largest process's (rollouts of different lengths)."""
         if not self.active:
             return tensor
-        shape = torch.tensor(tensor.shape, device=tensor.device)
-        self.all_reduce(shape, dist.ReduceOp.MAX)
-        if tuple(shape.tolist()) != tuple(tensor.shape):
+        # the largest shape, and minus the smallest row count: every process learns whether the rows differ
+        # (a process that raised alone would leave the others waiting in the gather)
+        bounds = torch.tensor([*tensor.shape, -tensor.shape[0]], device=tensor.device)
+        self.all_reduce(bounds, dist.ReduceOp.MAX)
+        shape = bounds[:-1].tolist()
+        if shape[0] != -int(bounds[-1]):
+            raise DistributedError(f"the processes' batches have different numbers of rows ({-int(bounds[-1])} to "
+                                   f"{shape[0]}); every process needs an environment with the same num_envs")
+        if tuple(shape) != tuple(tensor.shape):
             pad = []
-            for have, want in zip(reversed(tensor.shape[1:]), reversed(shape[1:].tolist())):
+            for have, want in zip(reversed(tensor.shape[1:]), reversed(shape[1:])):
                 pad += [0, want - have]
             tensor = torch.nn.functional.pad(tensor, pad)
-            if tensor.shape[0] != shape[0]:
-                raise DistributedError("the processes' batches have different numbers of rows; every process "
-                                       "needs an environment with the same num_envs")
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
         dist.all_gather(parts, tensor.contiguous())
         return torch.cat(parts)

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from lmgym.agents.base import Agent, AgentConfig, Rollout, policy_forward
 from lmgym.agents.config import OneOf, Range
-from lmgym.models import left_pad
+from lmgym.models import left_pad, right_pad
 
 __all__ = ["DPOLossConfig", "DPOConfig", "OnlineDPOConfig", "DPO", "OnlineDPO", "PreferenceBatch", "dpo_loss",
            "sequence_logratios"]
@@ -319,13 +319,8 @@ class DPO(_DPOBase):
                 pair_group.append(g)
         device, pad = self.device, self.env.tokenizer.pad_token_id
         query_ids, query_mask = left_pad(prompts, pad, device)
-        width = max(len(c) for c in completions)
-        tokens = torch.full((len(completions), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(completions), width))
-        for i, ids in enumerate(completions):
-            tokens[i, :len(ids)] = torch.as_tensor(ids)
-            mask[i, :len(ids)] = 1.0
-        tokens, mask = tokens.to(device), mask.to(device)
+        tokens, mask = right_pad(completions, pad, device)
+        mask = mask.float()
         as_long = lambda values: torch.as_tensor(values, dtype=torch.long, device=device)  # noqa: E731
         with self.autocast():
             # pi_ref under the same sampling transformation (temperature) as the policy, as the environment scores it

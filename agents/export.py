@@ -16,11 +16,11 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from lmgym.folders import written_atomically
 
 __all__ = ["save_pretrained", "export_checkpoint", "find_checkpoint", "RUN_FILE", "ExportError"]
 
@@ -88,9 +88,8 @@ def save_pretrained(agent, directory: str | os.PathLike, *, dtype: str | torch.d
     if dtype is not None:
         model = copy.deepcopy(model).to(resolve_dtype(dtype, agent.device))
         model.config.dtype = resolve_dtype(dtype, agent.device)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    # the old folder stays until the new one is complete (removing it first lost both on a crash)
+    with written_atomically(directory, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         agent.env.tokenizer.save_pretrained(tmp)
         generation_config_for(agent).save_pretrained(tmp)
@@ -99,12 +98,6 @@ def save_pretrained(agent, directory: str | os.PathLike, *, dtype: str | torch.d
             {"agent": agent.name, "iteration": agent.iteration, "global_step": agent.global_step, "task": spec,
              "stop_token_ids": list(agent.env.stop_token_ids),
              "contents": "lora adapters" if lora and not merge else "model"}, indent=1))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 
@@ -129,7 +122,15 @@ def _run_info(checkpoint: Path) -> dict | None:
     for folder in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
         file = folder / RUN_FILE
         if file.is_file():
-            return json.loads(file.read_text())
+            try:
+                info = json.loads(file.read_text())
+            except (OSError, ValueError) as err:
+                raise ExportError(f"{file} cannot be read ({err}); it is the run file `lmgym train --model` writes: "
+                                  "restore it, or delete it and pass the base model (--model PATH)") from err
+            if not isinstance(info, dict):
+                raise ExportError(f"{file} holds a {type(info).__name__}, not the JSON object `lmgym train --model` "
+                                  "writes; restore it, or delete it and pass the base model (--model PATH)")
+            return info
     return None
 
 

@@ -39,6 +39,8 @@ from typing import Iterable, Protocol
 
 import torch
 
+from lmgym.models import right_pad
+
 __all__ = ["GenerationEngine", "VLLMEngine", "EngineSampler", "use_engine", "truncated_importance_weights"]
 
 
@@ -70,12 +72,18 @@ class EngineSampler:
         if getattr(agent, "sharded", False):
             raise ValueError("an engine generates with the full weights; it cannot follow an FSDP-sharded policy")
         self.agent, self.engine, self.cap = agent, engine, float(importance_sampling_cap)
-        self.synced_version: int | None = None
+        self.synced_version: tuple | None = None
         self.pushes = 0
 
-    def policy_version(self) -> int:
-        """Changes whenever the optimizer took a step (AdamW's step counts)."""
-        return sum(int(s["step"]) for s in self.agent.optimizer.state.values() if "step" in s)
+    def policy_version(self) -> tuple:
+        """Changes whenever a weight of the policy changed: an optimizer step (AdamW's step counts), and also a
+        checkpoint's weights loaded alone (``load(..., resume=False)``) or a user's own edit, which no optimizer
+        counter sees: those write the tensors in place, which bumps their version counters (or replace them,
+        which makes new objects). Both are needed: the fused AdamW kernel writes without bumping the counters.
+        """
+        policy = self.agent.policy
+        steps = sum(int(s["step"]) for s in self.agent.optimizer.state.values() if "step" in s)
+        return steps, tuple((id(t), t._version) for t in (*policy.parameters(), *policy.buffers()))
 
     def sync(self) -> bool:
         """Push the policy's weights to the engine if an update changed them since the last push."""
@@ -93,7 +101,8 @@ class EngineSampler:
     def __call__(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         agent, env = self.agent, self.agent.env
         self.sync()
-        prompts = [ids[m.bool()].tolist() for ids, m in zip(query_ids, query_mask)]
+        # one copy to the host, then per row (a per-row masked select on the GPU waits for it each time)
+        prompts = [ids[m].tolist() for ids, m in zip(query_ids.cpu(), query_mask.cpu().bool())]
         rank, world = agent.distributed.rank, agent.distributed.world_size
         first_row = rank * len(prompts)
         seeds = [hash((agent.config.seed, agent.iteration, first_row + i)) & 0x7FFFFFFF for i in range(len(prompts))]
@@ -101,25 +110,21 @@ class EngineSampler:
         outputs = self.engine.generate(prompts, max_new_tokens=env.max_new_tokens, temperature=s.temperature,
                                        top_k=s.top_k, top_p=s.top_p, stop_token_ids=list(env.stop_token_ids),
                                        seeds=seeds)
-        width = max(1, max(len(tokens) for tokens, _ in outputs))
-        if world > 1:  # every process submits the same width, so the gathered rollout needs no padding
-            width = int(agent.distributed.all_reduce(torch.tensor([width], device=agent.device),
-                                                     torch.distributed.ReduceOp.MAX))
-        pad = env.tokenizer.pad_token_id
-        tokens = torch.full((len(outputs), width), pad, dtype=torch.long, device=agent.device)
-        engine_lp = torch.zeros((len(outputs), width), device=agent.device)
         for i, (row, lps) in enumerate(outputs):
             if len(row) != len(lps) or not 1 <= len(row) <= env.max_new_tokens:
                 raise ValueError(f"the engine returned {len(row)} tokens and {len(lps)} log-probs for prompt {i}; "
                                  f"it must return 1..max_new_tokens={env.max_new_tokens} of each")
-            tokens[i, :len(row)] = torch.as_tensor(row)
-            engine_lp[i, :len(row)] = torch.as_tensor(lps, dtype=torch.float32)
+        width = max(len(tokens) for tokens, _ in outputs)
+        if world > 1:  # every process submits the same width, so the gathered rollout needs no padding
+            width = int(agent.distributed.all_reduce(torch.tensor([width], device=agent.device),
+                                                     torch.distributed.ReduceOp.MAX))
+        # built on the host and copied once each, not row by row
+        tokens, mask = right_pad([row for row, _ in outputs], env.tokenizer.pad_token_id, agent.device, width=width)
+        engine_lp, _ = right_pad([lps for _, lps in outputs], 0.0, agent.device, width=width, dtype=torch.float32)
+        mask = mask.float()
         # log pi_old from the policy itself (the ratio's denominator and the environment's KL)
         from lmgym.agents.base import Rollout, policy_forward
 
-        mask = torch.zeros_like(engine_lp)
-        for i, (row, _) in enumerate(outputs):
-            mask[i, :len(row)] = 1
         probe = Rollout(query_ids=query_ids, query_mask=query_mask, tokens=tokens, mask=mask, logprobs=engine_lp,
                         ref_logprobs=engine_lp, rewards=engine_lp, scores=engine_lp[:, 0], kl=engine_lp,
                         lengths=mask.sum(1).long())

@@ -29,7 +29,7 @@ import torch
 
 from lmgym import checks
 from lmgym.chat import default_stop_token_ids, is_chat_messages
-from lmgym.models import CachedLM, load_model, resolve_device
+from lmgym.models import CachedLM, load_model, resolve_device, right_pad
 from lmgym.optimum import soft_optimal_values
 from lmgym.prompts import Prompt, PromptSource
 from lmgym.rewards import RewardFunction
@@ -298,14 +298,10 @@ class TextGenCore:
         self._write_prompts(rows, chosen)
 
     def _write_prompts(self, rows: np.ndarray, chosen: list[Prompt]) -> None:
-        ids = torch.full((len(rows), self.max_len), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), self.max_len), dtype=torch.int8)
-        for i, p in enumerate(chosen):
-            ids[i, :len(p.ids)] = torch.as_tensor(p.ids)
-            mask[i, :len(p.ids)] = 1
+        ids, mask = right_pad([p.ids for p in chosen], self.pad_token_id, self.device, width=self.max_len)
         idx = torch.as_tensor(rows, device=self.device)
-        self.tokens[idx] = ids.to(self.device)
-        self.obs_mask[idx] = mask.to(self.device)
+        self.tokens[idx] = ids
+        self.obs_mask[idx] = mask.to(torch.int8)
         self.prompt_len[idx] = torch.as_tensor([len(p.ids) for p in chosen], device=self.device)
         self.gen_len[idx] = 0
         self.episode_kl[idx] = 0

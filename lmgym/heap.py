@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 
@@ -37,6 +38,7 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 CEILING = 32 * 2**20  # glibc's largest dynamic threshold on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX)
 
 
+@functools.lru_cache(maxsize=1)  # find_library runs ldconfig in a subprocess: once per process, not per update
 def _glibc():
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None

@@ -33,6 +33,8 @@ __all__ = [
     "token_logprobs",
     "sample_continuations",
     "to_left_padded",
+    "left_pad",
+    "right_pad",
 ]
 
 
@@ -234,16 +236,39 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def _padded(sequences, pad, device, width: int | None, dtype: torch.dtype, left: bool):
+    """``(values, mask)`` ``(len(sequences), width)``: each sequence at the right (``left``) or left end of its row.
+
+    Built on the host in a few vectorised calls (no per-row copy) and moved to ``device`` once.
+    """
+    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
+    longest = int(lengths.max()) if len(sequences) else 0
+    width = longest if width is None else width
+    if longest > width:
+        raise ValueError(f"a sequence of {longest} entries does not fit in width {width}")
+    values = torch.full((len(sequences), width), pad, dtype=dtype)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    flat = torch.tensor([v for s in sequences for v in s], dtype=dtype)
+    rows = torch.repeat_interleave(torch.arange(len(sequences)), lengths)
+    starts = torch.cumsum(lengths, 0) - lengths  # where each sequence begins in ``flat``
+    columns = torch.arange(len(flat)) - torch.repeat_interleave(starts, lengths)
+    if left:
+        columns += torch.repeat_interleave(width - lengths, lengths)
+    values[rows, columns] = flat
+    mask[rows, columns] = 1
+    return values.to(device), mask.to(device)
+
+
 def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack token lists left-padded: ``(ids, mask)``, both ``(len(sequences), longest)``."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        if seq:
-            ids[i, width - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
-            mask[i, width - len(seq):] = 1
-    return ids.to(device), mask.to(device)
+    return _padded(sequences, pad_id, device, None, torch.long, left=True)
+
+
+def right_pad(sequences, pad, device, *, width: int | None = None,
+              dtype: torch.dtype = torch.long) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack lists (token ids, or log-probs with ``dtype=torch.float32``) right-padded with ``pad``: ``(values,
+    mask)``, both ``(len(sequences), width)`` (default: the longest), ``mask`` 1 where a value was given."""
+    return _padded(sequences, pad, device, width, dtype, left=False)
 
 
 def to_left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int | None = None):
@@ -317,7 +342,7 @@ class CachedLM:
 
     def sequences(self) -> list[list[int]]:
         """The tokens fed to each row so far (prompt and continuation)."""
-        return [row[m.bool()].tolist() for row, m in zip(self.ids, self.mask)]
+        return [row[m].tolist() for row, m in zip(self.ids.cpu(), self.mask.cpu().bool())]  # one copy to the host
 
     @torch.no_grad()
     def restart_rows(self, rows: torch.Tensor, prompts: list[list[int]]) -> None:

@@ -26,7 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from lmgym.folders import written_atomically
 from lmgym.jsonl import read_records
+from lmgym.models import right_pad
 
 __all__ = ["PreferenceGroup", "RewardModel", "LearnedReward", "bradley_terry_loss", "read_preferences",
            "groups_from_rankings", "train_reward_model", "pairwise_accuracy", "sample_preferences"]
@@ -146,13 +148,7 @@ class RewardModel(nn.Module):
         limit = getattr(self.backbone.config, "max_position_embeddings", None)
         if limit:
             rows = [r[-limit:] for r in rows]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.as_tensor(r)
-            mask[i, :len(r)] = 1
-        return ids.to(self.device), mask.to(self.device)
+        return right_pad(rows, self.tokenizer.pad_token_id, self.device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """r(x, y) of each row, read at its last real token; rows may be padded on either side."""
@@ -181,14 +177,15 @@ class RewardModel(nn.Module):
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write backbone (save_pretrained), head (safetensors), tokenizer and ``reward_model.json``."""
         path = Path(path)
-        if path.exists() and any(path.iterdir()) and not overwrite:
-            raise FileExistsError(f"{path} already exists and is not empty; pass overwrite=True or another path")
-        path.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
-                  path / "reward_head.safetensors")
-        (path / "reward_model.json").write_text(json.dumps({"format": 1, "hidden_size": self.head.in_features}))
+        if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+            raise FileExistsError(f"{path} already exists and is not an empty folder; pass overwrite=True or "
+                                  "another path")
+        with written_atomically(path, overwrite=overwrite) as tmp:  # overwrite replaces the folder whole
+            self.backbone.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
+                      tmp / "reward_head.safetensors")
+            (tmp / "reward_model.json").write_text(json.dumps({"format": 1, "hidden_size": self.head.in_features}))
         return path
 
     @classmethod
@@ -203,7 +200,14 @@ class RewardModel(nn.Module):
         if not meta_file.is_file() or not head_file.is_file():
             raise FileNotFoundError(f"{path} is not a saved reward model (reward_model.json and "
                                     "reward_head.safetensors are expected; save one with RewardModel.save)")
-        meta = json.loads(meta_file.read_text())
+        try:
+            meta = json.loads(meta_file.read_text())
+        except ValueError as err:
+            raise ValueError(f"{meta_file} is not valid JSON ({err}); save the reward model again") from err
+        hidden = meta.get("hidden_size") if isinstance(meta, dict) else None
+        if isinstance(hidden, bool) or not isinstance(hidden, int):
+            raise ValueError(f"{meta_file} must be a JSON object with an integer hidden_size (as RewardModel.save "
+                             f"writes), got {meta!r:.80}; save the reward model again")
         try:
             backbone = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as err:

@@ -136,6 +136,9 @@ class Sampling:
             rows = scores.shape[0]
             uniform = torch.rand((rows * count, *scores.shape[1:]), generator=generator,
                                  device=scores.device)[k * rows:(k + 1) * rows]
-        gumbel = uniform.log_().neg_().log_().neg_()
+        # torch.rand may return exactly 0 (2**-24 per entry), whose Gumbel noise is -inf: when that hits the only
+        # kept token every score is -inf and argmax picks token 0, which q may exclude. The smallest positive
+        # float gives a finite (very low) noise instead; the distribution is unchanged otherwise.
+        gumbel = uniform.clamp_(min=torch.finfo(uniform.dtype).tiny).log_().neg_().log_().neg_()
         tokens = (scores + gumbel).argmax(dim=-1)
         return tokens, logq.gather(-1, tokens[:, None]).squeeze(-1)

@@ -89,3 +89,13 @@ def test_cli_export_errors(tmp_path, capsys):
     (tmp_path / "full" / "x").write_text("")
     assert main(["export", str(tmp_path / "empty"), str(tmp_path / "full")]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_an_unreadable_run_file_is_named(tmp_path, capsys):
+    venv = gym.make_vec("lmgym/TargetToken-v0", num_envs=8, group_size=4)
+    agent = GRPO(venv, learning_rate=3e-3, seed=0)
+    agent.save(tmp_path / "run" / "checkpoints" / "iter-000001")
+    (tmp_path / "run" / "lmgym_run.json").write_text('{"model": "some/path"')  # cut short
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "lmgym_run.json" in err and "Traceback" not in err

@@ -83,3 +83,21 @@ def test_an_explicit_malloc_setting_wins():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"OMP_NUM_THREADS": "1", "PATH": "", "MALLOC_MMAP_THRESHOLD_": str(64 * 2**20)})
     assert int(out.stdout.split()[-1]) >= 200
+
+
+def test_the_c_library_is_looked_up_once_not_at_every_update(monkeypatch):
+    """ctypes.util.find_library runs ldconfig in a subprocess (about 1.3 ms, and a fork of a large training
+    process); every update entered returning_large_frees and looked it up again."""
+    import ctypes.util
+
+    from lmgym import heap
+
+    heap._glibc.cache_clear()
+    calls = []
+    real = ctypes.util.find_library
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: calls.append(name) or real(name))
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    for _ in range(3):
+        with heap.returning_large_frees(1.0):
+            pass
+    assert len(calls) <= 1

@@ -179,3 +179,44 @@ def test_centring_counts_each_distinct_completion_once(tiny):
     # The mean over pairs (each completion weighted by the pairs it is in) is a different figure here.
     per_pair = [(g.prompt, c) for g in groups for pair in g.pairs for c in pair]
     assert abs(rm.score([p for p, _ in per_pair], [c for _, c in per_pair]).mean()) > 1e-3
+
+
+def test_save_over_a_folder_replaces_it_whole_and_a_failed_save_keeps_the_old_one(tiny, tmp_path, monkeypatch):
+    """overwrite=True used to write into the old folder: its other files stayed (here a LoRA adapter config, which
+    from_pretrained then tries to apply), and a save that failed half-way left a mix of old and new files."""
+    import lmgym.reward_model as reward_model
+
+    model, tok = tiny
+    first = RewardModel(copy.deepcopy(model.base_model), tok)
+    with torch.no_grad():
+        first.head.weight.fill_(0.5)
+    folder = tmp_path / "rm"
+    first.save(folder)
+    (folder / "adapter_config.json").write_text("{}")  # what `lmgym export --no-merge` leaves there
+    second = RewardModel(copy.deepcopy(model.base_model), tok)
+    second.save(folder, overwrite=True)
+    assert not (folder / "adapter_config.json").exists()
+    expected = second.score(["t1"], ["t2"])
+    np.testing.assert_array_equal(RewardModel.load(folder).score(["t1"], ["t2"]), expected)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(reward_model, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        first.save(folder, overwrite=True)
+    np.testing.assert_array_equal(RewardModel.load(folder).score(["t1"], ["t2"]), expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rm"]  # no temporary folder left behind
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        second.save(tmp_path / "file")
+
+
+@pytest.mark.parametrize("text", ['{"format": 1, "hidden', '{"format": 1}', '[32]'])
+def test_a_corrupt_reward_model_json_is_named(tiny, tmp_path, text):
+    model, tok = tiny
+    RewardModel(copy.deepcopy(model.base_model), tok).save(tmp_path / "rm")
+    (tmp_path / "rm" / "reward_model.json").write_text(text)
+    with pytest.raises(ValueError, match="reward_model.json"):
+        RewardModel.load(tmp_path / "rm")

@@ -146,3 +146,14 @@ def test_exact_optimum_is_refused_under_a_sampling_transformation():
     GRPO(venv, temperature=0.7)
     with pytest.raises(ValueError, match="optimum"):
         venv.optimal_return
+
+
+def test_a_uniform_draw_of_exactly_zero_cannot_pick_a_token_outside_the_kept_set(monkeypatch):
+    """torch.rand returns 0 with probability 2**-24 per entry; -log(-log 0) is -inf, and when that hits the only kept
+    token (top_k=1, or a one-token mask) every score is -inf and argmax fell back to token 0, which top-k had dropped."""
+    logits = torch.tensor([[0.0, 1.0, 3.0, 2.0]])
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.zeros(shape))
+    for sampler, allowed in ((Sampling(top_k=1), None), (Sampling(), torch.tensor([[False, False, True, False]]))):
+        token, logprob = sampler.sample(logits, allowed=allowed)
+        assert token.tolist() == [2]
+        assert logprob.item() == pytest.approx(0.0)

@@ -240,3 +240,17 @@ def test_trl_cells_in_the_bench_share_lmgyms_evaluation_and_budget(trl, tmp_path
     assert runs["trl-grpo"]["hyperparameters"]["loss_type"] == "grpo"
     assert "| trl-rloo |" in (out / "results.md").read_text()
     assert (out / "tensorboard" / "TargetToken-v0" / "trl-grpo" / "seed1").is_dir()
+
+
+def test_the_model_folder_is_written_whole_not_over_an_older_one(trl, tmp_path):
+    """A folder reused from an earlier task kept that task's other files: here a chat template, which TRL would then
+    apply to this task's prompts although the environment does not."""
+    from lmgym.integrations.trl import TRLTask
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "chat_template.jinja").write_text("{{ 'system: ' }}{% for m in messages %}{{ m.content }}"
+                                                           "{% endfor %}")
+    task = TRLTask("lmgym/TargetToken-v0", tmp_path, num_envs=8, group_size=4, max_new_tokens=6)
+    assert not (tmp_path / "model" / "chat_template.jinja").exists()
+    assert task.tokenizer.chat_template is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -139,3 +139,20 @@ def test_vllm_engine_generates_rollouts_that_train(tmp_path):
     assert rollout.sampling_weights is not None and bool(torch.isfinite(rollout.rewards).all())
     # the engine samples from (nearly) the policy: importance weights near 1
     assert float((rollout.sampling_weights * rollout.mask).sum() / rollout.mask.sum()) > 0.9
+
+
+def test_weights_loaded_without_an_optimizer_step_are_pushed_too(tmp_path):
+    """Loading a checkpoint's weights alone (resume=False) changes the policy without an AdamW step: the engine
+    must not go on sampling from the weights it had."""
+    trained = make_agent()
+    trained.learn(10**9, callbacks=[lambda a, m: a.iteration < 1], progress=False)
+    trained.save(tmp_path / "ckpt")
+    agent = make_agent()
+    engine = StubEngine(agent.env.reference_model)
+    use_engine(agent, engine)
+    agent.collect()
+    agent.load(tmp_path / "ckpt", resume=False)
+    agent.collect()
+    assert len(engine.pushes) == 2
+    for name, p in agent.policy.state_dict().items():
+        assert torch.equal(engine.model.state_dict()[name], p), name

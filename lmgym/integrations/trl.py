@@ -59,6 +59,8 @@ from pathlib import Path
 
 import torch
 
+from lmgym.folders import written_atomically
+
 from lmgym.smollm import MissingExtraError
 
 __all__ = ["INSTALL_HINT", "MissingTRLError", "TRLModelError", "require_trl", "TaskReward", "TRLTask"]
@@ -321,32 +323,34 @@ class TRLTask:
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
             raise TRLModelError(f"the environment stops at {stops} but not at the tokenizer's EOS "
                                 f"{tokenizer.eos_token_id}, where TRL always stops; include it in stop_token_ids")
-        folder.mkdir(parents=True, exist_ok=True)
-        try:
-            model.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
-        except Exception as err:  # any failure here means TRL cannot get the model; say which part failed
-            raise TRLModelError(f"the task's model ({what}) could not be saved as a Hugging Face folder at {folder}: "
-                                f"{_first_line(err)}") from err
-        # TRL stops a completion at every id of generation_config.eos_token_id (and the tokenizer's EOS).
-        generation = copy.deepcopy(model.generation_config)
-        generation.eos_token_id = list(stops)
-        generation.pad_token_id = self.core.pad_token_id
-        generation.save_pretrained(folder)
-        try:
-            loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                          trust_remote_code=self.trust_remote_code)
-        except Exception as err:  # TRL would fail the same way, later and less clearly
-            raise TRLModelError(
-                f"TRL loads its policy and reference with AutoModelForCausalLM.from_pretrained, which cannot load the "
-                f"task's model ({what}) from {folder}: {_first_line(err)}. Use a model transformers' Auto classes "
-                "know (or register yours with AutoConfig.register and AutoModelForCausalLM.register; a model "
-                "with its own code needs trust_remote_code=True here and in TRL's config)") from err
-        mine, theirs = model.state_dict(), loaded.state_dict()
-        differ = [k for k, v in mine.items() if k not in theirs or not torch.equal(v.float().cpu(), theirs[k])]
-        if differ:
-            raise TRLModelError(f"the task's model ({what}) does not load back from {folder} with its own weights "
-                                f"({differ[0]} differs), so TRL would train another model")
+        # written whole into a fresh folder that then replaces folder: files of an earlier task's model there
+        # (a chat template, other weights) must not mix with this one's
+        with written_atomically(folder, overwrite=True) as tmp:
+            try:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+            except Exception as err:  # any failure here means TRL cannot get the model; say which part failed
+                raise TRLModelError(f"the task's model ({what}) could not be saved as a Hugging Face folder at "
+                                    f"{folder}: {_first_line(err)}") from err
+            # TRL stops a completion at every id of generation_config.eos_token_id (and the tokenizer's EOS).
+            generation = copy.deepcopy(model.generation_config)
+            generation.eos_token_id = list(stops)
+            generation.pad_token_id = self.core.pad_token_id
+            generation.save_pretrained(tmp)
+            try:
+                loaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32,
+                                                              trust_remote_code=self.trust_remote_code)
+            except Exception as err:  # TRL would fail the same way, later and less clearly
+                raise TRLModelError(
+                    f"TRL loads its policy and reference with AutoModelForCausalLM.from_pretrained, which cannot load "
+                    f"the task's model ({what}) from {folder}: {_first_line(err)}. Use a model transformers' Auto "
+                    "classes know (or register yours with AutoConfig.register and AutoModelForCausalLM.register; a "
+                    "model with its own code needs trust_remote_code=True here and in TRL's config)") from err
+            mine, theirs = model.state_dict(), loaded.state_dict()
+            differ = [k for k, v in mine.items() if k not in theirs or not torch.equal(v.float().cpu(), theirs[k])]
+            if differ:
+                raise TRLModelError(f"the task's model ({what}) does not load back from {folder} with its own weights "
+                                    f"({differ[0]} differs), so TRL would train another model")
         return folder
 
     def _check_prompt_ids(self) -> None:

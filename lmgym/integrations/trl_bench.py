@@ -108,7 +108,7 @@ class _Recorder(TaskReward):
     def _environment_kl(self, prompt_index, completion_ids) -> float:
         """Mean episode KL of the batch as the environment accounts it, for the policy that sampled it."""
         from lmgym.agents.base import policy_forward
-        from lmgym.models import left_pad
+        from lmgym.models import left_pad, right_pad
 
         env = self.task.env
         if len(completion_ids) != env.num_envs:
@@ -116,15 +116,12 @@ class _Recorder(TaskReward):
         prompts = [self.items[int(i)] for i in prompt_index]
         env.reset(options={"prompts": prompts})
         width = env.max_new_tokens
-        tokens = torch.full((env.num_envs, width), self.core.pad_token_id, dtype=torch.long)
-        for row, ids in enumerate(completion_ids):
-            tokens[row, :len(ids)] = torch.as_tensor(list(ids)[:width])
-        tokens = tokens.to(env.device)
+        tokens, mask = right_pad([list(ids)[:width] for ids in completion_ids], self.core.pad_token_id, env.device,
+                                 width=width)
         query_ids, query_mask = left_pad([p.ids for p in prompts], self.core.pad_token_id, env.device)
         model = self.trainer.model
-        mask = (torch.arange(width) < torch.tensor([min(len(ids), width) for ids in completion_ids])[:, None]).float()
         logprobs, _, _ = policy_forward(model, SimpleNamespace(query_ids=query_ids, query_mask=query_mask,
-                                                               tokens=tokens, mask=mask.to(env.device),
+                                                               tokens=tokens, mask=mask.float(),
                                                                group_size=env.group_size))
         result = env.score_sequences(tokens, logprobs.float())
         return float(result.kl.sum(1).mean())
