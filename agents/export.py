@@ -72,8 +72,11 @@ def save_pretrained(agent, directory: str | os.PathLike, *, dtype: str | torch.d
     Returns:
         the folder's path.
     """
-    from lmgym.models import resolve_dtype
+    from lmgym.models import is_sharded_module, resolve_dtype
 
+    if is_sharded_module(agent.policy):
+        raise ExportError("the policy is sharded over processes by FSDP, so no process holds it whole; export the "
+                          "checkpoint the run writes instead: lmgym export CHECKPOINT_OR_RUN DIR")
     directory = Path(directory)
     _prepare_out(directory, overwrite)
     model = agent.policy

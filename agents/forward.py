@@ -157,10 +157,7 @@ def _token_stats(logits, tokens, sampling: Sampling, entropy_grad: bool, action_
         probs = torch.softmax(logits, dim=-1)
         entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)  # with gradients (an entropy bonus)
         return token_logprobs(logits, tokens), entropy
-    logq, kept = sampling.log_probs(logits)
-    if action_mask is not None:  # renormalise over the allowed tokens the sampler keeps
-        kept = action_mask if kept is None else kept & action_mask
-        logq = logq - torch.logsumexp(logq.masked_fill(~kept, float("-inf")), dim=-1, keepdim=True)
+    logq, kept = sampling.restricted_log_probs(logits, action_mask)  # renormalised over the allowed tokens kept
     logprobs = logq.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         inside = logq.masked_fill(~kept, float("-inf"))

@@ -28,7 +28,8 @@ takes as many decode steps on every process as the longest row of the whole batc
 the same reference forwards everywhere (one prefill per restart of all rows, one scoring forward over
 the ``T`` sampled columns, ``T`` being equal on every process); the update forwards equal parts of
 each micro-batch. The environment's per-token ``step`` is *not* lockstep (rows restart when their
-own episode ends), so an agent that steps token by token (SB3) cannot run with a sharded reference.
+own episode ends), so an agent that steps token by token (SB3) cannot run with a sharded reference:
+``step`` refuses it in one line.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ import os
 import torch
 import torch.nn as nn
 
+from lmgym.models import is_sharded
+
 __all__ = ["fsdp_requested", "shard_policy", "is_sharded", "full_weights", "load_full_weights",
            "full_optimizer_state", "shard_optimizer_state", "clip_grad_norm"]
 
@@ -46,12 +49,6 @@ def fsdp_requested() -> bool:
     """True when the launch asks for FSDP (accelerate's FSDP config, or ``LMGYM_FSDP=1``)."""
     flags = (os.environ.get("LMGYM_FSDP", ""), os.environ.get("ACCELERATE_USE_FSDP", ""))
     return any(v.strip().lower() in ("1", "true", "yes") for v in flags)
-
-
-def is_sharded(t: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
 
 
 def shard_policy(policy: nn.Module) -> nn.Module:

@@ -29,7 +29,7 @@ import torch
 
 from lmgym import checks
 from lmgym.chat import default_stop_token_ids, is_chat_messages
-from lmgym.models import CachedLM, load_model, resolve_device, right_pad
+from lmgym.models import CachedLM, is_sharded_module, load_model, resolve_device, right_pad
 from lmgym.optimum import soft_optimal_values
 from lmgym.prompts import Prompt, PromptSource
 from lmgym.rewards import RewardFunction
@@ -398,6 +398,12 @@ class TextGenCore:
         """
         if not self.started:
             raise EpisodeError("call reset() before step()")
+        if is_sharded_module(self.model):
+            # each row restarts when its own episode ends, so processes would call the sharded reference a
+            # different number of times and wait for each other forever
+            raise EpisodeError("step() cannot run on a reference model sharded by FSDP (LoRA under LMGYM_FSDP): "
+                               "its processes must forward in lockstep; submit whole continuations with "
+                               "score_sequences(), as lmgym's agents do")
         actions = self._as_token_tensor(actions, (self.num_envs,), "actions")
         restarting = np.flatnonzero(self.pending_reset)
         active = ~torch.as_tensor(self.pending_reset, device=self.device)

@@ -23,6 +23,8 @@ import torch
 from lmgym import checks, kv_cache
 
 __all__ = [
+    "is_sharded",
+    "is_sharded_module",
     "resolve_device",
     "resolve_dtype",
     "load_model",
@@ -36,6 +38,21 @@ __all__ = [
     "left_pad",
     "right_pad",
 ]
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is one process's shard of a tensor spread over processes (a DTensor, as FSDP2 makes)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def is_sharded_module(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 (``fully_shard``) spreads ``model`` or one of its submodules over processes. Asked of the
+    modules, not the parameters: between forwards FSDP keeps the root's parameters gathered."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

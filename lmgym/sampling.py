@@ -100,6 +100,20 @@ class Sampling:
         norm = torch.logsumexp(z.masked_fill(~keep, float("-inf")), dim=-1, keepdim=True)
         return z - norm, keep
 
+    def restricted_log_probs(self, logits: torch.Tensor, allowed: torch.Tensor | None):
+        """``(log q, kept)`` of the sampled distribution restricted to the ``allowed`` tokens (bool, like
+        ``logits``; NLPO's nucleus) and renormalised; without ``allowed``, :meth:`log_probs`.
+
+        ``allowed`` is a hard constraint (an action space) and the truncation applies within it: in a
+        row where top-k / top-p keep no allowed token, the allowed tokens alone are kept, weighted by q.
+        """
+        logq, keep = self.log_probs(logits)
+        if allowed is None:
+            return logq, keep
+        both = allowed if keep is None else keep & allowed
+        both = torch.where(both.any(dim=-1, keepdim=True), both, allowed)
+        return logq - torch.logsumexp(logq.masked_fill(~both, float("-inf")), dim=-1, keepdim=True), both
+
     def token_log_probs(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """``log q(tokens)`` for logits ``(..., V)`` and tokens ``(...)``."""
         if not self.truncates:  # no full log-softmax needed
@@ -113,7 +127,8 @@ class Sampling:
         """Draw one token per row of ``logits`` ``(B, V)``; returns ``(tokens, log q(tokens))``.
 
         ``allowed`` (a ``(B, V)`` bool mask, e.g. NLPO's nucleus) restricts q to those tokens and
-        renormalises it; the log-probs returned are then the restricted distribution's.
+        renormalises it (:meth:`restricted_log_probs`); the log-probs returned are then the restricted
+        distribution's.
 
         Uses the Gumbel-max trick, ``argmax(log q + G)`` with ``G = -log(-log U)``, which
         samples from q without a host round-trip and lets non-finite log-probs through for
@@ -124,10 +139,7 @@ class Sampling:
         drawn and the share's rows kept, so each row gets exactly the token it would get in the
         one-process run of K * B rows, and ``generator`` advances as it would there.
         """
-        logq, keep = self.log_probs(logits)
-        if allowed is not None:
-            keep = allowed if keep is None else keep & allowed
-            logq = logq - torch.logsumexp(logq.masked_fill(~keep, float("-inf")), dim=-1, keepdim=True)
+        logq, keep = self.restricted_log_probs(logits, allowed)
         scores = logq if keep is None else logq.masked_fill(~keep, float("-inf"))
         if noise_share is None:
             uniform = torch.rand(scores.shape, generator=generator, device=scores.device)

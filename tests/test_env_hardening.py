@@ -412,3 +412,22 @@ def test_sb3_subprocess_vec_env_over_a_built_env():
             assert d_remote.tolist() == d_local.tolist()
     finally:
         remote.close()
+
+
+def test_per_token_steps_are_refused_on_a_reference_sharded_by_fsdp(tiny, tmp_path):
+    """Rows restart at their own episode's end, so processes sharing a sharded reference would fall out of
+    lockstep and hang: step() says so in one line (whole continuations through score_sequences stay fine)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    model, tok = tiny
+    env = TextGenVectorEnv(model=model, tokenizer=tok, prompts=["a b"], num_envs=2,
+                           reward_fn=lambda p, c: [0.0] * len(c), max_new_tokens=3)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        fully_shard(env.reference_model)  # in place, as the agents shard a LoRA policy's base
+        env.reset(seed=0)
+        with pytest.raises(EpisodeError, match="lockstep"):
+            env.step(torch.zeros(2, dtype=torch.long))
+    finally:
+        dist.destroy_process_group()

@@ -99,3 +99,21 @@ def test_an_unreadable_run_file_is_named(tmp_path, capsys):
     assert main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "lmgym_run.json" in err and "Traceback" not in err
+
+
+def test_a_policy_sharded_by_fsdp_is_not_exported_live(tmp_path):
+    """No process holds an FSDP-sharded policy whole: save_pretrained says to export the checkpoint instead."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from lmgym.agents.export import ExportError
+
+    agent = trained_chat_agent()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        fully_shard(agent.policy)
+        with pytest.raises(ExportError, match="lmgym export CHECKPOINT_OR_RUN DIR"):
+            agent.save_pretrained(tmp_path / "export")
+        assert not (tmp_path / "export").exists()
+    finally:
+        dist.destroy_process_group()

@@ -1,5 +1,6 @@
 """Temperature, top-k and top-p: the sampled distribution, its log-probs, and a reference treated the same way."""
 
+import math
 import gymnasium as gym
 import pytest
 import torch
@@ -157,3 +158,25 @@ def test_a_uniform_draw_of_exactly_zero_cannot_pick_a_token_outside_the_kept_set
         token, logprob = sampler.sample(logits, allowed=allowed)
         assert token.tolist() == [2]
         assert logprob.item() == pytest.approx(0.0)
+
+
+def test_allowed_tokens_are_a_hard_constraint_even_when_the_truncation_keeps_none_of_them():
+    """NLPO's nucleus and the agent's own top-k can disagree: the sampler then draws from the allowed tokens
+    alone, weighted by q, with a finite log-prob, and the update forward scores it the same way."""
+    from lmgym.agents.forward import _token_stats
+
+    logits = torch.tensor([[3.0, 1.0, 0.0, 2.0], [3.0, 1.0, 0.0, 2.0]])
+    allowed = torch.tensor([[False, True, True, False], [True, True, False, False]])
+    sampling = Sampling(top_k=1)
+    counts = torch.zeros(4)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2000):
+        tokens, logprobs = sampling.sample(logits, generator=g, allowed=allowed)
+        assert bool(allowed[0, tokens[0]]) and int(tokens[1]) == 0  # row 1: top-1 and allowed overlap in token 0
+        assert torch.isfinite(logprobs).all()
+        counts[tokens[0]] += 1
+    # row 0 by hand: q over {1, 2} proportional to e^1, e^0
+    expected = torch.tensor([math.e / (math.e + 1), 1 / (math.e + 1)])
+    assert abs(counts[1] / 2000 - expected[0]) < 0.03
+    lp, _ = _token_stats(logits[:, None], torch.tensor([[1], [0]]), sampling, False, allowed[:, None])
+    torch.testing.assert_close(lp[:, 0], torch.log(torch.tensor([expected[0], 1.0])))
