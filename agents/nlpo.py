@@ -133,8 +133,14 @@ class NLPO(PPO):
         return allowed.scatter_(-1, batch.tokens[..., None], True)  # the sampled token was in the nucleus
 
     def refresh_masking_policy(self) -> None:
-        """Copy the policy's current weights into the masking policy."""
-        self.masking_policy.load_state_dict(self.policy.state_dict())
+        """Copy the policy's current weights into the masking policy (whole on every process: with FSDP the
+        policy's shards are gathered first, so the mask's forwards stay local)."""
+        if self.sharded:
+            from lmgym.agents.sharding import full_weights_everywhere
+
+            self.masking_policy.load_state_dict(full_weights_everywhere(self.policy))
+        else:
+            self.masking_policy.load_state_dict(self.policy.state_dict())
 
     # ------------------------------------------------------------------ PPO with the masked distribution
     def sample(self, query_ids, query_mask):

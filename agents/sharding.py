@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from lmgym.models import is_sharded
 
-__all__ = ["fsdp_requested", "shard_policy", "is_sharded", "full_weights", "load_full_weights",
+__all__ = ["fsdp_requested", "shard_policy", "is_sharded", "full_weights", "full_weights_everywhere", "load_full_weights",
            "full_optimizer_state", "shard_optimizer_state", "clip_grad_norm"]
 
 
@@ -89,6 +89,13 @@ def full_weights(module: nn.Module) -> dict[str, torch.Tensor]:
             tied.add(key)
         seen.add(id(value))
     return {k: v for k, v in full.items() if k not in tied}
+
+
+def full_weights_everywhere(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's full state dict on every process, on its device (a collective: every process calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
 
 
 def load_full_weights(module: nn.Module, weights: dict[str, torch.Tensor]) -> None:

@@ -15,7 +15,7 @@ import gymnasium as gym
 import torch
 
 import lmgym  # noqa: F401  (registers the environments)
-from lmgym.agents import GRPO, PPO
+from lmgym.agents import GRPO, NLPO, PPO
 
 GLOBAL_ENVS = 8
 ITERATIONS = 3
@@ -25,6 +25,8 @@ SETTINGS = {
     # several epochs of shuffled minibatches, token-mean losses, whitened advantages, adaptive KL
     "ppo": (PPO, 1, dict(num_minibatches=2, update_epochs=2, gradient_accumulation_steps=2, adaptive_kl=True,
                          kl_horizon=20, learning_rate=3e-2)),
+    # PPO restricted to a masking policy's nucleus, refreshed from the policy (gathered under FSDP) every iteration
+    "nlpo": (NLPO, 1, dict(mask_update_every=1, mask_top_p=0.9, learning_rate=1e-2)),
 }
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj", "lm_head"]}
 LORA_SETTINGS = {

@@ -70,7 +70,7 @@ def _max_diff(a: dict, b: dict) -> float:
 @pytest.mark.parametrize("algo", list(worker.SETTINGS))
 def test_two_processes_train_and_resume_like_one(two_processes, one_process, algo):
     ref_dir, ref = one_process
-    initial = {k: v.detach() for k, v in worker.make_agent(algo, 1).named_trainable_parameters().items()}
+    initial = worker.flat_parameters(worker.make_agent(algo, 1))
     assert _max_diff(ref[algo]["trained"], initial) > 1e-2  # the runs really learned something
     for name in ("trained", "resumed"):
         two = load_file(str(two_processes / algo / f"{name}.safetensors"))
@@ -91,7 +91,7 @@ def test_two_processes_write_the_one_process_checkpoint(two_processes, one_proce
         trainer = torch.load(two_processes / algo / "checkpoints" / it / "trainer_state.pt", weights_only=True)
         ref_trainer = torch.load(ref_dir / algo / "checkpoints" / it / "trainer_state.pt", weights_only=True)
         assert torch.equal(trainer["rng"]["generator"], ref_trainer["rng"]["generator"])
-        for name in ("policy",) + (("value_head",) if algo == "ppo" else ()):
+        for name in ("policy",) + (("value_head",) if algo in ("ppo", "nlpo") else ()) + (("masking_policy",) if algo == "nlpo" else ()):
             assert _max_diff(load_file(str(two_processes / algo / "checkpoints" / it / f"{name}.safetensors")),
                              load_file(str(ref_dir / algo / "checkpoints" / it / f"{name}.safetensors"))) < ATOL
 
