@@ -203,7 +203,8 @@ def policy_forward(model, rollout: "Rollout", *, sampling: Sampling | None = Non
     with (model.active() if hasattr(model, "active") else contextlib.nullcontext()):
         prompts = _PromptCache(model, ids, mask, positions, start) if shares_prompts(model, rollout) else None
         # a cache of another kind (sliding windows, recurrent states) serves one bucket, reordered in place
-        order, buckets, widths = length_buckets(lengths, 1 if prompts is not None and not prompts.splittable else bucket_count(model))
+        one_bucket = prompts is not None and not prompts.splittable
+        order, buckets, widths = length_buckets(lengths, 1 if one_bucket else bucket_count(model))
         for rows, width in zip(buckets, widths):
             logits, state = _bucket_outputs(model, ids, mask, positions, start, rows, width, prompts,
                                             hidden=hidden or bool(chunk_size), full_logits=not chunk_size,
@@ -214,6 +215,8 @@ def policy_forward(model, rollout: "Rollout", *, sampling: Sampling | None = Non
             if state is not None:
                 states.append(F.pad(state, (0, 0, 0, steps - width)))
 
+    unsort = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=order.device))
+
     def in_rollout_order(parts: list[torch.Tensor]) -> torch.Tensor:
         """The buckets' rows, each padded to the full width, back in the rollout's order; 0 after the end."""
         padded = [F.pad(part, (0, steps - part.shape[1])) if part.dim() == 2 else part for part in parts]
@@ -221,7 +224,6 @@ def policy_forward(model, rollout: "Rollout", *, sampling: Sampling | None = Non
         where = inside if whole.dim() == 2 else inside[..., None]
         return torch.where(where, whole, 0.0)  # not a product: a truncated sampler's log-prob may be -inf there
 
-    unsort = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=order.device))
     full_states = in_rollout_order(states) if states else None
     if chunk_size:
         # only the positions inside episodes go through the output layer

@@ -41,8 +41,8 @@ import torch.nn as nn
 
 from lmgym.models import is_sharded
 
-__all__ = ["fsdp_requested", "shard_policy", "is_sharded", "full_weights", "full_weights_everywhere", "load_full_weights",
-           "full_optimizer_state", "shard_optimizer_state", "clip_grad_norm"]
+__all__ = ["fsdp_requested", "shard_policy", "is_sharded", "full_weights", "full_weights_everywhere",
+           "load_full_weights", "full_optimizer_state", "shard_optimizer_state", "clip_grad_norm"]
 
 
 def fsdp_requested() -> bool:
