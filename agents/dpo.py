@@ -324,7 +324,8 @@ class DPO(_DPOBase):
         as_long = lambda values: torch.as_tensor(values, dtype=torch.long, device=device)  # noqa: E731
         with self.autocast():
             # pi_ref under the same sampling transformation (temperature) as the policy, as the environment scores it
-            ref_logprobs, _, _ = policy_forward(self.env.reference_model, _SequenceView(query_ids, query_mask, tokens, mask),
+            ref_logprobs, _, _ = policy_forward(self.env.reference_model,
+                                                _SequenceView(query_ids, query_mask, tokens, mask),
                                                 sampling=self.sampling)
         target = torch.full((len(chosen),), 1.0 - self.config.label_smoothing, device=device)
         return PreferenceBatch(query_ids=query_ids, query_mask=query_mask, tokens=tokens, mask=mask,

@@ -145,6 +145,7 @@ class TextGenCore:
         self.row_prompts: list[Prompt | None] = [None] * n
         self.pending_reset = np.zeros(n, dtype=bool)  # episodes that ended last step (host side: known after the sync)
         self.started = False
+        self._reference_sharded = False
         self._fresh = False  # every row is at the start of an episode
         self._episodes = np.zeros(n, dtype=np.int64)
         self._group_prompts: dict[tuple[int, int], list] = {}
@@ -275,6 +276,8 @@ class TextGenCore:
         rows = np.arange(self.num_envs)
         chosen = self._fixed_prompts(prompts) if prompts is not None else self._prompts_for(rows)
         self._episodes += 1
+        # per-token step() cannot drive a sharded reference (see step); asked here once, not at every token
+        self._reference_sharded = is_sharded_module(self.model)
         self.ref.start([p.ids for p in chosen])
         self._write_prompts(rows, chosen)
         self.pending_reset[:] = False
@@ -398,7 +401,7 @@ class TextGenCore:
         """
         if not self.started:
             raise EpisodeError("call reset() before step()")
-        if is_sharded_module(self.model):
+        if self._reference_sharded:
             # each row restarts when its own episode ends, so processes would call the sharded reference a
             # different number of times and wait for each other forever
             raise EpisodeError("step() cannot run on a reference model sharded by FSDP (LoRA under LMGYM_FSDP): "
