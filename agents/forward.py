@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from lmgym.agents.logprobs import accepts_logits_to_keep, chunked_token_logprobs, selective_logprobs
+from lmgym.agents.lora import base_model
 from lmgym.models import token_logprobs
 from lmgym.sampling import Sampling
 
@@ -67,17 +68,11 @@ def bucket_count(model) -> int:
     return LENGTH_BUCKETS if trainable <= FEW_TRAINABLE * total else 1
 
 
-def _base_model(model):
-    """The Hugging Face model under a LoRA policy (lmgym.agents.lora) or the model itself."""
-    inner = getattr(model, "model", None)
-    return inner.get_base_model() if inner is not None and hasattr(inner, "get_base_model") else model
-
-
 def shares_prompts(model, rollout: "Rollout") -> bool:
     """Whether :func:`policy_forward` encodes each distinct prompt once for this model and rollout."""
     if getattr(rollout, "group_size", 1) < 2 or rollout.query_ids.shape[1] < 2 or not accepts_logits_to_keep(model):
         return False
-    base = _base_model(model)
+    base = base_model(model)
     takes_cache = "past_key_values" in inspect.signature(base.forward).parameters
     return takes_cache and not getattr(base, "is_activation_checkpointing", False)
 

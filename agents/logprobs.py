@@ -27,10 +27,9 @@ def accepts_logits_to_keep(model) -> bool:
     """Whether the (underlying, for a LoRA policy) model's forward takes ``logits_to_keep``."""
     import inspect
 
-    inner = getattr(model, "model", None)
-    if inner is not None and hasattr(inner, "get_base_model"):
-        model = inner.get_base_model()
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    from lmgym.agents.lora import base_model
+
+    return "logits_to_keep" in inspect.signature(base_model(model).forward).parameters
 
 
 def _chunk(hidden: torch.Tensor, tokens: torch.Tensor, head, sampling: Sampling, entropy_grad: bool):

@@ -18,7 +18,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
-__all__ = ["AdapterPolicy", "make_peft_config"]
+__all__ = ["AdapterPolicy", "make_peft_config", "base_model"]
 
 
 def _require_peft():
@@ -126,3 +126,8 @@ class AdapterPolicy(nn.Module):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter weights only (what training changes)."""
         return {k: v for k, v in self.named_parameters() if v.requires_grad}
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model a policy runs: a LoRA policy's base (the model its adapters live in), or the model."""
+    return model.base if isinstance(model, AdapterPolicy) else model

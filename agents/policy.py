@@ -76,8 +76,9 @@ def trainable_copy(model: nn.Module, device: torch.device, *, copy_model: bool =
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute activations in backward (Hugging Face's non-reentrant gradient checkpointing)."""
-    inner = getattr(model, "model", None)
-    base = inner.get_base_model() if inner is not None and hasattr(inner, "get_base_model") else model
+    from lmgym.agents.lora import base_model
+
+    base = base_model(model)
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(base).__name__} does not support gradient checkpointing; "
                          "set gradient_checkpointing=False")
