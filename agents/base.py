@@ -30,6 +30,7 @@ from lmgym.agents.distributed import DataParallel
 from lmgym.agents.forward import policy_forward
 from lmgym.agents.policy import build_policy
 from lmgym.agents.rollout import Rollout, masked_mean, masked_whiten
+from lmgym import fast_paths
 from lmgym.heap import returning_large_frees
 from lmgym.models import resolve_device, sample_continuations, to_left_padded
 from lmgym.sampling import Sampling
@@ -170,13 +171,15 @@ class Agent:
         self.sharded = self.distributed.active and sharding.fsdp_requested()
         if self.sharded:
             sharding.shard_policy(self.policy)
+        # one fused kernel per step instead of a chain of elementwise ops per parameter (same update up to
+        # float rounding); not with FSDP (the fused kernel cannot take sharded tensors) nor on other devices
+        fused = self.device.type in ("cpu", "cuda") and not self.sharded
+        if not fused:
+            fast_paths.fall_back("fused AdamW", "the policy is FSDP-sharded" if self.sharded
+                                 else f"torch has no fused AdamW on {self.device.type}")
         self.optimizer = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad],
                                            lr=self.config.learning_rate, eps=self.config.adam_eps,
-                                           weight_decay=self.config.weight_decay,
-                                           # one fused kernel per step instead of a chain of elementwise ops
-                                           # per parameter (same update up to float rounding)
-                                           # (not with FSDP: the fused kernel cannot take sharded tensors)
-                                           fused=self.device.type in ("cpu", "cuda") and not self.sharded)
+                                           weight_decay=self.config.weight_decay, fused=fused)
         self.global_step = 0  # environment steps (tokens generated)
         self.iteration = 0
         self.episodes = 0

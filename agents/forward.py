@@ -34,7 +34,6 @@ Outputs at positions after an episode's end are 0 (log-prob, entropy, hidden sta
 from __future__ import annotations
 
 import contextlib
-import inspect
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,6 +41,8 @@ import torch.nn.functional as F
 
 from lmgym.agents.logprobs import accepts_logits_to_keep, chunked_token_logprobs, selective_logprobs
 from lmgym.agents.lora import base_model
+from lmgym import fast_paths
+from lmgym.hf_api import cache_keyword, cache_kwargs, cache_of, hf_model, is_activation_checkpointing
 from lmgym.models import token_logprobs
 from lmgym.sampling import Sampling
 
@@ -70,11 +71,20 @@ def bucket_count(model) -> int:
 
 def shares_prompts(model, rollout: "Rollout") -> bool:
     """Whether :func:`policy_forward` encodes each distinct prompt once for this model and rollout."""
-    if getattr(rollout, "group_size", 1) < 2 or rollout.query_ids.shape[1] < 2 or not accepts_logits_to_keep(model):
-        return False
+    if getattr(rollout, "group_size", 1) < 2 or rollout.query_ids.shape[1] < 2:
+        return False  # no prompt repeats: nothing to share
     base = base_model(model)
-    takes_cache = "past_key_values" in inspect.signature(base.forward).parameters
-    return takes_cache and not getattr(base, "is_activation_checkpointing", False)
+    name = type(hf_model(base)).__name__
+    if not accepts_logits_to_keep(model):
+        reason = f"{name}.forward takes no logits_to_keep"
+    elif cache_keyword(base) is None:
+        reason = f"{name}.forward takes no KV cache (neither 'cache' nor 'past_key_values')"
+    elif is_activation_checkpointing(base):
+        reason = "activation checkpointing is on (Hugging Face drops the cache inside checkpointed layers)"
+    else:
+        return True
+    fast_paths.fall_back("prompt sharing", reason)
+    return False
 
 
 def length_buckets(lengths: torch.Tensor, buckets: int = LENGTH_BUCKETS) -> tuple[torch.Tensor, list[torch.Tensor],
@@ -101,7 +111,7 @@ class _PromptCache:
         pick.scatter_(0, self.row_of, torch.arange(len(self.row_of), device=ids.device))  # a row holding each
         out = model(input_ids=ids[pick, :start], attention_mask=mask[pick, :start],
                     position_ids=positions[pick, :start], use_cache=True, logits_to_keep=1)
-        self.cache = out.past_key_values
+        self.cache = cache_of(out)
         from transformers.cache_utils import DynamicLayer
 
         self.splittable = all(type(layer) is DynamicLayer for layer in getattr(self.cache, "layers", [None]))
@@ -126,10 +136,14 @@ def _bucket_outputs(model, ids, mask, positions, start: int, rows, width: int, p
     end = start + width
     if prompts is not None:
         out = model(input_ids=ids[rows, start:end], attention_mask=mask[rows, :end],
-                    position_ids=positions[rows, start:end], past_key_values=prompts.for_rows(rows, whole_batch),
-                    use_cache=True, output_hidden_states=hidden, **({} if full_logits else {"logits_to_keep": 1}))
+                    position_ids=positions[rows, start:end], use_cache=True, output_hidden_states=hidden,
+                    **cache_kwargs(base_model(model), prompts.for_rows(rows, whole_batch)),
+                    **({} if full_logits else {"logits_to_keep": 1}))
         return (out.logits if full_logits else None), (out.hidden_states[-1] if hidden else None)
     keep = accepts_logits_to_keep(model)
+    if not keep:
+        fast_paths.fall_back("logits_to_keep", f"{type(hf_model(base_model(model))).__name__}.forward takes no "
+                             "logits_to_keep")
     if full_logits:
         # logits only where a continuation token is predicted: the output layer skips the prompt's positions
         kwargs = {"logits_to_keep": torch.arange(start, end, device=ids.device)} if keep else {}
@@ -199,6 +213,10 @@ def policy_forward(model, rollout: "Rollout", *, sampling: Sampling | None = Non
         prompts = _PromptCache(model, ids, mask, positions, start) if shares_prompts(model, rollout) else None
         # a cache of another kind (sliding windows, recurrent states) serves one bucket, reordered in place
         one_bucket = prompts is not None and not prompts.splittable
+        if one_bucket and bucket_count(model) > 1:
+            kinds = sorted({type(layer).__name__ for layer in prompts.cache.layers})
+            fast_paths.fall_back("length buckets", f"the prompt's KV cache has {', '.join(kinds)} layers, which "
+                                 "cannot be split by rows")
         order, buckets, widths = length_buckets(lengths, 1 if one_bucket else bucket_count(model))
         for rows, width in zip(buckets, widths):
             logits, state = _bucket_outputs(model, ids, mask, positions, start, rows, width, prompts,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from lmgym import hf_api
 from lmgym.sampling import Sampling
 
 __all__ = ["chunked_token_logprobs", "check_plain_output_head", "accepts_logits_to_keep", "selective_logprobs"]
@@ -25,11 +26,9 @@ allocator to reuse them instead of mapping fresh pages for each, which costs mor
 
 def accepts_logits_to_keep(model) -> bool:
     """Whether the (underlying, for a LoRA policy) model's forward takes ``logits_to_keep``."""
-    import inspect
-
     from lmgym.agents.lora import base_model
 
-    return "logits_to_keep" in inspect.signature(base_model(model).forward).parameters
+    return hf_api.accepts_logits_to_keep(base_model(model))
 
 
 def _chunk(hidden: torch.Tensor, tokens: torch.Tensor, head, sampling: Sampling, entropy_grad: bool):

@@ -82,6 +82,10 @@ class AdapterPolicy(nn.Module):
         """The model the adapters live in: the environment's reference model itself (what FSDP shards)."""
         return self.model.get_base_model()
 
+    def get_base_model(self) -> nn.Module:
+        """:attr:`base`, under PEFT's name for it (how :func:`lmgym.hf_api.hf_model` finds the model inside)."""
+        return self.base
+
     def adapter_parameters(self) -> list[nn.Parameter]:
         """The adapter weights (the only parameters that train)."""
         return list(self._adapters)

@@ -22,6 +22,8 @@ import copy
 import torch
 import torch.nn as nn
 
+from lmgym.hf_api import enable_activation_checkpointing
+
 __all__ = ["build_policy", "trainable_copy", "to_float32_master_weights", "disable_dropout",
            "enable_gradient_checkpointing"]
 
@@ -82,10 +84,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(base).__name__} does not support gradient checkpointing; "
                          "set gradient_checkpointing=False")
-    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5
-        base.activation_checkpointing_enable({"use_reentrant": False})
-    else:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(base)
 
 
 def build_policy(env, config, device: torch.device, *, policy=None, peft_config=None) -> nn.Module:

@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["editable", "grow_left", "drop_left", "write_right"]
+__all__ = ["editable", "describe", "grow_left", "drop_left", "write_right"]
 
 
 def _layer_kinds():
-    from transformers.cache_utils import DummyLayer, DynamicLayer, DynamicSlidingWindowLayer
+    from transformers import cache_utils
 
-    return DynamicLayer, DynamicSlidingWindowLayer, DummyLayer
+    # DummyLayer (a layer sharing another's cache) exists from transformers 5.23 on
+    names = ("DynamicLayer", "DynamicSlidingWindowLayer", "DummyLayer")
+    return tuple(getattr(cache_utils, n) for n in names if hasattr(cache_utils, n))
 
 
 def editable(cache, config) -> bool:
@@ -48,6 +50,14 @@ def editable(cache, config) -> bool:
         return False  # chunk boundaries are counted from each row's first real column: not movable
     kinds = _layer_kinds()
     return all(type(layer) in kinds for layer in cache.layers)
+
+
+def describe(cache) -> str:
+    """The cache's kind in a few words, for a message: its class, or its layers' classes."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return type(cache).__name__
+    return f"{type(cache).__name__} of " + ", ".join(sorted({type(layer).__name__ for layer in layers}))
 
 
 def _stored(layer) -> bool:

@@ -14,13 +14,13 @@ for full and sliding-window attention caches).
 from __future__ import annotations
 
 import copy
-import inspect
 import os
 from pathlib import Path
 
 import torch
 
-from lmgym import checks, kv_cache
+from lmgym import checks, fast_paths, kv_cache
+from lmgym.hf_api import accepts_logits_to_keep, cache_kwargs, cache_of, hf_model
 
 __all__ = [
     "is_sharded",
@@ -243,10 +243,6 @@ def tiny_model(vocab: list[str] | int = 16, *, hidden_size: int = 64, num_layers
     return model.eval(), tokenizer
 
 
-def _accepts_logits_to_keep(model) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[tokens], computed in float32 without materialising the whole log-softmax."""
     logits = logits.float()
@@ -325,7 +321,9 @@ class CachedLM:
     def __init__(self, model, *, max_sequence_length: int):
         self.model = model
         self.max_sequence_length = max_sequence_length
-        self._keep_last = _accepts_logits_to_keep(model)
+        self._keep_last = accepts_logits_to_keep(model)
+        if not self._keep_last:
+            fast_paths.fall_back("logits_to_keep", f"{type(hf_model(model)).__name__}.forward takes no logits_to_keep")
         self.cache = None
         self.mask: torch.Tensor | None = None  # (batch, cache columns) 1 where a column is a real token
         self.ids: torch.Tensor | None = None  # (batch, cache columns) the token in each column
@@ -338,8 +336,8 @@ class CachedLM:
         return next(self.model.parameters()).device
 
     def _forward(self, ids, mask, position_ids, cache, last_only: bool):
-        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-                      use_cache=True)
+        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                      **cache_kwargs(self.model, cache))
         if last_only and self._keep_last:
             kwargs["logits_to_keep"] = 1
         return self.model(**kwargs)
@@ -350,12 +348,15 @@ class CachedLM:
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         out = self._forward(ids, mask, positions, None, last_only=True)
         next_lp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-        return out.past_key_values, ids, mask, mask.sum(1), next_lp
+        return cache_of(out), ids, mask, mask.sum(1), next_lp
 
     def start(self, prompts: list[list[int]]) -> None:
         """Forget everything and prefill one prompt per row."""
         self.cache, self.ids, self.mask, self.lengths, self.next_logprobs = self._prefill(prompts)
         self._editable = kv_cache.editable(self.cache, self.model.config)
+        if not self._editable:
+            fast_paths.fall_back("cache column edits", f"{type(hf_model(self.model)).__name__}'s KV cache "
+                                 f"({kv_cache.describe(self.cache)}) cannot be edited per column")
 
     def sequences(self) -> list[list[int]]:
         """The tokens fed to each row so far (prompt and continuation)."""
@@ -410,7 +411,7 @@ class CachedLM:
         self.mask = torch.cat([self.mask, column], dim=1)
         self.ids = torch.cat([self.ids, tokens[:, None].to(self.ids.dtype)], dim=1)
         out = self._forward(tokens[:, None], self.mask, positions[:, None], self.cache, last_only=True)
-        self.cache = out.past_key_values
+        self.cache = cache_of(out)
         self.lengths = self.lengths + (1 if live is None else live.long())
         self.next_logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
         return self.next_logprobs
@@ -489,9 +490,11 @@ def sample_continuations(model, input_ids: torch.Tensor, attention_mask: torch.T
     models = [model] if mask_model is None else [model, mask_model]
     caches, logits = [], []
     for m in models:
-        keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(m) else {}
+        keep = {"logits_to_keep": 1} if accepts_logits_to_keep(m) else {}
+        if not keep:
+            fast_paths.fall_back("logits_to_keep", f"{type(hf_model(m)).__name__}.forward takes no logits_to_keep")
         out = m(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep)
-        caches.append(out.past_key_values)
+        caches.append(cache_of(out))
         logits.append(out.logits[:, -1])
     lengths = mask.sum(1)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -509,7 +512,7 @@ def sample_continuations(model, input_ids: torch.Tensor, attention_mask: torch.T
         mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
         for i, m in enumerate(models):
             out = m(input_ids=tok[:, None], attention_mask=mask, position_ids=lengths[:, None],
-                    past_key_values=caches[i], use_cache=True)
-            caches[i], logits[i] = out.past_key_values, out.logits[:, -1]
+                    use_cache=True, **cache_kwargs(m, caches[i]))
+            caches[i], logits[i] = cache_of(out), out.logits[:, -1]
         lengths = lengths + 1
     return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)

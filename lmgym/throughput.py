@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from lmgym.hf_api import cache_kwargs, cache_of
 from lmgym.models import resolve_device, sample_continuations, tiny_model, to_left_padded, token_logprobs
 from lmgym.vector import TextGenVectorEnv
 
@@ -92,7 +93,7 @@ def environment_rollout(size: str = "4M", batch: int = 64, new_tokens: int = 32,
         ids, mask = to_left_padded(obs["input_ids"], obs["attention_mask"], env.max_prompt_tokens)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         out = policy(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        cache, lengths, total = out.past_key_values, mask.sum(1), 0.0
+        cache, lengths, total = cache_of(out), mask.sum(1), 0.0
         for t in range(new_tokens):
             logp = torch.log_softmax(out.logits[:, -1].float(), -1)
             action = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(1)
@@ -101,8 +102,8 @@ def environment_rollout(size: str = "4M", batch: int = 64, new_tokens: int = 32,
             if t + 1 < new_tokens:
                 mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
                 out = policy(input_ids=action[:, None], attention_mask=mask, position_ids=lengths[:, None],
-                             past_key_values=cache, use_cache=True)
-                cache, lengths = out.past_key_values, lengths + 1
+                             use_cache=True, **cache_kwargs(policy, cache))
+                cache, lengths = cache_of(out), lengths + 1
         env.step(torch.zeros(batch, dtype=torch.long, device=dev))  # the NEXT_STEP autoreset to new prompts
         return total
 

@@ -238,6 +238,8 @@ def test_make_vec_returns_the_torch_vector_env(tiny):
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+pytestmark = pytest.mark.compat  # also run on the oldest declared torch and transformers (.ci/run)
+
 
 @settings(max_examples=15, deadline=None)
 @given(rows=st.lists(st.lists(st.integers(0, 12), min_size=5, max_size=5), min_size=3, max_size=3),

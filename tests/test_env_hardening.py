@@ -9,6 +9,8 @@ import torch
 from lmgym import EpisodeError, RewardError, TextGenEnv, TextGenVectorEnv
 from lmgym.models import word_tokenizer
 
+pytestmark = pytest.mark.compat  # also run on the oldest declared torch and transformers (.ci/run)
+
 WORDS = ["a", "b", "c", "d", "e", "f"]
 PROMPTS = ["a b c", "b", "c d", "e f a", "d"]
 LONGEST_PROMPT = 3
@@ -110,11 +112,15 @@ def test_models_whose_cache_cannot_be_edited_re_prefill(monkeypatch):
     """The fallback for cache layouts without per-column edits (recurrent or chunked layers) is exact too."""
     from lmgym import kv_cache
 
+    from lmgym import fast_paths
+
     monkeypatch.setattr(kv_cache, "editable", lambda cache, config: False)
     tok = word_tokenizer(WORDS)
     model = build("mistral", tok, context=64)
-    venv = TextGenVectorEnv(3, model=model, tokenizer=tok, reward_fn=length_reward, prompts=PROMPTS,
-                            max_new_tokens=4, kl_coef=0.1, device="cpu")
+    fast_paths.forget()
+    with pytest.warns(fast_paths.FastPathWarning, match="'cache column edits' is off: MistralForCausalLM's KV cache"):
+        venv = TextGenVectorEnv(3, model=model, tokenizer=tok, reward_fn=length_reward, prompts=PROMPTS,
+                                max_new_tokens=4, kl_coef=0.1, device="cpu")
     run_against_reference(venv, copy.deepcopy(model).double(), steps=20, seed=2, partial_resets=True)
     assert venv.core.ref._editable is False
 

@@ -9,6 +9,8 @@ from lmgym.tasks import DIAGNOSTIC_IDS, LANGUAGE_IDS
 
 from conftest import PROMPTS, ZOO_STEPS, count_good
 
+pytestmark = pytest.mark.compat  # also run on the oldest declared torch and transformers (.ci/run)
+
 
 def task_kwargs(env_id, tiny):
     """What an id needs beyond its defaults here: TextGen-v0 has no model of its own; language tasks build

@@ -5,9 +5,12 @@ on its own, computed here one completion at a time in float64, and be 0 after th
 import pytest
 import torch
 
+from lmgym import fast_paths, hf_api
 from lmgym.agents.base import Rollout
 from lmgym.agents import forward
 from lmgym.agents.forward import bucket_count, policy_forward, shares_prompts
+
+pytestmark = pytest.mark.compat  # also run on the oldest declared torch and transformers (.ci/run)
 
 
 def model_of(kind: str):
@@ -116,8 +119,10 @@ def test_no_sharing_without_groups_or_under_gradient_checkpointing():
     rollout = grouped_rollout(group_size=1)
     model = model_of("llama")
     assert not shares_prompts(model, rollout)
-    model.activation_checkpointing_enable({"use_reentrant": False})
-    assert not shares_prompts(model, grouped_rollout())
+    hf_api.enable_activation_checkpointing(model)  # by the name the installed transformers uses
+    fast_paths.forget()
+    with pytest.warns(fast_paths.FastPathWarning, match="'prompt sharing' is off: activation checkpointing is on"):
+        assert not shares_prompts(model, grouped_rollout())
 
 
 def test_a_fully_trained_policy_runs_one_bucket_cut_to_the_longest_row():

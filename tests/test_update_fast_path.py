@@ -16,6 +16,8 @@ from lmgym.sampling import Sampling
 
 from conftest import PROMPTS, count_good
 
+pytestmark = pytest.mark.compat  # also run on the oldest declared torch and transformers (.ci/run)
+
 
 @pytest.mark.parametrize("block_elements", [7, 2**21])  # several blocks (some rows split over none) / one block
 def test_selective_logprobs_values_and_gradient_match_float64_autograd(monkeypatch, block_elements):
