@@ -20,6 +20,15 @@ afresh in a new folder; nothing is reused under a recipe it was not built from.
 whose manifest is missing or empty, whose files do not match it, or which holds a
 file the manifest does not list, is never loaded: it is rebuilt with a warning.
 
+**Shipped entries.** The full builds (seed 0) of the entries the built-in language tasks use
+(:data:`SHIPPED_ENTRIES`) ship with lmgym, built once on this project's machine, with their
+manifest (recipe and checksums). A float32 training run is not bit-identical across CPUs (each
+picks its own matrix kernels), so an entry built on another machine is another model; the
+shipped one makes a first run start from the same weights everywhere, with no build. It is
+used whenever its recipe, libraries aside, is the one the installed code would build, and it
+verifies; otherwise the entry is built locally as before. ``python -m lmgym.zoo ship NAME``
+rebuilds one into the package.
+
 **Concurrency.** Builds of one entry take a lock (``.<entry>.lock`` beside it), so
 processes that need the same missing entry build it once: the others wait and load
 it. An entry is built in a temporary folder and swapped in with one atomic rename
@@ -58,13 +67,18 @@ from lmgym import corpora, smollm
 from lmgym.checksums import file_sha256
 from lmgym.lock import FileLock, is_locked
 
-__all__ = ["ZooSpec", "ZOO", "home", "entry_path", "recipe", "build", "load", "load_path", "is_built", "verify",
-           "problem", "clean", "card", "train_tokenizer", "train_lm", "perplexity"]
+__all__ = ["ZooSpec", "ZOO", "SHIPPED", "SHIPPED_ENTRIES", "home", "entry_path", "recipe", "build", "load",
+           "load_path", "shipped_path", "is_built", "verify", "problem", "clean", "card", "ship", "train_tokenizer",
+           "train_lm", "perplexity"]
 
 EOS, UNK = "<eos>", "<unk>"
 LEFTOVER_MAX_AGE = 3600.0
 """Seconds after which an unlocked temporary folder of an interrupted build is removed."""
 _LEFTOVER_MARKERS = (".building-", ".tmp-", ".old-")
+SHIPPED = Path(__file__).with_name("zoo_shipped")
+"""where the shipped entries live inside the package"""
+SHIPPED_ENTRIES = ("arithmetic", "reviews", "assistant", "assistant-rm")
+"""the entries shipped built (in build order: the reward model samples its SFT entry)"""
 
 
 @dataclass(frozen=True)
@@ -140,11 +154,12 @@ def _corpus_checksum(name: str, seed: int) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def recipe(name: str, *, seed: int = 0, steps: int | None = None) -> dict:
+def recipe(name: str, *, seed: int = 0, steps: int | None = None, libraries: bool = True) -> dict:
     """Everything that determines an entry's content; its hash names the entry's folder.
 
     ``steps`` overrides the spec's training steps (a reduced build); the entries this
-    one depends on are then built with the same reduction.
+    one depends on are then built with the same reduction. ``libraries=False`` leaves out
+    the library versions (here and in the dependencies' keys): what a shipped entry must match.
     """
     spec = _spec(name)
     fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)
@@ -154,8 +169,8 @@ def recipe(name: str, *, seed: int = 0, steps: int | None = None) -> dict:
     return {"name": name, "seed": seed, "spec": fields,
             "corpus_sha256": _corpus_checksum(name, seed) if spec.corpus is not None else None,
             "code_sha256": _sha256_text("\n".join(inspect.getsource(f) for f in code)),
-            "depends": {d: _key(recipe(d, seed=seed, steps=steps)) for d in spec.depends},
-            "libraries": _library_versions()}
+            "depends": {d: _key(recipe(d, seed=seed, steps=steps, libraries=libraries)) for d in spec.depends},
+            **({"libraries": _library_versions()} if libraries else {})}
 
 
 def _key(rec: dict) -> str:
@@ -166,6 +181,25 @@ def entry_path(name: str, *, seed: int = 0, steps: int | None = None) -> Path:
     """Where an entry lives: ``<home>/zoo/<name>-seed<seed>[-steps<N>]-<hash of its recipe>``."""
     suffix = f"-steps{steps}" if steps is not None else ""
     return home() / "zoo" / f"{name}-seed{seed}{suffix}-{_key(recipe(name, seed=seed, steps=steps))}"
+
+
+def shipped_path(name: str, *, seed: int = 0, steps: int | None = None) -> Path | None:
+    """The shipped folder of an entry when lmgym ships it for this seed and step count, else None."""
+    path = SHIPPED / f"{name}-seed{seed}"
+    if steps is not None or not (path / "manifest.json").is_file():
+        return None
+    return path
+
+
+def _shipped_problem(path: Path, name: str, seed: int) -> str | None:
+    """Why the shipped entry at ``path`` cannot stand for the local build (None if it can)."""
+    reason = problem(path)
+    if reason is not None:
+        return f"it does not verify: {reason}"
+    shipped = json.loads((path / "manifest.json").read_text()).get("recipe_without_libraries")
+    if shipped != json.loads(json.dumps(recipe(name, seed=seed, libraries=False))):
+        return "its recipe is not the one this code builds (the builder, corpus or spec changed)"
+    return None
 
 
 def _lock(path: Path) -> FileLock:
@@ -462,8 +496,10 @@ def _build_into(final: Path, name: str, seed: int, steps: int | None, progress: 
         facts = {"seed": seed, **facts, "build_seconds": round(time.perf_counter() - start, 1)}
         _write_card(tmp, name, spec, facts)
         files = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / "manifest.json").write_text(json.dumps({"name": name, "recipe": recipe(name, seed=seed, steps=steps),
-                                                       "card": facts, "files": files}, indent=1))
+        manifest = {"name": name, "recipe": recipe(name, seed=seed, steps=steps),
+                    "recipe_without_libraries": recipe(name, seed=seed, steps=steps, libraries=False),
+                    "card": facts, "files": files}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         _swap_in(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -487,8 +523,17 @@ def build(name: str, *, seed: int = 0, steps: int | None = None, progress: bool 
         return _build_into(final, name, seed, steps, progress)
 
 
-def load_path(name: str, *, seed: int = 0, steps: int | None = None, progress: bool = True) -> Path:
-    """The folder of a verified entry, building or rebuilding it first when needed (once across processes)."""
+def load_path(name: str, *, seed: int = 0, steps: int | None = None, progress: bool = True,
+              shipped: bool = True) -> Path:
+    """The folder of a verified entry: the shipped one where it stands for this recipe (``shipped=False``
+    skips it), else the local build, building or rebuilding it first when needed (once across processes)."""
+    ship_path = shipped_path(name, seed=seed, steps=steps) if shipped else None
+    if ship_path is not None:
+        reason = _shipped_problem(ship_path, name, seed)
+        if reason is None:
+            return ship_path
+        warnings.warn(f"the zoo entry {name!r} shipped with lmgym ({ship_path}) is not used: {reason}; building it "
+                      f"locally instead (its scores will differ from the README's)", stacklevel=2)
     path = entry_path(name, seed=seed, steps=steps)
     if verify(path):
         return path
@@ -518,8 +563,48 @@ def load(name: str, *, device="cpu", dtype="auto", seed: int = 0, steps: int | N
 
 
 def card(name: str, *, seed: int = 0, steps: int | None = None) -> dict | None:
-    """The facts of a built entry's model card, or None if it is not built."""
-    path = entry_path(name, seed=seed, steps=steps)
+    """The facts of the model card of the entry :func:`load_path` would load, or None if it is not built."""
+    path = shipped_path(name, seed=seed, steps=steps)
+    if path is None or _shipped_problem(path, name, seed) is not None:
+        path = entry_path(name, seed=seed, steps=steps)
     if not verify(path):
         return None
     return json.loads((path / "manifest.json").read_text())["card"]
+
+
+def ship(name: str, *, progress: bool = True) -> Path:
+    """Build the full entry (seed 0) afresh and make it the shipped one (maintainers: then commit the folder)."""
+    if name not in SHIPPED_ENTRIES:
+        raise KeyError(f"{name!r} is not a shipped entry; shipped: {list(SHIPPED_ENTRIES)}")
+    built = build(name, progress=progress)
+    target = SHIPPED / f"{name}-seed0"
+    SHIPPED.mkdir(exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=SHIPPED))
+    try:
+        shutil.copytree(built, tmp, dirs_exist_ok=True)
+        for path in [tmp, *tmp.rglob("*")]:  # package files: readable by everyone (a build folder is private)
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m lmgym.zoo", description="Rebuild shipped zoo entries.")
+    parser.add_argument("command", choices=["ship"])
+    parser.add_argument("names", nargs="*", default=list(SHIPPED_ENTRIES),
+                        help=f"entries to rebuild into the package (default: all, in order: {SHIPPED_ENTRIES})")
+    args = parser.parse_args(argv)
+    for name in args.names:
+        print(f"{name}: shipped at {ship(name)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

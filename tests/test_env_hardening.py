@@ -118,10 +118,10 @@ def test_models_whose_cache_cannot_be_edited_re_prefill(monkeypatch):
     tok = word_tokenizer(WORDS)
     model = build("mistral", tok, context=64)
     fast_paths.forget()
+    venv = TextGenVectorEnv(3, model=model, tokenizer=tok, reward_fn=length_reward, prompts=PROMPTS,
+                            max_new_tokens=4, kl_coef=0.1, device="cpu")
     with pytest.warns(fast_paths.FastPathWarning, match="'cache column edits' is off: MistralForCausalLM's KV cache"):
-        venv = TextGenVectorEnv(3, model=model, tokenizer=tok, reward_fn=length_reward, prompts=PROMPTS,
-                                max_new_tokens=4, kl_coef=0.1, device="cpu")
-    run_against_reference(venv, copy.deepcopy(model).double(), steps=20, seed=2, partial_resets=True)
+        run_against_reference(venv, copy.deepcopy(model).double(), steps=20, seed=2, partial_resets=True)
     assert venv.core.ref._editable is False
 
 

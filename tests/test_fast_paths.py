@@ -229,3 +229,16 @@ def test_the_installed_torch_and_transformers_lie_in_the_declared_range():
     for name in ("torch", "transformers"):
         installed = version(name).split("+")[0]
         assert declared[name].contains(installed), f"{name} {installed} is outside the declared {declared[name]}"
+
+
+@pytest.mark.smollm
+def test_smollm2_takes_every_fast_path_in_a_grpo_iteration():
+    """The real pretrained model (the smollm extra): one GRPO iteration on ChatArithmetic, no fall-back, no
+    deprecation from lmgym's calls."""
+    with Heard() as heard:
+        env = gym.make_vec("lmgym/ChatArithmetic-v0", num_envs=4, group_size=2, max_new_tokens=4, dtype="float32")
+        agent = GRPO(env, seed=0, learning_rate=1e-5)
+        agent.learn(4 * 4, progress=False)
+        assert agent.env.core.ref._editable and agent.optimizer.defaults["fused"] is True
+    assert fast_paths.fallbacks() == {}
+    assert [t for t in heard.texts() if "deprecat" in t.lower() or "lmgym fast path" in t] == []

@@ -290,3 +290,62 @@ def test_loaders_beside_a_rebuilding_process_never_fail(tmp_path):
     assert rebuilder.returncode == 0, rebuilder.stderr[-2000:]
     loads, failures = out.split()[:2]
     assert int(loads) > 0 and int(failures) == 0, out + err[-2000:]
+
+
+# ----------------------------------------------------------------------------- shipped entries
+@pytest.mark.parametrize("name", zoo.SHIPPED_ENTRIES)
+def test_every_shipped_entry_verifies_and_is_what_this_code_builds(name):
+    """A change to a builder, corpus or spec makes the shipped entry stale: rebuild it with `python -m lmgym.zoo
+    ship NAME` and commit the folder."""
+    path = zoo.shipped_path(name)
+    assert path is not None, f"{name} is not shipped"
+    assert zoo.problem(path) is None
+    assert zoo._shipped_problem(path, name, 0) is None, f"stale: run `python -m lmgym.zoo ship {name}`"
+    assert zoo.load_path(name, progress=False) == path
+    assert zoo.card(name)["training_steps"] == zoo.ZOO[name].steps
+
+
+def test_a_shipped_entry_is_used_until_it_is_damaged_or_stale(monkeypatch, tmp_path):
+    import dataclasses
+
+    monkeypatch.setattr(zoo, "SHIPPED", tmp_path / "shipped")
+    monkeypatch.setitem(zoo.ZOO, "reviews", dataclasses.replace(zoo.ZOO["reviews"], steps=STEPS))
+    zoo.recipe.cache_clear()
+    try:
+        shipped = zoo.ship("reviews", progress=False)
+        assert shipped == tmp_path / "shipped" / "reviews-seed0" and zoo.load_path("reviews") == shipped
+        assert zoo.load_path("reviews", shipped=False) == zoo.entry_path("reviews")  # the local build, apart
+        assert zoo.load_path("reviews", steps=STEPS) != shipped  # a reduced build is never the shipped one
+        weights = shipped / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-8])
+        with pytest.warns(UserWarning, match="shipped with lmgym .* is not used: it does not verify: "
+                                             "model.safetensors does not match its checksum"):
+            assert zoo.load_path("reviews", progress=False) == zoo.entry_path("reviews")
+        zoo.ship("reviews", progress=False)
+        monkeypatch.setitem(zoo.ZOO, "reviews", dataclasses.replace(zoo.ZOO["reviews"], learning_rate=1e-3))
+        zoo.recipe.cache_clear()
+        with pytest.warns(UserWarning, match="its recipe is not the one this code builds"):
+            assert zoo.load_path("reviews", progress=False) == zoo.entry_path("reviews")
+    finally:
+        zoo.recipe.cache_clear()
+
+
+@pytest.mark.slow
+def test_a_local_rebuild_of_the_arithmetic_model_scores_like_the_shipped_one(tmp_path, monkeypatch):
+    """The builder stays: rebuilt on this machine (shipped=False), the entry's held-out perplexity is within 2% of
+    the shipped one's, and the Arithmetic task's start score (the reference evaluated on 512 prompts) within 0.03."""
+    import gymnasium as gym
+
+    from lmgym.agents import GRPO
+
+    monkeypatch.setenv("LMGYM_HOME", str(tmp_path))
+    zoo.recipe.cache_clear()
+    rebuilt = zoo.build("arithmetic", progress=False)
+    shipped = json.loads((zoo.shipped_path("arithmetic") / "manifest.json").read_text())["card"]
+    local = json.loads((rebuilt / "manifest.json").read_text())["card"]
+    assert abs(local["held_out_perplexity"] / shipped["held_out_perplexity"] - 1) < 0.02, (local, shipped)
+    scores = []
+    for path in (zoo.shipped_path("arithmetic"), rebuilt):
+        venv = gym.make_vec("lmgym/Arithmetic-v0", num_envs=64, model=str(path))
+        scores.append(GRPO(venv, seed=0).evaluate(num_batches=8)["score"])
+    assert abs(scores[0] - scores[1]) < 0.03, scores
