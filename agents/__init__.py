@@ -8,9 +8,9 @@ Each trains on a :class:`lmgym.TextGenVectorEnv` (``gym.make_vec("lmgym/...", nu
 """
 
 from lmgym.agents.a2c import A2C, A2CConfig
-from lmgym.agents.base import Agent, AgentConfig, Callback, Rollout, TrainingError
-from lmgym.agents.checkpoint import CheckpointError, latest_checkpoint
-from lmgym.agents.config import ConfigError
+from lmgym.agents.common.base import Agent, AgentConfig, Callback, Rollout, TrainingError
+from lmgym.agents.common.checkpoint import CheckpointError, latest_checkpoint
+from lmgym.agents.common.config import ConfigError
 from lmgym.agents.dpo import DPO, DPOConfig, OnlineDPO, OnlineDPOConfig
 from lmgym.agents.grpo import GRPO, GRPOConfig
 from lmgym.agents.nlpo import NLPO, NLPOConfig

@@ -27,8 +27,8 @@ from typing import Annotated
 
 import torch
 
-from lmgym.agents.base import Agent, AgentConfig, Rollout, ValueHead, masked_mean, masked_whiten, policy_forward
-from lmgym.agents.config import OneOf, Range
+from lmgym.agents.common.base import Agent, AgentConfig, Rollout, ValueHead, masked_mean, masked_whiten, policy_forward
+from lmgym.agents.common.config import OneOf, Range
 from lmgym.agents.ppo import gae
 
 __all__ = ["A2CConfig", "A2C", "n_step_returns", "a2c_losses"]

@@ -52,9 +52,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmgym.agents.base import Agent, AgentConfig, Rollout, policy_forward
-from lmgym.agents.config import OneOf, Range
-from lmgym.models import left_pad, right_pad
+from lmgym.agents.common.base import Agent, AgentConfig, Rollout, policy_forward
+from lmgym.agents.common.config import OneOf, Range
+from lmgym.models.loading import left_pad, right_pad
 
 __all__ = ["DPOLossConfig", "DPOConfig", "OnlineDPOConfig", "DPO", "OnlineDPO", "PreferenceBatch", "dpo_loss",
            "sequence_logratios"]
@@ -243,7 +243,7 @@ class DPO(_DPOBase):
     def encode_preferences(self, path: str | os.PathLike) -> list[dict]:
         """Read the preference file and tokenize it once: per prompt, its ids, its distinct completions' ids
         and its pairs as indices into them."""
-        from lmgym.reward_model import read_preferences
+        from lmgym.rewards.reward_model import read_preferences
 
         path = Path(path)
         if path.is_file() and not path.read_text(encoding="utf-8").strip():

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lmgym.folders import written_atomically
+from lmgym.utils.folders import written_atomically
 
 __all__ = ["save_pretrained", "export_checkpoint", "find_checkpoint", "RUN_FILE", "ExportError"]
 
@@ -72,7 +72,7 @@ def save_pretrained(agent, directory: str | os.PathLike, *, dtype: str | torch.d
     Returns:
         the folder's path.
     """
-    from lmgym.models import is_sharded_module, resolve_dtype
+    from lmgym.models.loading import is_sharded_module, resolve_dtype
 
     if is_sharded_module(agent.policy):
         raise ExportError("the policy is sharded over processes by FSDP, so no process holds it whole; export the "
@@ -111,7 +111,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         raise ExportError(f"{path} does not exist; pass a checkpoint folder or a run's log folder")
     if (path / "state.json").is_file():
         return path
-    from lmgym.agents.checkpoint import CheckpointError, latest_checkpoint
+    from lmgym.agents.common.checkpoint import CheckpointError, latest_checkpoint
 
     try:
         return latest_checkpoint(path)

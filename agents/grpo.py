@@ -30,7 +30,7 @@ Per iteration:
      without gradient accumulation).
 
 Where the KL goes (``kl_placement``, ``kl_estimator``; the bias of each choice is derived in
-:mod:`lmgym.agents.kl`):
+:mod:`lmgym.agents.common.kl`):
 
 - ``"loss"`` (default, with k3, as the paper): R is the task score alone and ``beta * k_t(theta)``
   is added to each token's loss. With k3 its gradient is not that of the KL-regularised
@@ -54,9 +54,9 @@ from typing import Annotated
 
 import torch
 
-from lmgym.agents.base import Agent, AgentConfig, Rollout, masked_mean, policy_forward
-from lmgym.agents.config import OneOf, Range
-from lmgym.agents.kl import KL_ESTIMATORS, KL_PLACEMENTS, kl_estimate, penalised_returns
+from lmgym.agents.common.base import Agent, AgentConfig, Rollout, masked_mean, policy_forward
+from lmgym.agents.common.config import OneOf, Range
+from lmgym.agents.common.kl import KL_ESTIMATORS, KL_PLACEMENTS, kl_estimate, penalised_returns
 
 __all__ = ["GRPOConfig", "GRPO", "group_advantages", "k3_kl", "aggregate_loss", "grpo_token_loss"]
 
@@ -193,7 +193,7 @@ class GRPO(Agent):
                     logprobs, batch.logprobs, batch.ref_logprobs, adv, batch.mask, epsilon_low=cfg.epsilon_low,
                     epsilon_high=cfg.epsilon_high, beta=self.beta, kl_estimator=cfg.kl_estimator,
                     kl_in_loss=kl_in_loss, importance_sampling_level=cfg.importance_sampling_level)
-                if batch.sampling_weights is not None:  # tokens drawn by an engine: truncated IS (lmgym.agents.vllm)
+                if batch.sampling_weights is not None:  # tokens drawn by an engine: truncated IS (lmgym.agents.scale.vllm)
                     token_loss = token_loss * batch.sampling_weights
                 loss = aggregate_loss(token_loss, batch.mask, cfg.loss_type, self.env.max_new_tokens,
                                       num_tokens=minibatch_tokens)

@@ -34,12 +34,12 @@ from typing import Annotated
 
 import torch
 
-from lmgym.agents.base import Rollout, policy_forward
-from lmgym.agents.config import ConfigError, Range
+from lmgym.agents.common.base import Rollout, policy_forward
+from lmgym.agents.common.config import ConfigError, Range
 from lmgym.agents.ppo import PPO, PPOConfig
-from lmgym.masking import nucleus_mask
-from lmgym.models import sample_continuations
-from lmgym.sampling import Sampling
+from lmgym.envs.masking import nucleus_mask
+from lmgym.models.loading import sample_continuations
+from lmgym.models.sampling import Sampling
 
 __all__ = ["NLPOConfig", "NLPO", "sample_in_nucleus"]
 
@@ -68,7 +68,7 @@ def sample_in_nucleus(policy, masking_policy, input_ids: torch.Tensor, attention
                       generator: torch.Generator | None = None, **share):
     """Sample continuations of left-padded prompts from ``policy`` restricted to ``masking_policy``'s nucleus.
 
-    :func:`lmgym.models.sample_continuations` steps both models in lock-step, each with its own
+    :func:`lmgym.models.loading.sample_continuations` steps both models in lock-step, each with its own
     KV cache; at each step the policy's distribution under ``sampling`` is restricted to the
     top-``mask_top_p`` nucleus of the masking policy (at the same temperature; ``never_mask`` ids
     always allowed) and renormalised. ``logprobs`` are the masked distribution's. With
@@ -136,7 +136,7 @@ class NLPO(PPO):
         """Copy the policy's current weights into the masking policy (whole on every process: with FSDP the
         policy's shards are gathered first, so the mask's forwards stay local)."""
         if self.sharded:
-            from lmgym.agents.sharding import full_weights_everywhere
+            from lmgym.agents.scale.sharding import full_weights_everywhere
 
             self.masking_policy.load_state_dict(full_weights_everywhere(self.policy))
         else:

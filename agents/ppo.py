@@ -4,7 +4,7 @@ Per iteration:
 
 1. Roll out: the policy samples one continuation per prompt; the environment returns
    per-token rewards ``r_t = -beta * KL_t`` plus the score on the last token.
-   Where the KL goes is ``kl_placement`` (see :mod:`lmgym.agents.kl` for the bias of each choice):
+   Where the KL goes is ``kl_placement`` (see :mod:`lmgym.agents.common.kl` for the bias of each choice):
    - ``"reward"`` (default): the advantages below are computed from ``-beta * k_t`` plus the
      score on the last token, ``k_t`` the ``kl_estimator`` of the sampled token's log ratio
      ``log pi_old - log pi_ref``. With k1 (default) these are the environment's own rewards,
@@ -37,10 +37,10 @@ from typing import Annotated
 
 import torch
 
-from lmgym.agents.base import Agent, AgentConfig, Rollout, ValueHead, masked_mean, masked_whiten, policy_forward
-from lmgym.agents.config import OneOf, Range
-from lmgym.agents.kl import KL_ESTIMATORS, KL_PLACEMENTS, kl_penalty_loss, penalised_rewards
-from lmgym.agents.policy import trainable_copy
+from lmgym.agents.common.base import Agent, AgentConfig, Rollout, ValueHead, masked_mean, masked_whiten, policy_forward
+from lmgym.agents.common.config import OneOf, Range
+from lmgym.agents.common.kl import KL_ESTIMATORS, KL_PLACEMENTS, kl_penalty_loss, penalised_rewards
+from lmgym.agents.common.policy import trainable_copy
 
 __all__ = ["PPOConfig", "PPO", "gae", "ppo_losses", "AdaptiveKLController"]
 
@@ -190,7 +190,7 @@ class PPO(Agent):
         cfg, mask = self.config, rollout.mask
 
         # 1. Values of the states visited, under the current critic.
-        with torch.no_grad():  # each process values its share of the rows (lmgym.agents.distributed)
+        with torch.no_grad():  # each process values its share of the rows (lmgym.agents.scale.distributed)
             old_values = self.in_parts(lambda rows: self.forward(rows)[2], rollout) * mask
         self.check_finite(rewards=rollout.rewards, values=old_values)
 

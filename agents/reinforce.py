@@ -18,7 +18,7 @@ The loss ``-mean_i[(R_i - b_i) * sum_t log pi]`` is minimised with one optimizer
 minibatch.
 
 Where the KL goes (``kl_placement``, ``kl_estimator``; the bias of each choice is derived in
-:mod:`lmgym.agents.kl`):
+:mod:`lmgym.agents.common.kl`):
 
 - ``"reward"`` (default): ``R_i = score_i - beta * sum_t k_t`` with ``k_t`` the estimator of the
   sampled token's log ratio ``d_t = log pi_old - log pi_ref`` (the rollout's log-probs, no
@@ -43,9 +43,9 @@ from typing import Annotated
 
 import torch
 
-from lmgym.agents.base import Agent, AgentConfig, Rollout, masked_mean, policy_forward
-from lmgym.agents.config import OneOf, Range
-from lmgym.agents.kl import KL_ESTIMATORS, KL_PLACEMENTS, kl_penalty_loss, penalised_rewards
+from lmgym.agents.common.base import Agent, AgentConfig, Rollout, masked_mean, policy_forward
+from lmgym.agents.common.config import OneOf, Range
+from lmgym.agents.common.kl import KL_ESTIMATORS, KL_PLACEMENTS, kl_penalty_loss, penalised_rewards
 
 __all__ = ["ReinforceConfig", "Reinforce", "RLOOConfig", "RLOO", "leave_one_out_baseline"]
 

@@ -28,8 +28,8 @@ from typing import Annotated
 
 import torch
 
-from lmgym.agents.base import Agent, AgentConfig, Rollout, masked_mean, policy_forward
-from lmgym.agents.config import OneOf, Range
+from lmgym.agents.common.base import Agent, AgentConfig, Rollout, masked_mean, policy_forward
+from lmgym.agents.common.config import OneOf, Range
 
 __all__ = ["RFTConfig", "RFT", "select_best"]
 

@@ -91,7 +91,7 @@ class LMGymVecEnv(VecEnv):
 
     def set_action_mask_fn(self, fn) -> None:
         """Bind ``fn(observation) -> (n_envs, n_actions) bool`` (see ``TextGenVectorEnv.set_action_mask_fn``), e.g.
-        ``lmgym.masking.NucleusMask(model, top_p=0.9)``; ``None`` unbinds."""
+        ``lmgym.envs.masking.NucleusMask(model, top_p=0.9)``; ``None`` unbinds."""
         self.venv.set_action_mask_fn(fn)
 
     def action_masks(self) -> np.ndarray:
@@ -305,7 +305,7 @@ class LMPolicy(ActorCriticPolicy):
                               stacklevel=2)
             env = env.env
         if isinstance(model, (str, bytes)) or not isinstance(model, nn.Module):
-            from lmgym.models import load_model
+            from lmgym.models.loading import load_model
 
             model, _ = load_model(model, device="cpu", dtype="float32")
         if model.config.vocab_size != action_space.n:

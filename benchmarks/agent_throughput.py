@@ -7,7 +7,7 @@
 import argparse
 import json
 
-from lmgym.throughput import agent_iteration
+from lmgym.bench.throughput import agent_iteration
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -15,7 +15,7 @@ import gymnasium as gym
 
 import lmgym  # noqa: F401  (registers the environments)
 from lmgym.agents import GRPO
-from lmgym.agents.distributed import launcher_world
+from lmgym.agents.scale.distributed import launcher_world
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -9,7 +9,7 @@ import json
 
 import torch
 
-from lmgym.throughput import environment_rollout
+from lmgym.bench.throughput import environment_rollout
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

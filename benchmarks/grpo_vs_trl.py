@@ -110,7 +110,7 @@ def model_folder(workload: str) -> Path:
     if workload == "tiny":
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        from lmgym.models import word_tokenizer
+        from lmgym.models.loading import word_tokenizer
         import torch
 
         # GPT-2's vocabulary size and context with a 64-wide, 2-layer body: 3.38M parameters, most of them in

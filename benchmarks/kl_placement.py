@@ -28,7 +28,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from lmgym.bench import run
+from lmgym.bench.grid import run
 
 BUDGETS = {"ppo": 15_000, "grpo": 30_000, "reinforce": 30_000, "rloo": 30_000}
 """Environment steps per run: the budgets of tests/test_agents.py's optimum test."""

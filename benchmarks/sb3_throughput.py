@@ -5,7 +5,7 @@
 
 import json
 
-from lmgym.throughput import sb3_bridge
+from lmgym.bench.throughput import sb3_bridge
 
 if __name__ == "__main__":
     r = sb3_bridge()

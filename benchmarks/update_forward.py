@@ -39,8 +39,8 @@ def one(setting: str, lora: bool, updates: int = 3) -> dict:
 
     import lmgym  # noqa: F401
     from lmgym.agents import GRPO
-    from lmgym.agents import forward
-    from lmgym.heap import returning_large_frees
+    from lmgym.agents.common import forward
+    from lmgym.utils.heap import returning_large_frees
 
     sys.path.insert(0, str(Path(__file__).parent))
     import grpo_vs_trl as workloads

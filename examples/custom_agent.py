@@ -17,7 +17,7 @@ import torch
 
 import lmgym  # noqa: F401  registers the environments
 from lmgym.agents import Agent, AgentConfig, Rollout
-from lmgym.agents.base import policy_forward
+from lmgym.agents.common import policy_forward
 
 
 @dataclass

@@ -24,10 +24,11 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 
-from lmgym import corpora, zoo
+from lmgym import zoo
+from lmgym.zoo import corpora
 from lmgym.agents import RLOO
 from lmgym.label import RankingStore, sample_candidates
-from lmgym.reward_model import LearnedReward, RewardModel
+from lmgym.rewards import LearnedReward, RewardModel
 
 
 def lmgym_cli(*args) -> list[str]:

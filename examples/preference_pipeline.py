@@ -13,10 +13,11 @@ import copy
 import gymnasium as gym
 import numpy as np
 
-from lmgym import corpora, zoo
+from lmgym import zoo
+from lmgym.zoo import corpora
 from lmgym.agents import RLOO
-from lmgym.reward_model import (LearnedReward, RewardModel, read_preferences, sample_preferences,
-                                train_reward_model)
+from lmgym.rewards import (LearnedReward, RewardModel, read_preferences, sample_preferences,
+                           train_reward_model)
 
 
 def main(steps: int | None = None, rm_steps: int = 200, agent_steps: int = 20_000):

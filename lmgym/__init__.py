@@ -6,15 +6,15 @@ prompts=...)`` for your own model and reward, and diagnostic tasks with an exact
 ``gym.make_vec(id, num_envs=N)`` gives the batched :class:`TextGenVectorEnv`.
 """
 
-from lmgym.core import EpisodeError, SequenceResult
-from lmgym.env import TextGenEnv
+from lmgym import _moved
+from lmgym.envs import EpisodeError, SequenceResult, TextGenEnv, TextGenVectorEnv
 from lmgym.models import load_model, tiny_model
 from lmgym.rewards import RewardError, RewardFunction
 from lmgym.tasks import register_all
-from lmgym.vector import TextGenVectorEnv
 
 __version__ = "0.1.0"
 __all__ = ["TextGenEnv", "TextGenVectorEnv", "SequenceResult", "EpisodeError", "RewardError", "RewardFunction",
            "load_model", "tiny_model", "__version__"]
 
+_moved.install()  # the module paths of lmgym 0.1 keep importing, with a DeprecationWarning
 register_all()

@@ -102,7 +102,7 @@ def _resolve_resume(path: str) -> tuple[Path, Path | None]:
     folder (None), so the original run's latest checkpoint stays its latest.
     """
     from lmgym.agents import CheckpointError
-    from lmgym.agents.checkpoint import latest_checkpoint
+    from lmgym.agents.common.checkpoint import latest_checkpoint
 
     given = Path(path)
     if not given.exists():
@@ -123,7 +123,7 @@ def _resolve_resume(path: str) -> tuple[Path, Path | None]:
 def _train(args, extra) -> int:
     if args.model is not None or args.task is None:
         return _train_own(args, extra)
-    from lmgym.bench import parse_overrides, run
+    from lmgym.bench.grid import parse_overrides, run
 
     overrides = parse_overrides(_read_config(args.config) + _split_overrides(extra), args.agent)
     base = Path(args.logdir) / args.task.split("/")[-1] / args.agent / f"seed{args.seed}"
@@ -156,14 +156,14 @@ def _train(args, extra) -> int:
 
 def _data_parallel(device: str):
     """This process's place in a torchrun / accelerate launch (a no-op object without one)."""
-    from lmgym.agents.distributed import DataParallel
-    from lmgym.models import resolve_device
+    from lmgym.agents.scale.distributed import DataParallel
+    from lmgym.models.loading import resolve_device
 
     return DataParallel.from_environment(resolve_device(device))
 
 
 def _bench(args, extra) -> int:
-    from lmgym.bench import bench, parse_overrides, update_readme
+    from lmgym.bench.grid import bench, parse_overrides, update_readme
 
     if args.throughput:
         return _throughput(args)
@@ -187,7 +187,7 @@ def _bench(args, extra) -> int:
 
 
 def _throughput(args) -> int:
-    from lmgym import throughput
+    from lmgym.bench import throughput
 
     size = args.size
     print(f"Speed ratios, each against a baseline measured in the same run ({size} model, device {args.device}):")
@@ -216,7 +216,7 @@ def _list(args, extra) -> int:
     import gymnasium as gym
 
     import lmgym  # noqa: F401
-    from lmgym import smollm, zoo
+    from lmgym.zoo import smollm, entries as zoo
     from lmgym.tasks import DEFAULT_ZOO_MODELS, describe
 
     for env_id in sorted(k for k in gym.registry if k.startswith("lmgym/")):
@@ -233,7 +233,7 @@ def _list(args, extra) -> int:
 
 
 def _reward_model_train(args, extra) -> int:
-    from lmgym.reward_model import RewardModel, read_preferences, train_reward_model
+    from lmgym.rewards.reward_model import RewardModel, read_preferences, train_reward_model
 
     groups = read_preferences(args.data)
     held = read_preferences(args.eval_data) if args.eval_data else None
@@ -279,7 +279,7 @@ def _label(args, extra) -> int:
         if args.candidates is not None:
             items = read_candidates(args.candidates)
         else:
-            from lmgym.models import load_model
+            from lmgym.models.loading import load_model
 
             prompts = read_prompts(args.prompts)
             model, tokenizer = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
@@ -362,8 +362,8 @@ def _lora_config(args) -> dict | None:
 
 def _train_own(args, extra) -> int:
     from lmgym.agents import CheckpointError
-    from lmgym.bench import BenchError, parse_overrides
-    from lmgym.rewards import RewardError
+    from lmgym.bench.grid import BenchError, parse_overrides
+    from lmgym.rewards.functions import RewardError
     from lmgym.train_own import read_prompts, train_own_model
 
     if args.model is None:
@@ -440,7 +440,7 @@ def add_export_command(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lmgym.bench import AGENT_NAMES
+    from lmgym.bench.grid import AGENT_NAMES
 
     parser = argparse.ArgumentParser(prog="lmgym", description="Language-model generation as a Gymnasium RL problem.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -508,9 +508,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Failures a user causes and can fix (bad settings, files, folders, checkpoints, a diverging run, an optional
     extra not installed)."""
     from lmgym.agents import CheckpointError, TrainingError
-    from lmgym.agents.distributed import DistributedError
-    from lmgym.lock import LockedError
-    from lmgym.smollm import MissingExtraError
+    from lmgym.agents.scale.distributed import DistributedError
+    from lmgym.utils.lock import LockedError
+    from lmgym.zoo.smollm import MissingExtraError
 
     return (ValueError, TypeError, OSError, CheckpointError, TrainingError, LockedError, MissingExtraError,
             DistributedError)

@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from lmgym.jsonl import read_records
+from lmgym.utils.jsonl import read_records
 
 __all__ = ["read_prompts", "load_reward", "load_reward_model", "train_own_model", "samples_markdown"]
 
@@ -106,7 +106,7 @@ class _TextPromptReward:
 
 def load_reward_model(path: str | os.PathLike, device="cpu"):
     """A reward model folder (``lmgym reward-model train --out``) as a reward function."""
-    from lmgym.reward_model import LearnedReward, RewardModel
+    from lmgym.rewards.reward_model import LearnedReward, RewardModel
 
     model = RewardModel.load(path, device=device)
     return _TextPromptReward(LearnedReward(model), model.tokenizer)
@@ -142,8 +142,8 @@ def train_own_model(*, model: str, prompts, agent: str, reward=None, reward_mode
     import lmgym  # noqa: F401  registers lmgym/TextGen-v0
     from lmgym.agents import AGENTS
     from lmgym.agents.export import RUN_FILE
-    from lmgym.models import load_tokenizer, resolve_device
-    from lmgym.prompts import PromptSource
+    from lmgym.models.loading import load_tokenizer, resolve_device
+    from lmgym.envs.prompts import PromptSource
 
     if agent not in AGENTS:
         raise ValueError(f"--agent {agent!r} cannot train your own model; use one of {', '.join(AGENTS)}")
@@ -162,7 +162,7 @@ def train_own_model(*, model: str, prompts, agent: str, reward=None, reward_mode
     # Size the environment for the longest prompt of either set, so held-out prompts fit too.
     longest = max(PromptSource(p, tokenizer).max_prompt_tokens for p in (prompts, eval_prompts) if p)
     # Under torchrun / accelerate launch num_envs is the whole batch, shared by the processes (process 0 writes).
-    from lmgym.agents.distributed import launcher_world
+    from lmgym.agents.scale.distributed import launcher_world
 
     rank, world = launcher_world()
     if num_envs % (world * group_size):

@@ -50,7 +50,7 @@ def stop_after(iterations: int):
 def flat_parameters(agent) -> dict[str, torch.Tensor]:
     """The parameters that train (a LoRA policy's adapters, not its frozen base), gathered in full when FSDP
     shards them (a collective then)."""
-    from lmgym.agents.sharding import is_sharded
+    from lmgym.agents.scale.sharding import is_sharded
 
     return {k: (v.full_tensor() if is_sharded(v) else v).detach().clone()
             for k, v in agent.named_trainable_parameters().items() if v.requires_grad}
@@ -62,7 +62,7 @@ def run(algo: str, out: Path, world_size: int) -> dict[str, dict[str, torch.Tens
     agent = make_agent(algo, world_size, logdir)
     agent.learn(10**9, callbacks=[stop_after(ITERATIONS)], progress=False)
     if agent.sharded:  # FSDP: each process holds half of every layer weight
-        from lmgym.agents.sharding import is_sharded
+        from lmgym.agents.scale.sharding import is_sharded
 
         lora = algo in LORA_SETTINGS
         # with LoRA the sharded model is the environment's reference, the adapters' base
@@ -99,7 +99,7 @@ def main(out: str, algos: list[str], cli_too: bool) -> None:
     from safetensors.torch import save_file
 
     from lmgym import cli
-    from lmgym.agents.distributed import launcher_world
+    from lmgym.agents.scale.distributed import launcher_world
 
     out = Path(out)
     rank, world_size = launcher_world()
@@ -115,7 +115,7 @@ def main(out: str, algos: list[str], cli_too: bool) -> None:
     assert cli.main(CLI_BENCH + ["--out", str(out / "cli-bench")]) == 0
     # `lmgym train --model` with your own model, prompts and reward: process 0 writes them, all train
     if rank == 0:
-        from lmgym.models import tiny_model
+        from lmgym.models.loading import tiny_model
 
         model, tok = tiny_model(["the", "cat", "good", "day"], hidden_size=32, num_layers=1, num_heads=4,
                                 max_positions=64, seed=1, init_std=0.3)

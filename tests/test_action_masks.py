@@ -9,7 +9,7 @@ import torch
 
 from lmgym import EpisodeError, TextGenEnv, TextGenVectorEnv
 from lmgym.agents.sb3 import LMGymVecEnv, bind_sb3_model
-from lmgym.masking import NucleusMask
+from lmgym.envs.masking import NucleusMask
 
 from conftest import count_good
 from test_nlpo import UNTIED_PROMPTS, reference_nucleus

@@ -49,11 +49,11 @@ def test_bench_writes_every_artefact_and_resumes(tmp_path, capsys, monkeypatch):
 
     # An interrupted grid resumes: finished runs are not redone.
     (out / "runs" / "TargetToken-v0__rloo__seed1.json").unlink()
-    import lmgym.bench
+    import lmgym.bench.grid
 
     calls = []
-    real_run = lmgym.bench.run
-    monkeypatch.setattr(lmgym.bench, "run", lambda *a, **k: calls.append(a) or real_run(*a, **k))
+    real_run = lmgym.bench.grid.run
+    monkeypatch.setattr(lmgym.bench.grid, "run", lambda *a, **k: calls.append(a) or real_run(*a, **k))
     assert main(args) == 0
     assert calls == [("lmgym/TargetToken-v0", "rloo")]
 
@@ -92,7 +92,7 @@ def test_each_run_reports_its_own_peak_memory():
     import numpy as np
     import torch
 
-    import lmgym.bench as bench
+    import lmgym.bench.grid as bench
 
     block = np.ones(400 * 2**20 // 8)  # 400 MiB, touched
     earlier_peak = bench._peak_memory_mib(torch.device("cpu"))

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmgym import bench as benchmod
+from lmgym.bench import grid as benchmod
 from lmgym.cli import main
 
 ROOT = Path(__file__).parents[1]
@@ -81,7 +81,7 @@ def test_each_run_has_its_own_progress_bar(tmp_path, capsys):
 # ----------------------------------------------------------------------------- locks between processes
 HOLDER = """
 import sys, time
-from lmgym.lock import FolderLock
+from lmgym.utils.lock import FolderLock
 lock = FolderLock(sys.argv[1], "another lmgym bench").acquire()
 print("locked", flush=True)
 time.sleep(120)
@@ -126,7 +126,7 @@ def test_a_dead_benchs_lock_is_taken_over(tmp_path, holder):
     proc = holder(tmp_path / "b")
     proc.kill()
     proc.wait(timeout=30)
-    assert (tmp_path / "b" / ".lmgym.lock").exists()
+    assert (tmp_path / "b" / ".lmgym.utils.lock").exists()
     assert main(grid_args(tmp_path / "b")) == 0
 
 

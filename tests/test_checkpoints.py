@@ -283,7 +283,7 @@ def test_a_checkpoint_with_other_modules_is_refused_naming_the_setting(ppo_check
 
 
 def test_another_reference_model_is_refused_saying_what_differs(ppo_checkpoint):
-    from lmgym.agents.checkpoint import reference_fingerprint
+    from lmgym.agents.common.checkpoint import reference_fingerprint
 
     # The fingerprint is the same for a float32 reference and its bfloat16 copy (a GPU's default dtype).
     model = env().reference_model

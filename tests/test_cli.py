@@ -4,11 +4,11 @@ import json
 
 import numpy as np
 
-from lmgym import corpora
+from lmgym.zoo import corpora
 from lmgym.cli import main
-from lmgym.models import tiny_model
-from lmgym.reward_model import RewardModel
-from lmgym.zoo import train_tokenizer
+from lmgym.models.loading import tiny_model
+from lmgym.rewards.reward_model import RewardModel
+from lmgym.zoo.entries import train_tokenizer
 
 
 def test_list_shows_every_task(capsys):

@@ -6,10 +6,10 @@ import warnings
 
 import pytest
 
-import lmgym.bench
+import lmgym.bench.grid
 from lmgym.agents import CheckpointError, TrainingError
 from lmgym.cli import main
-from lmgym.lock import LockedError
+from lmgym.utils.lock import LockedError
 
 TRAIN = ["train", "--task", "lmgym/TargetToken-v0", "--agent", "reinforce", "--device", "cpu"]
 
@@ -37,7 +37,7 @@ def test_user_errors_are_one_line_and_exit_2(error, monkeypatch, capsys, tmp_pat
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(lmgym.bench, "run", fail)
+    monkeypatch.setattr(lmgym.bench.grid, "run", fail)
     assert main(TRAIN + ["--logdir", str(tmp_path)]) == 2
     line = one_line_error(capsys)
     assert " ".join(str(error).split()) in line
@@ -47,7 +47,7 @@ def test_a_bug_is_not_disguised_as_a_user_error(monkeypatch, tmp_path):
     def bug(*args, **kwargs):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr(lmgym.bench, "run", bug)
+    monkeypatch.setattr(lmgym.bench.grid, "run", bug)
     with pytest.raises(ZeroDivisionError):
         main(TRAIN + ["--logdir", str(tmp_path)])
 
@@ -87,7 +87,7 @@ def test_missing_config_file(tmp_path, capsys):
 
 def test_toml_and_json_configs_are_applied(tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr(lmgym.bench, "run", lambda *a, **k: seen.append(k["overrides"]) or (_ for _ in ()).throw(
+    monkeypatch.setattr(lmgym.bench.grid, "run", lambda *a, **k: seen.append(k["overrides"]) or (_ for _ in ()).throw(
         ValueError("stop here")))
     (tmp_path / "a.toml").write_text("[agent]\nlearning_rate = 0.002\nkl_coef = 0.1\n")
     (tmp_path / "b.json").write_text(json.dumps({"learning_rate": 0.004}))

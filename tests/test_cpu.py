@@ -2,7 +2,7 @@
 
 import torch
 
-from lmgym import cpu
+from lmgym.utils import cpu
 
 
 def test_threads_are_capped_by_the_usable_cores(monkeypatch):

@@ -1,4 +1,4 @@
-"""Data parallelism (lmgym.agents.distributed): two gloo processes train exactly like one process.
+"""Data parallelism (lmgym.agents.scale.distributed): two gloo processes train exactly like one process.
 
 One ``torchrun --nproc_per_node 2`` launch (tests/distributed_worker.py) trains GRPO and PPO for 3
 iterations with a checkpoint after each, resumes a fresh agent from the iteration-2 checkpoint, and
@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 
 import distributed_worker as worker
 from lmgym.agents import GRPO
-from lmgym.agents.config import ConfigError
-from lmgym.agents.distributed import DataParallel
+from lmgym.agents.common.config import ConfigError
+from lmgym.agents.scale.distributed import DataParallel
 
 HERE = Path(__file__).parent
 # Float tolerance: the processes forward parts of each micro-batch and sum gradients in another order.
@@ -205,7 +205,7 @@ def test_world_size_that_cannot_split_the_micro_batches_is_refused(monkeypatch):
 
 
 def test_bench_refuses_a_batch_the_processes_cannot_share(monkeypatch):
-    from lmgym.bench import run
+    from lmgym.bench.grid import run
 
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "0")

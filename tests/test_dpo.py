@@ -331,7 +331,7 @@ def test_online_dpo_errors():
 
 
 def test_lmgym_train_runs_both_dpo_agents(tmp_path):
-    from lmgym.bench import run
+    from lmgym.bench.grid import run
 
     path = write_jsonl(tmp_path / "bt.jsonl", bradley_terry_rankings(num_batches=1, k=4, seed=5))
     offline = run("lmgym/TargetToken-v0", "dpo", steps=2000, overrides={"preferences": str(path), "num_envs": 16},

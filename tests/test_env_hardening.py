@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmgym import EpisodeError, RewardError, TextGenEnv, TextGenVectorEnv
-from lmgym.models import word_tokenizer
+from lmgym.models.loading import word_tokenizer
 
 pytestmark = pytest.mark.compat  # also run on the oldest declared torch and transformers (.ci/run)
 
@@ -110,9 +110,9 @@ def test_cache_is_compacted_over_many_restarts_with_a_sliding_window():
 
 def test_models_whose_cache_cannot_be_edited_re_prefill(monkeypatch):
     """The fallback for cache layouts without per-column edits (recurrent or chunked layers) is exact too."""
-    from lmgym import kv_cache
+    from lmgym.models import kv_cache
 
-    from lmgym import fast_paths
+    from lmgym.utils import fast_paths
 
     monkeypatch.setattr(kv_cache, "editable", lambda cache, config: False)
     tok = word_tokenizer(WORDS)
@@ -285,7 +285,7 @@ def _no_pad_no_eos_tokenizer():
 
 def test_loading_errors_name_the_file_and_the_fix(tiny, tmp_path):
     """Item 8: a folder without tokenizer files, a truncated weight file."""
-    from lmgym.models import load_model
+    from lmgym.models.loading import load_model
 
     model, tok = tiny
     model.save_pretrained(tmp_path)

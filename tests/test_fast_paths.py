@@ -11,10 +11,11 @@ import gymnasium as gym
 import pytest
 import torch
 
-from lmgym import fast_paths, hf_api
+from lmgym.utils import fast_paths
+from lmgym.models import hf_api
 from lmgym.agents import GRPO
-from lmgym.agents.forward import _PromptCache, policy_forward, shares_prompts
-from lmgym.models import CachedLM, sample_continuations, word_tokenizer
+from lmgym.agents.common.forward import _PromptCache, policy_forward, shares_prompts
+from lmgym.models.loading import CachedLM, sample_continuations, word_tokenizer
 
 from conftest import PROMPTS, WORDS, count_good
 

@@ -19,7 +19,7 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, port: int, results) -> None:
-    from lmgym.agents.distributed import DataParallel, DistributedError
+    from lmgym.agents.scale.distributed import DataParallel, DistributedError
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -98,7 +98,7 @@ def test_step_with_logprob_through_gym_make():
     assert reward == pytest.approx(-beta * (-0.25 - info["ref_logprob"]), abs=1e-6)
     assert info["kl"] == pytest.approx(-0.25 - info["ref_logprob"], abs=1e-6)
     # The environment still enforces the order of calls itself.
-    from lmgym.core import EpisodeError
+    from lmgym.envs.core import EpisodeError
 
     with pytest.raises(EpisodeError, match="call reset"):
         gym.make("lmgym/TargetToken-v0").step(1)

@@ -1,4 +1,4 @@
-"""During updates on the CPU, freed tensor memory goes back to the OS (lmgym.heap)."""
+"""During updates on the CPU, freed tensor memory goes back to the OS (lmgym.utils.heap)."""
 
 import platform
 import subprocess
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
 # small one kept each time (a statistic). Prints how much the process's RSS grew over it, in MiB.
 SCRIPT = """
 import random, sys, torch
-from lmgym.heap import returning_large_frees
+from lmgym.utils.heap import returning_large_frees
 
 def rss_mib():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) // 1024
@@ -46,7 +46,7 @@ elif mode == "inside":
 else:  # an agent's update on the CPU makes those activations
     import gymnasium as gym, lmgym
     from lmgym.agents import GRPO
-    from lmgym.models import tiny_model
+    from lmgym.models.loading import tiny_model
     model, tok = tiny_model(["a", "b"])
     env = gym.make_vec("lmgym/TextGen-v0", num_envs=4, group_size=2, model=model, tokenizer=tok, prompts=["a"],
                        reward_fn=lambda p, c: [0.0] * len(c), max_new_tokens=2, device="cpu")
@@ -90,7 +90,7 @@ def test_the_c_library_is_looked_up_once_not_at_every_update(monkeypatch):
     process); every update entered returning_large_frees and looked it up again."""
     import ctypes.util
 
-    from lmgym import heap
+    from lmgym.utils import heap
 
     heap._glibc.cache_clear()
     calls = []

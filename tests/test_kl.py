@@ -10,7 +10,7 @@ import torch
 
 from lmgym.agents import GRPO, PPO, RLOO, Reinforce
 from lmgym.agents.grpo import aggregate_loss, grpo_token_loss
-from lmgym.agents.kl import kl_estimate, kl_penalty_loss, penalised_returns, penalised_rewards
+from lmgym.agents.common.kl import kl_estimate, kl_penalty_loss, penalised_returns, penalised_rewards
 
 ESTIMATORS = ("k1", "k2", "k3")
 COMBOS = [(e, p) for e in ESTIMATORS for p in ("reward", "loss")]

@@ -20,7 +20,7 @@ import pytest
 from lmgym import cli
 from lmgym.label import (AlreadyRanked, LabelItem, LabelQueue, RankingStore, UnknownItem, check_tiers, item_id,
                          ranking_record, read_candidates, sample_candidates)
-from lmgym.reward_model import read_preferences
+from lmgym.rewards.reward_model import read_preferences
 
 HOSTILE = "<script>window.__pwned = 1</script><img src=x onerror=\"window.__pwned = 2\">"
 
@@ -414,7 +414,7 @@ def test_cli_samples_candidates_from_a_model_and_resumes(tiny, tmp_path, monkeyp
 
 
 def test_prompt_file_errors_name_the_line_in_the_file(tmp_path):
-    """Blank lines count: the error points at the line an editor shows (lmgym.jsonl)."""
+    """Blank lines count: the error points at the line an editor shows (lmgym.utils.jsonl)."""
     from lmgym.label import read_prompts
 
     path = tmp_path / "prompts.jsonl"

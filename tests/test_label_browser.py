@@ -16,10 +16,10 @@ import time
 import numpy as np
 import pytest
 
-from lmgym import corpora
+from lmgym.zoo import corpora
 from lmgym.label import LabelItem, item_id
 from lmgym.label.robot import browser_unavailable
-from lmgym.reward_model import read_preferences
+from lmgym.rewards.reward_model import read_preferences
 from test_label import HOSTILE, lines, running_server
 
 pytestmark = pytest.mark.browser

@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from lmgym.lock import LOCK_NAME, FolderLock, LockedError, is_locked
+from lmgym.utils.lock import LOCK_NAME, FolderLock, LockedError, is_locked
 
 HOLDER = """
 import sys, time
-from lmgym.lock import FolderLock
+from lmgym.utils.lock import FolderLock
 lock = FolderLock(sys.argv[1], "test holder").acquire()
 print("locked", flush=True)
 time.sleep(float(sys.argv[2]))
@@ -60,7 +60,7 @@ def test_many_processes_never_hold_it_together(tmp_path):
     """Each process appends 'in'/'out' around its critical section; the log must alternate strictly."""
     script = """
 import sys, time, math
-from lmgym.lock import FolderLock
+from lmgym.utils.lock import FolderLock
 for _ in range(5):
     with FolderLock(sys.argv[1]).acquire(wait=math.inf):
         with open(sys.argv[2], "a") as f: f.write("in\\n")
@@ -84,7 +84,7 @@ def test_the_lock_is_reentrant_within_one_process_and_released_with_the_last_hol
 
 
 def is_locked_by_other_process(folder) -> bool:
-    code = "import sys; from lmgym.lock import is_locked; print(is_locked(sys.argv[1]))"
+    code = "import sys; from lmgym.utils.lock import is_locked; print(is_locked(sys.argv[1]))"
     out = subprocess.run([sys.executable, "-c", code, str(folder / LOCK_NAME)], capture_output=True, text=True,
                          timeout=60)
     return out.stdout.strip() == "True"

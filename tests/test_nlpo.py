@@ -9,7 +9,7 @@ import torch
 
 from lmgym import TextGenVectorEnv
 from lmgym.agents import NLPO, PPO, ConfigError
-from lmgym.masking import NucleusMask, nucleus_mask
+from lmgym.envs.masking import NucleusMask, nucleus_mask
 
 from conftest import PROMPTS, count_good
 

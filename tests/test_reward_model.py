@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from lmgym import corpora
-from lmgym.models import tiny_model
-from lmgym.reward_model import (LearnedReward, RewardModel, bradley_terry_loss, groups_from_rankings,
+from lmgym.zoo import corpora
+from lmgym.models.loading import tiny_model
+from lmgym.rewards.reward_model import (LearnedReward, RewardModel, bradley_terry_loss, groups_from_rankings,
                                 read_preferences, train_reward_model)
-from lmgym.zoo import train_tokenizer
+from lmgym.zoo.entries import train_tokenizer
 
 
 def test_loss_matches_hand_computation():
@@ -184,7 +184,7 @@ def test_centring_counts_each_distinct_completion_once(tiny):
 def test_save_over_a_folder_replaces_it_whole_and_a_failed_save_keeps_the_old_one(tiny, tmp_path, monkeypatch):
     """overwrite=True used to write into the old folder: its other files stayed (here a LoRA adapter config, which
     from_pretrained then tries to apply), and a save that failed half-way left a mix of old and new files."""
-    import lmgym.reward_model as reward_model
+    import lmgym.rewards.reward_model as reward_model
 
     model, tok = tiny
     first = RewardModel(copy.deepcopy(model.base_model), tok)

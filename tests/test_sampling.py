@@ -7,8 +7,8 @@ import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from lmgym.agents import GRPO
-from lmgym.models import sample_continuations
-from lmgym.sampling import Sampling
+from lmgym.models.loading import sample_continuations
+from lmgym.models.sampling import Sampling
 
 from conftest import PROMPTS, WORDS
 
@@ -163,7 +163,7 @@ def test_a_uniform_draw_of_exactly_zero_cannot_pick_a_token_outside_the_kept_set
 def test_allowed_tokens_are_a_hard_constraint_even_when_the_truncation_keeps_none_of_them():
     """NLPO's nucleus and the agent's own top-k can disagree: the sampler then draws from the allowed tokens
     alone, weighted by q, with a finite log-prob, and the update forward scores it the same way."""
-    from lmgym.agents.forward import _token_stats
+    from lmgym.agents.common.forward import _token_stats
 
     logits = torch.tensor([[3.0, 1.0, 0.0, 2.0], [3.0, 1.0, 0.0, 2.0]])
     allowed = torch.tensor([[False, True, True, False], [True, True, False, False]])

@@ -197,7 +197,7 @@ def _tensorboard_tags(folder) -> set[str]:
 
 def test_bench_sb3_runs_log_under_lmgym_tag_names(tmp_path):
     """sb3-ppo and lmgym's PPO write the shared metrics under the same TensorBoard tags, so runs overlay."""
-    from lmgym.bench import run
+    from lmgym.bench.grid import run
 
     run("lmgym/TargetToken-v0", "sb3-ppo", steps=160, device="cpu", logdir=tmp_path / "sb3", progress=False,
         eval_batches=1, overrides={"n_steps": 4, "batch_size": 32, "num_envs": 8})

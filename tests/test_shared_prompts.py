@@ -1,14 +1,15 @@
-"""The update forward (lmgym.agents.forward) encodes each distinct prompt once and skips the positions after an
+"""The update forward (lmgym.agents.common.forward) encodes each distinct prompt once and skips the positions after an
 episode's end: the log-probs, entropies, hidden states and gradients must equal those of encoding each completion
 on its own, computed here one completion at a time in float64, and be 0 after the end."""
 
 import pytest
 import torch
 
-from lmgym import fast_paths, hf_api
-from lmgym.agents.base import Rollout
-from lmgym.agents import forward
-from lmgym.agents.forward import bucket_count, policy_forward, shares_prompts
+from lmgym.utils import fast_paths
+from lmgym.models import hf_api
+from lmgym.agents.common.base import Rollout
+from lmgym.agents.common import forward
+from lmgym.agents.common.forward import bucket_count, policy_forward, shares_prompts
 
 pytestmark = pytest.mark.compat  # also run on the oldest declared torch and transformers (.ci/run)
 

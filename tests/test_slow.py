@@ -29,7 +29,7 @@ def test_ppo_makes_sentiment_positive():
 
 
 def test_every_agent_beats_the_reference_on_copy():
-    from lmgym.bench import run
+    from lmgym.bench.grid import run
 
     for agent in ("ppo", "grpo", "reinforce", "rloo"):
         r = run("lmgym/Copy-v0", agent, steps=60_000, progress=False)

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmgym.cli import main
-from lmgym.models import tiny_model
+from lmgym.models.loading import tiny_model
 
 from conftest import WORDS
 from test_chat import CONVERSATIONS, IM_END, chat_model
@@ -130,7 +130,7 @@ def test_bad_prompt_files_and_options_are_clear_errors(workdir, capsys):
 
 
 def test_reward_model_as_the_reward(workdir):
-    from lmgym.reward_model import RewardModel
+    from lmgym.rewards.reward_model import RewardModel
 
     model, tok = tiny_model(WORDS, hidden_size=32, num_layers=1, num_heads=4, max_positions=64, seed=2)
     RewardModel.from_pretrained_lm(model, tok).save(workdir / "rm")

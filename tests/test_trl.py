@@ -173,7 +173,7 @@ def test_readme_trl_example_raises_the_score_and_lmgym_scores_it_with_the_enviro
 
 # ----------------------------------------------------------------------------- clear errors
 def test_missing_trl_is_one_line_naming_the_extra(monkeypatch, tmp_path, capsys):
-    import lmgym.bench as bench
+    import lmgym.bench.grid as bench
     from lmgym.integrations.trl import MissingTRLError, TRLTask
 
     monkeypatch.setitem(sys.modules, "trl", None)  # `import trl` now fails as if TRL were not installed
@@ -196,7 +196,7 @@ def test_a_model_trl_cannot_load_is_a_clear_error(trl, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lmgym.integrations.trl import TRLModelError, TRLTask
-    from lmgym.models import word_tokenizer
+    from lmgym.models.loading import word_tokenizer
 
     class UnregisteredConfig(LlamaConfig):
         model_type = "lmgym-test-unregistered"

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from lmgym.agents import GRPO
-from lmgym.agents import logprobs as logprobs_module
-from lmgym.agents.base import policy_forward
-from lmgym.agents.logprobs import selective_logprobs
-from lmgym.sampling import Sampling
+from lmgym.agents.common import logprobs as logprobs_module
+from lmgym.agents.common.base import policy_forward
+from lmgym.agents.common.logprobs import selective_logprobs
+from lmgym.models.sampling import Sampling
 
 from conftest import PROMPTS, count_good
 
@@ -62,7 +62,7 @@ def gpt2(vocab: int = 13):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_policy_forward_matches_a_float64_full_logits_forward(temperature):
     """Log-probs, entropy and parameter gradients equal those of a float64 forward over every position."""
-    from lmgym.agents.base import Rollout
+    from lmgym.agents.common.base import Rollout
 
     model = gpt2()
     g = torch.Generator().manual_seed(1)

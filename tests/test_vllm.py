@@ -1,4 +1,4 @@
-"""Engine generation (lmgym.agents.vllm): weight sync, exact re-scoring, the truncated importance weights.
+"""Engine generation (lmgym.agents.scale.vllm): weight sync, exact re-scoring, the truncated importance weights.
 
 A stub engine stands in for vLLM: it holds its own copy of the model, samples from it with noise on its
 log-probs (a sampler that differs from the policy, as bf16 kernels do), and records weight pushes.
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lmgym.agents import GRPO
-from lmgym.agents.vllm import VLLMEngine, truncated_importance_weights, use_engine
+from lmgym.agents.scale.vllm import VLLMEngine, truncated_importance_weights, use_engine
 
 
 class StubEngine:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmgym import zoo
+from lmgym.zoo import entries as zoo
 
 STEPS = 8
 
@@ -122,7 +122,7 @@ def test_entry_folder_is_keyed_by_everything_that_determines_its_content(monkeyp
     assert path_with(tokenizer="words") != base
     assert path_with(learning_rate=1e-3) != base
     # the corpus: same generator, different content (another operation mix)
-    from lmgym import corpora
+    from lmgym.zoo import corpora
 
     assert path_with(corpus=lambda n, rng: corpora.arithmetic_corpus(n, rng, operations="+")) != base
     # library versions that change the numbers
@@ -153,7 +153,7 @@ def test_the_zoo_does_not_import_the_task_layer():
     import subprocess
     import sys
 
-    code = "import sys, lmgym.zoo; print('lmgym.tasks.language' in sys.modules)"
+    code = "import sys, lmgym.zoo.entries; print('lmgym.tasks.language' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr
     source = open(zoo.__file__).read()
@@ -182,7 +182,7 @@ def test_a_rebuild_never_leaves_the_entry_missing(monkeypatch):
 
 _BUILD_SCRIPT = """
 import json, os, sys, time
-from lmgym import zoo
+from lmgym.zoo import entries as zoo
 real = zoo._build_into
 def counted(final, *a, **k):
     with open(sys.argv[1], "a") as log:
@@ -213,7 +213,7 @@ def test_concurrent_builds_of_one_entry_build_it_once(tmp_path):
 def test_clean_removes_old_unlocked_leftovers_only(tmp_path):
     import os
 
-    from lmgym.lock import FileLock
+    from lmgym.utils.lock import FileLock
 
     folder = zoo.home() / "zoo"
     folder.mkdir(parents=True, exist_ok=True)
@@ -247,13 +247,13 @@ def test_a_build_removes_old_leftovers_of_its_own_entry():
 
 _REBUILDER = """
 import sys
-from lmgym import zoo
+from lmgym.zoo import entries as zoo
 for _ in range(3):
     zoo.build("arithmetic", steps=2, progress=False)
 """
 _LOADER = """
 import sys, time
-from lmgym import zoo
+from lmgym.zoo import entries as zoo
 failures, loads = [], 0
 deadline = time.monotonic() + 120
 while time.monotonic() < deadline:
@@ -295,7 +295,7 @@ def test_loaders_beside_a_rebuilding_process_never_fail(tmp_path):
 # ----------------------------------------------------------------------------- shipped entries
 @pytest.mark.parametrize("name", zoo.SHIPPED_ENTRIES)
 def test_every_shipped_entry_verifies_and_is_what_this_code_builds(name):
-    """A change to a builder, corpus or spec makes the shipped entry stale: rebuild it with `python -m lmgym.zoo
+    """A change to a builder, corpus or spec makes the shipped entry stale: rebuild it with `python -m lmgym.zoo.entries
     ship NAME` and commit the folder."""
     path = zoo.shipped_path(name)
     assert path is not None, f"{name} is not shipped"

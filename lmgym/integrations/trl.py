@@ -37,7 +37,7 @@ evaluation::
     ``score - kl_coef * sum_t k1_t``, an unbiased estimate of the KL-regularised objective.
   * TRL's ``GRPOTrainer`` puts ``beta * k3_t`` (``k3 = exp(d) - d - 1``, ``d = log pi_ref - log pi``)
     in the **loss** of each token, next to the clipped surrogate of the group-normalised score. Its
-    gradient is not that of the objective above (:mod:`lmgym.agents.kl` derives the bias); lmgym's
+    gradient is not that of the objective above (:mod:`lmgym.agents.common.kl` derives the bias); lmgym's
     ``GRPO`` does the same by default (``kl_placement="loss"``, ``kl_estimator="k3"``).
   * TRL's ``RLOOTrainer`` subtracts ``beta * sum_t k1_t`` from each completion's score before the
     leave-one-out baseline: the environment's return, as lmgym's ``RLOO``.
@@ -59,9 +59,9 @@ from pathlib import Path
 
 import torch
 
-from lmgym.folders import written_atomically
+from lmgym.utils.folders import written_atomically
 
-from lmgym.smollm import MissingExtraError
+from lmgym.zoo.smollm import MissingExtraError
 
 __all__ = ["INSTALL_HINT", "MissingTRLError", "TRLModelError", "require_trl", "TaskReward", "TRLTask"]
 
@@ -93,7 +93,7 @@ def _first_line(err: BaseException) -> str:
 
 
 def _is_chat(prompt) -> bool:
-    from lmgym.chat import is_chat_messages
+    from lmgym.envs.chat import is_chat_messages
 
     return is_chat_messages(prompt)
 

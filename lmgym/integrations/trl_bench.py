@@ -24,7 +24,7 @@ else lmgym's default 1e-4), fused AdamW without weight decay, gradient norm clip
 temperature 1 without top-k / top-p, dropout off, float32 weights.
 
 **Memory.** Cells share the bench's process: a TRL cell runs with whatever that process set, including the
-mmap threshold lmgym's agents pin on the CPU (:mod:`lmgym.heap`, process-wide; the cell's evaluator is an lmgym
+mmap threshold lmgym's agents pin on the CPU (:mod:`lmgym.utils.heap`, process-wide; the cell's evaluator is an lmgym
 agent), so lmgym's and TRL's cells are measured under the same allocator.
 
 **Curve.** After each generation the cell asks the environment for the batch's KL (a policy forward
@@ -107,8 +107,8 @@ class _Recorder(TaskReward):
     @torch.no_grad()
     def _environment_kl(self, prompt_index, completion_ids) -> float:
         """Mean episode KL of the batch as the environment accounts it, for the policy that sampled it."""
-        from lmgym.agents.base import policy_forward
-        from lmgym.models import left_pad, right_pad
+        from lmgym.agents.common.base import policy_forward
+        from lmgym.models.loading import left_pad, right_pad
 
         env = self.task.env
         if len(completion_ids) != env.num_envs:
@@ -130,7 +130,7 @@ class _Recorder(TaskReward):
 def run_cell(task: str, agent: str, *, budget: int, seconds: float | None, seed: int, device: torch.device,
              logdir, overrides: dict, env_kwargs: dict, num_envs: int, group: int, eval_batches: int,
              progress: bool) -> dict:
-    """Train TRL's trainer ``agent`` on ``task``; the same result dict as lmgym's own cells (``lmgym.bench.run``)."""
+    """Train TRL's trainer ``agent`` on ``task``; the same result dict as lmgym's own cells (``lmgym.bench.grid.run``)."""
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback

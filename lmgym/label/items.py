@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmgym.jsonl import read_records
+from lmgym.utils.jsonl import read_records
 
 __all__ = ["LabelItem", "item_id", "read_candidates", "read_prompts", "sample_candidates"]
 
@@ -101,7 +101,7 @@ def sample_candidates(model, tokenizer, prompts: list[str], k: int, *, max_new_t
     """
     import torch
 
-    from lmgym.models import left_pad, sample_continuations
+    from lmgym.models.loading import left_pad, sample_continuations
 
     if not isinstance(k, int) or not 2 <= k <= MAX_COMPLETIONS:
         raise ValueError(f"k={k!r}: ranking needs between 2 and {MAX_COMPLETIONS} completions per prompt")

@@ -1,6 +1,6 @@
 """The rankings file: one JSONL line per ranking, as ``lmgym reward-model train`` reads it; crash- and race-safe.
 
-A record is the line ``lmgym.reward_model.read_preferences`` understands, plus who ranked it and when::
+A record is the line ``lmgym.rewards.reward_model.read_preferences`` understands, plus who ranked it and when::
 
     {"id": "...", "prompt": "...", "completions": [...], "ranking": [2, 0, 3, 1],
      "labeller": "ada", "labelled_at": "2026-01-01T12:00:00.000+00:00"}

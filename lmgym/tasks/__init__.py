@@ -34,8 +34,8 @@ _BARE = dict(order_enforce=False, disable_env_checker=True)
 def register_all() -> None:
     """Register every lmgym environment id (idempotent)."""
     if "lmgym/TextGen-v0" not in gym.registry:
-        gym.register("lmgym/TextGen-v0", entry_point="lmgym.env:TextGenEnv",
-                     vector_entry_point="lmgym.vector:TextGenVectorEnv", **_BARE)
+        gym.register("lmgym/TextGen-v0", entry_point="lmgym.envs.env:TextGenEnv",
+                     vector_entry_point="lmgym.envs.vector:TextGenVectorEnv", **_BARE)
     for ids, module in ((DIAGNOSTIC_IDS, "diagnostic"), (LANGUAGE_IDS, "language")):
         for env_id, task in ids.items():
             if env_id not in gym.registry:
@@ -55,7 +55,7 @@ def describe(env_id: str) -> str:
 
         return DOCS[LANGUAGE_IDS[env_id]]
     if env_id == "lmgym/TextGen-v0":
-        from lmgym.env import TextGenEnv
+        from lmgym.envs.env import TextGenEnv
 
         return TextGenEnv.__doc__
     raise KeyError(f"unknown lmgym task {env_id!r}")

@@ -25,7 +25,7 @@ from decimal import Decimal, InvalidOperation
 
 import numpy as np
 
-from lmgym.chat import is_chat_messages
+from lmgym.envs.chat import is_chat_messages
 
 __all__ = ["QUESTION", "OPERATIONS", "final_number", "solve_question", "chat_arithmetic_prompts",
            "ChatArithmeticReward", "task_spec", "DOC"]
@@ -119,7 +119,7 @@ def chat_arithmetic_prompts(split: str = "train", *, operations: str = "+", max_
 
 def task_spec(kwargs: dict, zoo_steps: int | None) -> dict:
     """The task's defaults (see :mod:`lmgym.tasks.language`); ``operations`` / ``max_operand`` pick the problems."""
-    from lmgym.smollm import ZOO_NAME
+    from lmgym.zoo.smollm import ZOO_NAME
 
     operations = kwargs.pop("operations", "+")
     max_operand = kwargs.pop("max_operand", 20)

@@ -1,9 +1,9 @@
 """Diagnostic tasks: tiny vocabularies, a fixed tiny reference model, and an exactly known optimum.
 
 Every task here uses the vocabulary ``<eos> a b c`` (4 actions), a reference model
-built offline from a fixed seed (:func:`lmgym.models.tiny_model`), and a finite
+built offline from a fixed seed (:func:`lmgym.models.loading.tiny_model`), and a finite
 prompt list, so ``env.unwrapped.optimal_return`` is the exact optimum of the
-KL-regularised objective (soft dynamic programming, :mod:`lmgym.optimum`). An
+KL-regularised objective (soft dynamic programming, :mod:`lmgym.envs.optimum`). An
 agent's mean return divided by it is a fraction of the true optimum.
 """
 
@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import itertools
 
-from lmgym import checks
-from lmgym.env import TextGenEnv
-from lmgym.models import tiny_model
+from lmgym.utils import checks
+from lmgym.envs.env import TextGenEnv
+from lmgym.models.loading import tiny_model
 from lmgym.tasks.options import check_options, constructor_options
-from lmgym.vector import TextGenVectorEnv
+from lmgym.envs.vector import TextGenVectorEnv
 
 __all__ = ["WORDS", "reference_model", "TargetCount", "SequenceMatch", "TASKS", "make_env", "make_vec_env"]
 

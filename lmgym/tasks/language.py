@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import re
 
-from lmgym import checks, corpora, zoo
-from lmgym.env import TextGenEnv
+from lmgym.utils import checks
+from lmgym.zoo import corpora, entries as zoo
+from lmgym.envs.env import TextGenEnv
 from lmgym.tasks import chat_arithmetic
 from lmgym.tasks.options import check_options, constructor_options
-from lmgym.vector import TextGenVectorEnv
+from lmgym.envs.vector import TextGenVectorEnv
 
 __all__ = ["VaderSentiment", "ArithmeticReward", "make_env", "make_vec_env", "DOCS"]
 
@@ -80,7 +81,7 @@ def _arithmetic(kwargs: dict, zoo_steps: int | None) -> dict:
 
 def _preference(kwargs: dict, zoo_steps: int | None) -> dict:
     def reward():
-        from lmgym.reward_model import LearnedReward, RewardModel
+        from lmgym.rewards.reward_model import LearnedReward, RewardModel
 
         return LearnedReward(RewardModel.load(zoo.load_path("assistant-rm", steps=zoo_steps)))
 
@@ -177,7 +178,7 @@ DOCS = {
     the default policy is lmgym's zoo model "assistant" (the SFT model), whose replies vary
     in politeness and length. The score is a *learned* reward model: lmgym sampled 8
     replies per prompt from the SFT model, labelled them with a fixed rule standing in for
-    human raters (``lmgym.corpora.polite_concise_labeller``: polite, helpful, concise replies
+    human raters (``lmgym.zoo.corpora.polite_concise_labeller``: polite, helpful, concise replies
     win), and trained a Bradley-Terry reward model on the pairs (zoo entry "assistant-rm").
 
     ## Rewards

@@ -1,0 +1,319 @@
+"""The ``Agent`` interface and its training loop: collect a rollout, update, log, checkpoint, repeat.
+
+An algorithm subclasses :class:`Agent` and writes one method, :meth:`Agent.update`,
+which turns a :class:`Rollout` into a gradient step (or several). Collecting
+episodes and the training loop are here; the update machinery (:mod:`.update`),
+evaluation (:mod:`.evaluation`), logging (:mod:`.log`) and checkpoints
+(:mod:`.checkpointing`) are written once beside it and mixed into :class:`Agent`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from lmgym.agents.common import checkpoint as checkpoints
+from lmgym.agents.scale import sharding
+from lmgym.agents.common.checkpoint import CheckpointError
+from lmgym.agents.common.checkpointing import Checkpointing
+from lmgym.agents.common.config import AgentConfig, ConfigError, check_config
+from lmgym.agents.common.evaluation import Evaluation
+from lmgym.agents.common.log import Logging
+from lmgym.agents.common.update import TrainingError, UpdateSteps
+from lmgym.agents.scale.distributed import DataParallel
+from lmgym.agents.common.forward import policy_forward
+from lmgym.agents.common.policy import ValueHead, build_policy
+from lmgym.agents.common.rollout import Rollout, masked_mean, masked_whiten
+from lmgym.utils import fast_paths
+from lmgym.utils.heap import returning_large_frees
+from lmgym.models.loading import resolve_device, sample_continuations, to_left_padded
+from lmgym.models.sampling import Sampling
+
+__all__ = ["AgentConfig", "Agent", "Rollout", "Callback", "TrainingError", "CheckpointError", "ConfigError",
+           "ValueHead", "policy_forward", "masked_mean", "masked_whiten"]
+
+
+class Callback:
+    """Called after every iteration of :meth:`Agent.learn`; return ``False`` to stop training.
+
+    A plain function ``fn(agent, metrics)`` works as a callback too.
+    """
+
+    def on_iteration(self, agent: "Agent", metrics: dict[str, float]) -> bool | None:
+        return None
+
+
+class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
+    """Base class of lmgym's agents. Subclass it and write :meth:`update` to plug in an algorithm.
+
+    Args:
+        env: a :class:`lmgym.TextGenVectorEnv` (``gym.make_vec("lmgym/...", num_envs=N)``).
+        config: the agent's config dataclass (defaults if None).
+        policy: the causal LM to train; by default a copy of the env's reference model. Either way
+            it is trained with float32 master weights (a half-precision model is cast in place)
+            and, with ``disable_dropout`` (default), no dropout.
+        peft_config: train LoRA adapters instead (a ``peft.LoraConfig`` or a dict of its arguments;
+            needs ``pip install lmgym[lora]``): they are injected into the env's reference model,
+            which then serves as pi_ref with its adapters disabled, so no second copy is held.
+        logdir: TensorBoard and checkpoint folder (None: no logs, no checkpoints).
+        device: ``"auto"`` (CUDA when available) or any torch device; by default the env's.
+        **overrides: config fields to change, e.g. ``learning_rate=3e-4``.
+    """
+
+    config_class = AgentConfig
+    name = "agent"
+
+    def __init__(self, env, config: AgentConfig | None = None, *, policy=None, peft_config=None,
+                 logdir: str | os.PathLike | None = None, device=None, **overrides):
+        if not hasattr(env, "score_sequences"):
+            raise TypeError(f"{type(self).__name__} needs an lmgym TextGenVectorEnv (gym.make_vec('lmgym/...')), "
+                            f"got {type(env).__name__}")
+        self.config = self.make_config(config, overrides)
+        self.env = env
+        self.device = resolve_device(device) if device is not None else env.device
+        if self.device != env.device:
+            raise ValueError(f"the agent runs on {self.device} but the environment on {env.device}; "
+                             "create the environment with the same device")
+        # Under torchrun / accelerate launch: join the other processes; this one's environment is its
+        # share of a batch of world_size * num_envs rows (lmgym.agents.scale.distributed).
+        self.distributed = DataParallel.from_environment(self.device)
+        if self.distributed.active:
+            env.core.set_shard(self.distributed.rank, self.distributed.world_size)
+        self._check_batch_layout(env.num_envs)
+        # The sampling transformation: the policy samples from it, its log-probs (handed to the
+        # environment and used in the ratios) are the transformed distribution's, and the
+        # environment scores the reference under the same transformation (lmgym.models.sampling).
+        self.sampling = Sampling(self.config.temperature, self.config.top_k, self.config.top_p)
+        env.sampling = self.sampling
+        torch.manual_seed(self.config.seed)
+        # LoRA injects adapters into the reference itself: fingerprint its weights before that.
+        fingerprint = checkpoints.reference_fingerprint(env.reference_model) if peft_config is not None else None
+        # float32 master weights whatever the reference's dtype, dropout off, or LoRA adapters on the
+        # reference itself (see lmgym.agents.common.policy and lmgym.agents.common.lora)
+        self.policy = build_policy(env, self.config, self.device, policy=policy, peft_config=peft_config)
+        self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        self.setup()
+        # FSDP when the launch asks for it (lmgym.agents.scale.sharding): the policy's weights, gradients and AdamW
+        # moments are then split over the processes (with LoRA: the base, which is the env's reference model).
+        self.sharded = self.distributed.active and sharding.fsdp_requested()
+        if self.sharded:
+            sharding.shard_policy(self.policy)
+        # one fused kernel per step instead of a chain of elementwise ops per parameter (same update up to
+        # float rounding); not with FSDP (the fused kernel cannot take sharded tensors) nor on other devices
+        fused = self.device.type in ("cpu", "cuda") and not self.sharded
+        if not fused:
+            fast_paths.fall_back("fused AdamW", "the policy is FSDP-sharded" if self.sharded
+                                 else f"torch has no fused AdamW on {self.device.type}")
+        self.optimizer = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad],
+                                           lr=self.config.learning_rate, eps=self.config.adam_eps,
+                                           weight_decay=self.config.weight_decay, fused=fused)
+        self.global_step = 0  # environment steps (tokens generated)
+        self.iteration = 0
+        self.episodes = 0
+        self.logdir = Path(logdir) if logdir is not None else None
+        self.writer = None
+        self._close_writer = None
+        self.last_checkpoint: Path | None = None
+        """the last checkpoint this agent wrote or loaded; only finite, usable weights are ever written"""
+        self._env_started = False
+        self._shard_sampling = True  # off while every process evaluates the same given prompts
+        self.current_micro_batch: torch.Tensor | None = None
+        """the whole micro-batch whose part :meth:`micro_batches` yielded last (for :meth:`token_share`)"""
+        self.run_id = checkpoints.new_run_id()
+        self.initial_kl_coef = float(env.kl_coef)
+        """the environment's kl_coef when the run started (an adaptive controller moves env.kl_coef)"""
+        self.resumes: list[dict] = []
+        """the run's lineage: each checkpoint it was resumed from, and the settings changed then"""
+        self._reference_fingerprint: str | None = fingerprint
+
+    # ------------------------------------------------------------------ configuration
+    @classmethod
+    def make_config(cls, config, overrides: dict):
+        import difflib
+
+        config = copy.deepcopy(config) if config is not None else cls.config_class()
+        if not isinstance(config, cls.config_class):
+            raise TypeError(f"{cls.__name__} needs a {cls.config_class.__name__}, got {type(config).__name__}")
+        names = {f.name for f in dataclasses.fields(config)}
+        for key, value in overrides.items():
+            if key not in names:
+                close = difflib.get_close_matches(key, sorted(names), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"{cls.__name__} has no hyper-parameter {key!r}{hint}")
+            setattr(config, key, value)
+        check_config(config)
+        return config
+
+    def _check_batch_layout(self, num_envs: int) -> None:
+        """The minibatch settings must split the batch of ``num_envs`` episodes evenly (under data parallelism:
+        each micro-batch must split evenly over the processes too)."""
+        cfg = self.config
+        world = self.distributed.world_size
+        if world > 1 and num_envs % (cfg.num_minibatches * cfg.gradient_accumulation_steps):
+            raise ConfigError(
+                f"{world} processes cannot share the micro-batches evenly: num_minibatches={cfg.num_minibatches} x "
+                f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must divide each process's "
+                f"{num_envs} episodes (the batch is {world} x num_envs={num_envs}); change num_envs or those settings")
+        if num_envs % cfg.num_minibatches:
+            raise ConfigError(f"num_minibatches={cfg.num_minibatches} must divide the batch of {num_envs} episodes "
+                              "(the environment's num_envs)")
+        size = num_envs // cfg.num_minibatches
+        if size % cfg.gradient_accumulation_steps:
+            raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must divide the "
+                              f"minibatch of {size} episodes (num_envs={num_envs} / num_minibatches="
+                              f"{cfg.num_minibatches})")
+
+    def setup(self) -> None:
+        """Build algorithm-specific modules (value heads...) before the optimizer is made."""
+
+    def parameters(self):
+        """Every trainable parameter (the policy's, plus any head an algorithm adds)."""
+        return list(self.policy.parameters())
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """The modules whose weights a checkpoint holds, by name."""
+        return {"policy": self.policy}
+
+    def save_pretrained(self, directory: str | os.PathLike, *, dtype=None, merge: bool = True,
+                        overwrite: bool = False) -> Path:
+        """Write the policy as a standard Hugging Face model folder (weights, config, tokenizer, generation
+        config with the environment's stop tokens and this agent's sampling); a LoRA policy merged, or as
+        its adapters alone with ``merge=False``. See :mod:`lmgym.agents.export`."""
+        from lmgym.agents.export import save_pretrained
+
+        return save_pretrained(self, directory, dtype=dtype, merge=merge, overwrite=overwrite)
+
+    # ------------------------------------------------------------------ rollouts
+    def policy_active(self):
+        """A context in which the policy's forwards and backwards run as the policy (a LoRA policy's adapters
+        on: see :mod:`lmgym.agents.common.lora`); a no-op for a policy that is a model of its own."""
+        active = getattr(self.policy, "active", None)
+        return active() if active is not None else contextlib.nullcontext()
+
+    def autocast(self):
+        enabled = self.config.bf16 and self.device.type == "cuda"
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    @torch.no_grad()
+    def collect(self) -> Rollout:
+        """Sample one continuation per env with the policy (KV-cached) and score the batch in one call."""
+        if not self._env_started:
+            self.env.reset(seed=self.config.seed)
+            self._env_started = True
+        obs = self.env.observation()
+        query_ids, query_mask = to_left_padded(obs["input_ids"], obs["attention_mask"], self.env.max_prompt_tokens)
+        self.policy.eval()
+        with self.autocast():
+            tokens, logprobs = self.sample(query_ids, query_mask)
+        self.policy.train()
+        if not bool(torch.isfinite(logprobs).all()):
+            raise TrainingError(f"the policy's log-probs are not finite at iteration {self.iteration}: its weights "
+                                f"are non-finite or too large{self._last_good()}.")
+        result = self.env.score_sequences(tokens, logprobs)
+        for name in ("rewards", "scores"):
+            value = getattr(result, name)
+            if not bool(torch.isfinite(value).all()):
+                raise TrainingError(f"the environment returned non-finite {name} at iteration {self.iteration}")
+        return Rollout(query_ids=query_ids, query_mask=query_mask, tokens=tokens, mask=result.mask,
+                       logprobs=result.logprobs, ref_logprobs=result.ref_logprobs, rewards=result.rewards,
+                       scores=result.scores, kl=result.kl, lengths=result.lengths, group_size=self.env.group_size,
+                       prompts=result.prompts, completions=result.completions,
+                       # set by an engine sampler (lmgym.agents.scale.vllm) for the rollout it just drew
+                       sampling_weights=self.__dict__.pop("pending_sampling_weights", None))
+
+    def sample(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Continuations of the left-padded prompts and the log-probs of their tokens under the distribution
+        sampled from: the policy's under :attr:`sampling`. An algorithm that samples from another
+        distribution (NLPO's masked nucleus) overrides this; its log-probs are the ones the environment sees."""
+        return sample_continuations(
+            self.policy, query_ids, query_mask, self.env.max_new_tokens, stop_token_ids=self.env.stop_token_ids,
+            pad_token_id=self.env.tokenizer.pad_token_id, temperature=self.sampling.temperature,
+            top_k=self.sampling.top_k, top_p=self.sampling.top_p, generator=self.generator,
+            **self.sampling_share())
+
+    def sampling_share(self) -> dict:
+        """Arguments of :func:`lmgym.models.loading.sample_continuations` that make this process sample exactly its share
+        of the data-parallel batch (none with one process); an agent with its own sampler passes them on."""
+        if not self.distributed.active or not self._shard_sampling:
+            return {}
+        return {"noise_share": (self.distributed.rank, self.distributed.world_size),
+                "all_finished": self.distributed.all_finished}
+
+    def training_batch(self):
+        """The data one iteration of :meth:`learn` trains on: a fresh rollout. An offline algorithm (DPO on a
+        preference file) returns its next batch instead: anything with ``lengths`` (tokens per row, counted as
+        steps) and ``len()``, that its :meth:`update` and :meth:`rollout_metrics` read."""
+        return self.collect()
+
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        """One training update on a rollout; returns metrics to log. Algorithms implement this."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ training loop
+    def learn(self, total_steps: int, *, callbacks: list[Callback | Callable] | None = None,
+              progress: bool = True) -> "Agent":
+        """Train until ``total_steps`` environment steps (generated tokens) have been taken in total.
+
+        A resumed agent continues from its ``global_step``. Callbacks run after each
+        iteration; one returning ``False`` stops training.
+        """
+        from tqdm.auto import tqdm
+
+        if total_steps <= self.global_step:
+            return self
+        check_config(self.config)  # settings changed on the agent since it was built are checked too
+        self._check_batch_layout(self.env.num_envs)
+        self._open_writer()
+        bar = tqdm(total=total_steps, initial=self.global_step, disable=not progress or not self.distributed.is_main,
+                   unit="tok", desc=f"{self.name}", dynamic_ncols=True)
+        callbacks = list(callbacks or [])
+        saved_at = None
+        try:
+            while self.global_step < total_steps:
+                self._anneal(total_steps)
+                start = time.perf_counter()
+                rollout = self.training_batch()
+                if isinstance(rollout, Rollout):  # every process holds the whole batch (lmgym.agents.scale.distributed)
+                    rollout = self.distributed.gather_rollout(rollout)
+                collected = time.perf_counter()
+                # CPU: the update's activations go back to the OS when freed (lmgym.utils.heap)
+                heap = returning_large_frees(self.config.cpu_mmap_threshold_mib if self.device.type == "cpu" else 0)
+                with self.policy_active(), heap:
+                    metrics = self.distributed.mean_metrics(self.update(rollout))
+                done = time.perf_counter()
+                steps = int(rollout.lengths.sum())
+                self.global_step += steps
+                self.episodes += len(rollout)
+                self.iteration += 1
+                metrics.update(self.rollout_metrics(rollout))
+                metrics["time/tokens_per_s"] = steps / (done - start)
+                metrics["time/rollout_s"] = collected - start
+                metrics["time/update_s"] = done - collected
+                metrics["charts/learning_rate"] = self.optimizer.param_groups[0]["lr"]
+                self.log(metrics)
+                bar.update(steps)
+                bar.set_postfix({name: f"{metrics[key]:.3f}" for name, key in (("score", "objective/scores"),
+                                 ("kl", "objective/kl"), ("loss", "loss/policy")) if key in metrics})
+                if self.config.checkpoint_every and self.iteration % self.config.checkpoint_every == 0:
+                    self.checkpoint()
+                    saved_at = self.iteration
+                stop = any(self._call(cb, metrics) is False for cb in callbacks)
+                if self.distributed.any(stop):  # one process's callback (a time budget) stops them all
+                    break
+            if self.logdir is not None and saved_at != self.iteration:  # not just written by checkpoint_every
+                self.checkpoint()
+        finally:
+            bar.close()
+            self.close()  # the writer's thread ends with the run; log() opens a new one when needed
+        return self
+
+    def _call(self, cb, metrics):
+        return cb.on_iteration(self, metrics) if isinstance(cb, Callback) else cb(self, metrics)

@@ -1,0 +1,80 @@
+"""A batch of finished episodes, as the agents' updates read it, and the masked statistics over its tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["Rollout", "masked_mean", "masked_whiten"]
+
+
+@dataclass
+class Rollout:
+    """One batch of finished episodes: per-token tensors ``(N, T)`` and per-episode ``(N,)``, on one device."""
+
+    query_ids: torch.Tensor
+    """left-padded prompts ``(N, P)``"""
+    query_mask: torch.Tensor
+    """1 for prompt tokens"""
+    tokens: torch.Tensor
+    """sampled continuations ``(N, T)``"""
+    mask: torch.Tensor
+    """1.0 for tokens inside the episode"""
+    logprobs: torch.Tensor
+    """log pi_old of each token, from sampling"""
+    ref_logprobs: torch.Tensor
+    """log pi_ref of each token"""
+    rewards: torch.Tensor
+    """per-token rewards from the environment (KL penalty + score on the last step)"""
+    scores: torch.Tensor
+    """task score of each episode"""
+    kl: torch.Tensor
+    """per-token KL estimate log pi_old - log pi_ref"""
+    lengths: torch.Tensor
+    """tokens per episode"""
+    group_size: int = 1
+    """G consecutive episodes share one prompt (a selection keeps it: its prompts still repeat)"""
+    prompts: list[str] = field(default_factory=list)
+    """each episode's prompt text"""
+    completions: list[str] = field(default_factory=list)
+    """decoded completions"""
+    values: torch.Tensor | None = None
+    """value estimates (filled by actor-critic agents)"""
+    sampling_weights: torch.Tensor | None = None
+    """per-token truncated importance weights min(pi_old / mu, cap) when another sampler mu (a vLLM engine) drew
+    the tokens (:mod:`lmgym.agents.scale.vllm`); None when the policy sampled them itself"""
+
+    @property
+    def returns(self) -> torch.Tensor:
+        """Each episode's undiscounted return: score - beta * sum KL."""
+        return self.rewards.sum(1)
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def select(self, idx: torch.Tensor) -> "Rollout":
+        """The rollout's tensors restricted to the episodes ``idx`` (texts are left out: updates do not
+        read them, and gathering them would cost a host round-trip per minibatch)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v[idx] if isinstance(v, torch.Tensor) else v
+        out["prompts"], out["completions"] = [], []
+        return Rollout(**out)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """The mean of ``x`` over the entries where ``mask`` is 1 (along ``dim``, or all); 0 where none are."""
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Normalise ``x`` to unit variance (and zero mean) over the masked entries."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return out if shift_mean else out + mean
