@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from lmgym.agents.common.base import Agent, AgentConfig, Rollout, policy_forward
 from lmgym.agents.common.config import OneOf, Range
-from lmgym.models.loading import left_pad, right_pad
+from lmgym.models import left_pad, right_pad
 
 __all__ = ["DPOLossConfig", "DPOConfig", "OnlineDPOConfig", "DPO", "OnlineDPO", "PreferenceBatch", "dpo_loss",
            "sequence_logratios"]

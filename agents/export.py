@@ -72,7 +72,7 @@ def save_pretrained(agent, directory: str | os.PathLike, *, dtype: str | torch.d
     Returns:
         the folder's path.
     """
-    from lmgym.models.loading import is_sharded_module, resolve_dtype
+    from lmgym.models import is_sharded_module, resolve_dtype
 
     if is_sharded_module(agent.policy):
         raise ExportError("the policy is sharded over processes by FSDP, so no process holds it whole; export the "

@@ -38,7 +38,7 @@ from lmgym.agents.common.base import Rollout, policy_forward
 from lmgym.agents.common.config import ConfigError, Range
 from lmgym.agents.ppo import PPO, PPOConfig
 from lmgym.envs.masking import nucleus_mask
-from lmgym.models.loading import sample_continuations
+from lmgym.models import sample_continuations
 from lmgym.models.sampling import Sampling
 
 __all__ = ["NLPOConfig", "NLPO", "sample_in_nucleus"]
@@ -68,7 +68,7 @@ def sample_in_nucleus(policy, masking_policy, input_ids: torch.Tensor, attention
                       generator: torch.Generator | None = None, **share):
     """Sample continuations of left-padded prompts from ``policy`` restricted to ``masking_policy``'s nucleus.
 
-    :func:`lmgym.models.loading.sample_continuations` steps both models in lock-step, each with its own
+    :func:`lmgym.models.sample_continuations` steps both models in lock-step, each with its own
     KV cache; at each step the policy's distribution under ``sampling`` is restricted to the
     top-``mask_top_p`` nucleus of the masking policy (at the same temperature; ``never_mask`` ids
     always allowed) and renormalised. ``logprobs`` are the masked distribution's. With

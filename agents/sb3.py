@@ -305,7 +305,7 @@ class LMPolicy(ActorCriticPolicy):
                               stacklevel=2)
             env = env.env
         if isinstance(model, (str, bytes)) or not isinstance(model, nn.Module):
-            from lmgym.models.loading import load_model
+            from lmgym.models import load_model
 
             model, _ = load_model(model, device="cpu", dtype="float32")
         if model.config.vocab_size != action_space.n:

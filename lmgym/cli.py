@@ -157,13 +157,14 @@ def _train(args, extra) -> int:
 def _data_parallel(device: str):
     """This process's place in a torchrun / accelerate launch (a no-op object without one)."""
     from lmgym.agents.scale.distributed import DataParallel
-    from lmgym.models.loading import resolve_device
+    from lmgym.models import resolve_device
 
     return DataParallel.from_environment(resolve_device(device))
 
 
 def _bench(args, extra) -> int:
-    from lmgym.bench.grid import bench, parse_overrides, update_readme
+    from lmgym.bench.grid import bench, parse_overrides
+    from lmgym.bench.report import update_readme
 
     if args.throughput:
         return _throughput(args)
@@ -279,7 +280,7 @@ def _label(args, extra) -> int:
         if args.candidates is not None:
             items = read_candidates(args.candidates)
         else:
-            from lmgym.models.loading import load_model
+            from lmgym.models import load_model
 
             prompts = read_prompts(args.prompts)
             model, tokenizer = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
@@ -362,7 +363,8 @@ def _lora_config(args) -> dict | None:
 
 def _train_own(args, extra) -> int:
     from lmgym.agents import CheckpointError
-    from lmgym.bench.grid import BenchError, parse_overrides
+    from lmgym.bench.grid import parse_overrides
+    from lmgym.bench.report import BenchError
     from lmgym.rewards.functions import RewardError
     from lmgym.train_own import read_prompts, train_own_model
 

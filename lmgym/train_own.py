@@ -142,7 +142,7 @@ def train_own_model(*, model: str, prompts, agent: str, reward=None, reward_mode
     import lmgym  # noqa: F401  registers lmgym/TextGen-v0
     from lmgym.agents import AGENTS
     from lmgym.agents.export import RUN_FILE
-    from lmgym.models.loading import load_tokenizer, resolve_device
+    from lmgym.models import load_tokenizer, resolve_device
     from lmgym.envs.prompts import PromptSource
 
     if agent not in AGENTS:

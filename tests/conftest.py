@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lmgym  # noqa: F401  (registers the environments)
-from lmgym.models.loading import tiny_model
+from lmgym.models import tiny_model
 
 WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "far", "good", "bad", "very", "day"]
 

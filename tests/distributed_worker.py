@@ -115,7 +115,7 @@ def main(out: str, algos: list[str], cli_too: bool) -> None:
     assert cli.main(CLI_BENCH + ["--out", str(out / "cli-bench")]) == 0
     # `lmgym train --model` with your own model, prompts and reward: process 0 writes them, all train
     if rank == 0:
-        from lmgym.models.loading import tiny_model
+        from lmgym.models import tiny_model
 
         model, tok = tiny_model(["the", "cat", "good", "day"], hidden_size=32, num_layers=1, num_heads=4,
                                 max_positions=64, seed=1, init_std=0.3)

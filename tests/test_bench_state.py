@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmgym.bench import grid as benchmod
+import lmgym.bench as benchmod
 from lmgym.cli import main
 
 ROOT = Path(__file__).parents[1]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmgym.envs.chat import default_stop_token_ids
-from lmgym.models.loading import tiny_model
+from lmgym.models import tiny_model
 
 WORDS = ["<eos>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system", "hi", "there", "two", "plus",
          "three", "is", "five"]

@@ -15,7 +15,7 @@ import torch
 
 import lmgym  # noqa: F401
 from lmgym.zoo import smollm, entries as zoo
-from lmgym.models.loading import tiny_model
+from lmgym.models import tiny_model
 from lmgym.tasks.chat_arithmetic import (ChatArithmeticReward, chat_arithmetic_prompts, final_number,
                                          solve_question)
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from lmgym.zoo import corpora
 from lmgym.cli import main
-from lmgym.models.loading import tiny_model
+from lmgym.models import tiny_model
 from lmgym.rewards.reward_model import RewardModel
 from lmgym.zoo.entries import train_tokenizer
 

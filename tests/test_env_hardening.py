@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmgym import EpisodeError, RewardError, TextGenEnv, TextGenVectorEnv
-from lmgym.models.loading import word_tokenizer
+from lmgym.models import word_tokenizer
 
 pytestmark = pytest.mark.compat  # also run on the oldest declared torch and transformers (.ci/run)
 
@@ -285,7 +285,7 @@ def _no_pad_no_eos_tokenizer():
 
 def test_loading_errors_name_the_file_and_the_fix(tiny, tmp_path):
     """Item 8: a folder without tokenizer files, a truncated weight file."""
-    from lmgym.models.loading import load_model
+    from lmgym.models import load_model
 
     model, tok = tiny
     model.save_pretrained(tmp_path)

@@ -15,7 +15,7 @@ from lmgym.utils import fast_paths
 from lmgym.models import hf_api
 from lmgym.agents import GRPO
 from lmgym.agents.common.forward import _PromptCache, policy_forward, shares_prompts
-from lmgym.models.loading import CachedLM, sample_continuations, word_tokenizer
+from lmgym.models import CachedLM, sample_continuations, word_tokenizer
 
 from conftest import PROMPTS, WORDS, count_good
 

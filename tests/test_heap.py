@@ -46,7 +46,7 @@ elif mode == "inside":
 else:  # an agent's update on the CPU makes those activations
     import gymnasium as gym, lmgym
     from lmgym.agents import GRPO
-    from lmgym.models.loading import tiny_model
+    from lmgym.models import tiny_model
     model, tok = tiny_model(["a", "b"])
     env = gym.make_vec("lmgym/TextGen-v0", num_envs=4, group_size=2, model=model, tokenizer=tok, prompts=["a"],
                        reward_fn=lambda p, c: [0.0] * len(c), max_new_tokens=2, device="cpu")

@@ -11,7 +11,7 @@ import torch
 from lmgym.agents import GRPO, PPO
 from lmgym.agents.common.base import Rollout, policy_forward
 from lmgym.agents.common.logprobs import check_plain_output_head
-from lmgym.models.loading import tiny_model
+from lmgym.models import tiny_model
 from lmgym.models.sampling import Sampling
 
 from conftest import PROMPTS, WORDS

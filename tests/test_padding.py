@@ -1,11 +1,11 @@
-"""lmgym.models.loading.left_pad / right_pad: the one way lmgym stacks ragged token (or log-prob) lists, against a slow loop."""
+"""lmgym.models.left_pad / right_pad: the one way lmgym stacks ragged token (or log-prob) lists, against a slow loop."""
 
 import random
 
 import pytest
 import torch
 
-from lmgym.models.loading import left_pad, right_pad
+from lmgym.models import left_pad, right_pad
 
 
 def slow(sequences, pad, width, dtype, left):

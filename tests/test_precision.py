@@ -6,7 +6,7 @@ import torch
 
 from lmgym.agents import GRPO, PPO
 from lmgym.agents.common.base import policy_forward
-from lmgym.models.loading import tiny_model, word_tokenizer
+from lmgym.models import tiny_model, word_tokenizer
 
 from conftest import WORDS
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmgym.zoo import corpora
-from lmgym.models.loading import tiny_model
+from lmgym.models import tiny_model
 from lmgym.rewards.reward_model import (LearnedReward, RewardModel, bradley_terry_loss, groups_from_rankings,
                                 read_preferences, train_reward_model)
 from lmgym.zoo.entries import train_tokenizer

@@ -7,7 +7,7 @@ import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from lmgym.agents import GRPO
-from lmgym.models.loading import sample_continuations
+from lmgym.models import sample_continuations
 from lmgym.models.sampling import Sampling
 
 from conftest import PROMPTS, WORDS

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmgym.cli import main
-from lmgym.models.loading import tiny_model
+from lmgym.models import tiny_model
 
 from conftest import WORDS
 from test_chat import CONVERSATIONS, IM_END, chat_model

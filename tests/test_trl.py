@@ -196,7 +196,7 @@ def test_a_model_trl_cannot_load_is_a_clear_error(trl, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lmgym.integrations.trl import TRLModelError, TRLTask
-    from lmgym.models.loading import word_tokenizer
+    from lmgym.models import word_tokenizer
 
     class UnregisteredConfig(LlamaConfig):
         model_type = "lmgym-test-unregistered"

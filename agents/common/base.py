@@ -34,7 +34,7 @@ from lmgym.agents.common.policy import ValueHead, build_policy
 from lmgym.agents.common.rollout import Rollout, masked_mean, masked_whiten
 from lmgym.utils import fast_paths
 from lmgym.utils.heap import returning_large_frees
-from lmgym.models.loading import resolve_device, sample_continuations, to_left_padded
+from lmgym.models import resolve_device, sample_continuations, to_left_padded
 from lmgym.models.sampling import Sampling
 
 __all__ = ["AgentConfig", "Agent", "Rollout", "Callback", "TrainingError", "CheckpointError", "ConfigError",
@@ -240,7 +240,7 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
             **self.sampling_share())
 
     def sampling_share(self) -> dict:
-        """Arguments of :func:`lmgym.models.loading.sample_continuations` that make this process sample exactly its share
+        """Arguments of :func:`lmgym.models.sample_continuations` that make this process sample exactly its share
         of the data-parallel batch (none with one process); an agent with its own sampler passes them on."""
         if not self.distributed.active or not self._shard_sampling:
             return {}

@@ -43,7 +43,7 @@ from lmgym.agents.common.logprobs import accepts_logits_to_keep, chunked_token_l
 from lmgym.agents.common.lora import base_model
 from lmgym.utils import fast_paths
 from lmgym.models.hf_api import cache_keyword, cache_kwargs, cache_of, hf_model, is_activation_checkpointing
-from lmgym.models.loading import token_logprobs
+from lmgym.models import token_logprobs
 from lmgym.models.sampling import Sampling
 
 if TYPE_CHECKING:

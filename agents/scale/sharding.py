@@ -24,7 +24,7 @@ and spares a gather per checkpoint.
 **Every forward of a sharded model is a collective**: all processes must run the same forwards in
 the same order, or they wait on each other forever. lmgym's agents keep them in lockstep: sampling
 takes as many decode steps on every process as the longest row of the whole batch needs (see
-:func:`lmgym.models.loading.sample_continuations`'s ``all_finished``); the environment's submission path runs
+:func:`lmgym.models.sample_continuations`'s ``all_finished``); the environment's submission path runs
 the same reference forwards everywhere (one prefill per restart of all rows, one scoring forward over
 the ``T`` sampled columns, ``T`` being equal on every process); the update forwards equal parts of
 each micro-batch. The environment's per-token ``step`` is *not* lockstep (rows restart when their
@@ -39,7 +39,7 @@ import os
 import torch
 import torch.nn as nn
 
-from lmgym.models.loading import is_sharded
+from lmgym.models import is_sharded
 
 __all__ = ["fsdp_requested", "shard_policy", "is_sharded", "full_weights", "full_weights_everywhere",
            "load_full_weights", "full_optimizer_state", "shard_optimizer_state", "clip_grad_norm"]

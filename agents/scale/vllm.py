@@ -39,7 +39,7 @@ from typing import Iterable, Protocol
 
 import torch
 
-from lmgym.models.loading import right_pad
+from lmgym.models import right_pad
 
 __all__ = ["GenerationEngine", "VLLMEngine", "EngineSampler", "use_engine", "truncated_importance_weights"]
 

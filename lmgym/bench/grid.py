@@ -9,11 +9,9 @@ runs), and writes ``results.json``, ``results.md``, ``curves.png`` and ``frontie
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import difflib
 import json
-import math
 import os
 import resource
 import shutil
@@ -22,13 +20,14 @@ import time
 from pathlib import Path
 
 import gymnasium as gym
-import numpy as np
 import torch
 
 import lmgym  # noqa: F401  registers the environments
 
-__all__ = ["AGENT_NAMES", "RECOMMENDED", "run", "bench", "parse_overrides", "write_report", "readme_block",
-           "update_readme", "machine"]
+from lmgym.bench.report import BenchError, _atomic_write, _jsonable, write_report
+from lmgym.bench.sb3_cell import _optimum, run_sb3
+
+__all__ = ["AGENT_NAMES", "RECOMMENDED", "run", "bench", "parse_overrides", "machine"]
 
 AGENT_NAMES = ("ppo", "grpo", "reinforce", "rloo", "a2c", "rft", "dpo", "online-dpo", "sb3-ppo", "nlpo", "trl-grpo",
                "trl-rloo")
@@ -48,10 +47,6 @@ RECOMMENDED = {
 }
 """Learning rates that suit the small default models of the built-in tasks (overridable). On Arithmetic-v0,
 1e-3 made GRPO, RLOO and PPO collapse (end score below the start) while 3e-4 improved all four agents."""
-
-
-class BenchError(ValueError):
-    """A bad task, agent, hyper-parameter or output folder."""
 
 
 def _check_task(task: str) -> None:
@@ -168,7 +163,7 @@ def run(task: str, agent: str, *, steps: int | None = 20_000, seconds: float | N
     """
     from lmgym.utils.cpu import limit_torch_threads
     from lmgym.utils.lock import FolderLock
-    from lmgym.models.loading import resolve_device
+    from lmgym.models import resolve_device
 
     _check_task(task)
     _check_agent(agent)
@@ -189,7 +184,7 @@ def run(task: str, agent: str, *, steps: int | None = 20_000, seconds: float | N
     parallel = _data_parallel(dev, agent, num_envs, group)
     num_envs //= parallel.world_size
     budget = steps if steps is not None else sys.maxsize
-    runner = _run_sb3 if agent == "sb3-ppo" else _run_trl if agent in TRL_AGENTS else _run_lmgym
+    runner = run_sb3 if agent == "sb3-ppo" else _run_trl if agent in TRL_AGENTS else _run_lmgym
     # One process at a time writes a run's logs and checkpoints (process 0 of a launch).
     lock = (FolderLock(logdir, f"lmgym training {agent} on {task}").acquire()
             if logdir is not None and parallel.is_main else None)
@@ -244,13 +239,6 @@ def machine(device: torch.device | None = None) -> dict:
     return info
 
 
-def _optimum(venv) -> float | None:
-    try:
-        return venv.optimal_return
-    except ValueError:
-        return None
-
-
 def _run_lmgym(task, agent, *, budget, seconds, seed, device, logdir, overrides, env_kwargs, num_envs, group,
                resume, progress, eval_batches) -> dict:
     from lmgym.agents import AGENTS
@@ -298,116 +286,6 @@ def _run_trl(task, agent, *, budget, seconds, seed, device, logdir, overrides, e
                     eval_batches=eval_batches, progress=progress)
 
 
-# SB3's log keys under lmgym's names (agents/base.py, agents/ppo.py), with the factor that turns the one into
-# the other, so an sb3-ppo run overlays lmgym's runs in TensorBoard tag by tag.
-_SB3_TO_LMGYM_TAGS = {
-    "train/policy_gradient_loss": ("loss/policy", 1.0),
-    "train/value_loss": ("loss/value", 1.0),
-    "train/clip_fraction": ("policy/clipfrac", 1.0),
-    "train/approx_kl": ("policy/approxkl", 1.0),
-    "train/entropy_loss": ("objective/entropy", -1.0),  # SB3 logs minus the mean entropy
-    "train/explained_variance": ("val/explained_variance", 1.0),
-    "train/learning_rate": ("charts/learning_rate", 1.0),
-    "time/fps": ("time/tokens_per_s", 1.0),  # one environment step is one token
-    # objective/return and charts/episode_length, logged per rollout, replace SB3's 100-episode means.
-    "rollout/ep_rew_mean": None,
-    "rollout/ep_len_mean": None,
-}
-
-
-def _run_sb3(task, agent, *, budget, seconds, seed, device, logdir, overrides, env_kwargs, num_envs, group, resume,
-             progress, eval_batches) -> dict:
-    from stable_baselines3 import PPO
-    from stable_baselines3.common.callbacks import BaseCallback
-    from stable_baselines3.common.logger import KVWriter, Logger
-    from stable_baselines3.common.vec_env import VecMonitor
-
-    from lmgym.agents.sb3 import LMGymVecEnv, LMPolicy, evaluate_return, lm_policy_kwargs
-
-    if resume is not None:
-        raise BenchError("--resume is not supported for sb3-ppo (SB3 checkpoints are pickles)")
-    venv = gym.make_vec(task, num_envs=num_envs, device=device, **env_kwargs)
-    env = VecMonitor(LMGymVecEnv(venv, seed=seed))
-    kwargs = dict(n_steps=32, batch_size=128, learning_rate=3e-3, seed=seed, device=device)
-    kwargs.update(overrides)
-    model = PPO(LMPolicy, env, policy_kwargs=lm_policy_kwargs(copy.deepcopy(venv.reference_model), env=env),
-                **kwargs)
-    writer = None
-    if logdir:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(logdir))
-        rows = "\n".join(f"|{k}|{v}|" for k, v in kwargs.items())
-        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
-
-        class LmgymTags(KVWriter):
-            """SB3's log records written to TensorBoard under lmgym's tag names (others under their own)."""
-
-            def write(self, key_values, key_excluded, step=0):
-                for key, value in key_values.items():
-                    excluded = "tensorboard" in (key_excluded.get(key) or ())
-                    if excluded or not isinstance(value, (int, float, np.number)):
-                        continue
-                    tag = _SB3_TO_LMGYM_TAGS.get(key, (key, 1.0))
-                    if tag is not None:
-                        writer.add_scalar(tag[0], tag[1] * value, step)
-                writer.flush()
-
-        model.set_logger(Logger(folder=None, output_formats=[LmgymTags()]))
-    single = gym.make(task, device="cpu", **env_kwargs) if device.type == "cpu" else gym.make(task, **env_kwargs)
-    beta = venv.kl_coef
-    optimum = _optimum(venv)
-    episodes = max(32, eval_batches * 16)
-
-    def evaluate():
-        r = evaluate_return(model, single, episodes)
-        return {"score": r["score"], "return": r["return"], "kl": (r["score"] - r["return"]) / beta if beta else 0.0}
-
-    start_eval = evaluate()
-    curve, t0 = [], time.perf_counter()
-
-    class Record(BaseCallback):
-        """Per rollout, lmgym's episode statistics (objective/*) of the episodes that ended in it."""
-
-        def _on_training_start(self) -> None:
-            self.finished, self.episodes = [], 0
-
-        def _on_step(self) -> bool:
-            for info in self.locals.get("infos", []):
-                if "score" in info and "episode" in info:  # the bridge's score, VecMonitor's return and length
-                    self.finished.append((info["score"], info["episode"]["r"], info["episode"]["l"]))
-            return seconds is None or time.perf_counter() - t0 < seconds
-
-        def _on_rollout_end(self) -> None:
-            if not self.finished:
-                return
-            score, ret, length = (float(np.mean(x)) for x in zip(*self.finished))
-            self.episodes += len(self.finished)
-            self.finished = []
-            # The policy is bound to the environment, so an episode's return is score - beta * KL exactly.
-            kl = (score - ret) / beta if beta else 0.0
-            curve.append([self.num_timesteps, time.perf_counter() - t0, score, kl if beta else math.nan])
-            if writer is not None:
-                for name, value in (("objective/scores", score), ("objective/kl", kl), ("objective/return", ret),
-                                    ("objective/kl_coef", beta), ("charts/episode_length", length),
-                                    ("charts/episodes", float(self.episodes))):
-                    writer.add_scalar(name, value, self.num_timesteps)
-
-    try:
-        model.learn(budget, callback=Record(), progress_bar=False)
-    finally:
-        if writer is not None:
-            writer.close()
-    wall = time.perf_counter() - t0
-    end_eval = evaluate()
-    return {"start": start_eval, "end": end_eval, "optimum": optimum,
-            "fraction_of_optimum": end_eval["return"] / optimum if optimum else None, "wall_seconds": wall,
-            "env_steps": model.num_timesteps, "tokens_per_s": model.num_timesteps / wall if wall else 0.0,
-            "curve": [c for c in curve if not math.isnan(c[2])],
-            "hyperparameters": {k: str(v) if k == "device" else v for k, v in kwargs.items()}, "kl_coef": beta,
-            "checkpoint": None}
-
-
 # ----------------------------------------------------------------------------- the grid
 def bench(out: str | os.PathLike, *, tasks: list[str], agents: list[str], seeds: list[int], steps: int | None,
           seconds: float | None = None, device="auto", overrides: dict[str, dict] | None = None,
@@ -440,7 +318,7 @@ def bench(out: str | os.PathLike, *, tasks: list[str], agents: list[str], seeds:
     # Under torchrun / accelerate launch every process trains each cell (its share of the batch, see run);
     # process 0 alone reads and writes the folder, and tells the others which cells are done.
     from lmgym.agents.scale.distributed import DataParallel
-    from lmgym.models.loading import resolve_device
+    from lmgym.models import resolve_device
 
     parallel = DataParallel.from_environment(resolve_device(device))
     progress = progress and parallel.is_main
@@ -479,13 +357,6 @@ def bench(out: str | os.PathLike, *, tasks: list[str], agents: list[str], seeds:
         return parallel.on_main(lambda: write_report(out, results, grid))
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` so that ``path`` is either the old file or the complete new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _check_grid_file(out: Path, grid: dict) -> None:
     grid_file = out / "grid.json"
     if not grid_file.exists():
@@ -521,255 +392,4 @@ def _finished_run(file: Path, cell: dict) -> dict | None:
     return result
 
 
-def _jsonable(obj):
-    """numpy scalars as numbers; anything else JSON cannot hold (devices, paths) as text."""
-    return obj.item() if isinstance(obj, np.generic) else str(obj)
-
-
-def _summary(values: list[float]) -> tuple[float, float]:
-    arr = np.asarray([v for v in values if v is not None], dtype=float)
-    if arr.size == 0:
-        return math.nan, math.nan
-    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
-
-
-def write_report(out: Path, results: list[dict], grid: dict) -> dict:
-    """``results.json``, ``results.md``, ``curves.png`` and ``frontier.png`` from finished runs."""
-    table: dict[str, dict[str, dict]] = {}
-    for task in grid["tasks"]:
-        for agent in grid["agents"]:
-            runs = [r for r in results if r["task"] == task and r["agent"] == agent]
-            if not runs:
-                continue
-            table.setdefault(task, {})[agent] = {
-                "seeds": [r["seed"] for r in runs],
-                "score": _summary([r["end"]["score"] for r in runs]),
-                "start_score": _summary([r["start"]["score"] for r in runs]),
-                "kl": _summary([r["end"]["kl"] for r in runs]),
-                "return": _summary([r["end"]["return"] for r in runs]),
-                "fraction_of_optimum": _summary([r["fraction_of_optimum"] for r in runs]),
-                "wall_seconds": _summary([r["wall_seconds"] for r in runs]),
-                "tokens_per_s": _summary([r["tokens_per_s"] for r in runs]),
-                "peak_memory_mib": _summary([r["peak_memory_mib"] for r in runs]),
-                "optimum": runs[0]["optimum"], "memory_kind": runs[0]["memory_kind"],
-            }
-    report = {"grid": grid, "table": table, "runs": results}
-    (out / "results.json").write_text(json.dumps(report, indent=1, default=_jsonable))
-    (out / "results.md").write_text(results_markdown(table, grid))
-    _plot_curves(out / "curves.png", results, grid)
-    _plot_frontier(out / "frontier.png", results, grid)
-    return report
-
-
-def _fmt(pair, digits=3) -> str:
-    mean, std = pair
-    if mean is None or math.isnan(mean):
-        return "-"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def results_markdown(table: dict, grid: dict) -> str:
-    budget = f"{grid['steps']} environment steps" if grid["steps"] else f"{grid['seconds']} s"
-    lines = [f"Budget per run: {budget}; seeds {grid['seeds']}; mean ± std over seeds. Return = score - "
-             "kl_coef * KL; 'of optimum' = return / the exact KL-regularised optimum (diagnostic tasks).", ""]
-    for task, agents in table.items():
-        opt = next(iter(agents.values()))["optimum"]
-        lines += [f"### {task}" + (f" (exact optimum {opt:.3f})" if opt else ""), "",
-                  "| agent | score (start → end) | KL to ref | return | of optimum | wall s | tokens/s | peak MiB |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for agent, row in agents.items():
-            frac = row["fraction_of_optimum"]
-            frac_s = "-" if math.isnan(frac[0]) else f"{frac[0]:.1%} ± {frac[1]:.1%}"
-            lines.append(f"| {agent} | {row['start_score'][0]:.3f} → {_fmt(row['score'])} | {_fmt(row['kl'], 2)} | "
-                         f"{_fmt(row['return'])} | {frac_s} | {row['wall_seconds'][0]:.1f} | "
-                         f"{row['tokens_per_s'][0]:.0f} | {row['peak_memory_mib'][0]:.0f} |")
-        lines.append("")
-    kind = next(iter(next(iter(table.values())).values()))["memory_kind"] if table else ""
-    lines.append(f"Peak memory: {kind}.")
-    return "\n".join(lines) + "\n"
-
-
-def _banded(ax, curves: list[np.ndarray], col: int, label: str) -> None:
-    """Mean line and min-max band over seeds of the return against column ``col`` (steps or seconds).
-
-    Seeds are interpolated onto a common x grid. The mean and band cover the range every
-    seed has reached (up to the fastest seed's end); past it, each slower seed continues
-    as its own thin line to its end, so the plot runs to the slowest seed without a
-    mean over fewer seeds posing as one over all. A dot marks each seed's end.
-    """
-    curves = [c for c in curves if len(c) > 1]
-    if not curves:
-        return
-    first_end = min(c[-1, col] for c in curves)
-    grid = np.linspace(max(c[0, col] for c in curves), first_end, 200)
-    ys = np.stack([np.interp(grid, c[:, col], c[:, 2]) for c in curves])
-    line = ax.plot(grid, ys.mean(0), label=label)[0]
-    color = line.get_color()
-    ax.fill_between(grid, ys.min(0), ys.max(0), alpha=0.2, color=color, linewidth=0)
-    for c in curves:
-        if c[-1, col] > first_end:
-            rest = c[c[:, col] >= first_end]
-            xs = np.concatenate([[first_end], rest[:, col]])
-            ax.plot(xs, np.concatenate([[np.interp(first_end, c[:, col], c[:, 2])], rest[:, 2]]), color=color,
-                    linewidth=0.8, alpha=0.7)
-    ax.plot([c[-1, col] for c in curves], [c[-1, 2] for c in curves], "o", ms=3, color=color)
-
-
-def _return_curve(run: dict) -> np.ndarray:
-    """``[steps, seconds, return]`` rows of a run's curve, return = score - kl_coef * KL (rows without KL dropped),
-    starting at (0, 0) with the evaluated return of the policy before training."""
-    c = np.asarray(run["curve"], dtype=float).reshape(-1, 4)
-    c = c[np.isfinite(c[:, 2]) & np.isfinite(c[:, 3])]
-    rows = np.column_stack([c[:, 0], c[:, 1], c[:, 2] - run["kl_coef"] * c[:, 3]])
-    start = run.get("start", {}).get("return")
-    if start is not None:
-        rows = np.vstack([[0.0, 0.0, start], rows])
-    return rows
-
-
-def _optimum_of(results: list[dict], task: str) -> float | None:
-    return next((r["optimum"] for r in results if r["task"] == task and r.get("optimum") is not None), None)
-
-
-def _plot_curves(path: Path, results: list[dict], grid: dict) -> None:
-    import matplotlib.pyplot as plt
-
-    fig = curves_figure(results, grid)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def curves_figure(results: list[dict], grid: dict):
-    """Return against environment steps and against wall-clock seconds, one row per task; the exact optimum
-    as a dashed line where it is known."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = grid["tasks"]
-    fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 3.6 * len(tasks)), squeeze=False)
-    for row, task in enumerate(tasks):
-        for agent in grid["agents"]:
-            curves = [_return_curve(r) for r in results if r["task"] == task and r["agent"] == agent and r["curve"]]
-            _banded(axes[row, 0], curves, 0, agent)
-            _banded(axes[row, 1], curves, 1, agent)
-        optimum = _optimum_of(results, task)
-        for ax in axes[row]:
-            if optimum is not None:
-                ax.axhline(optimum, color="black", linestyle="--", linewidth=1,
-                           label=f"exact optimum {optimum:.3f}")
-        axes[row, 0].set(xlabel="environment steps (tokens)", ylabel="return = score - kl_coef * KL", title=task)
-        axes[row, 1].set(xlabel="wall-clock seconds (thin lines: seeds still running)",
-                         ylabel="return = score - kl_coef * KL", title=task)
-        axes[row, 0].legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def _plot_frontier(path: Path, results: list[dict], grid: dict) -> None:
-    import matplotlib.pyplot as plt
-
-    fig = frontier_figure(results, grid)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def frontier_figure(results: list[dict], grid: dict):
-    """Each run's final score against its KL. Where the exact optimum R* is known, no policy can lie above the
-    line score = R* + kl_coef * KL (its return would exceed R*); the optimal policy is where it touches."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = grid["tasks"]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
-    for col, task in enumerate(tasks):
-        ax = axes[0, col]
-        for agent in grid["agents"]:
-            runs = [r for r in results if r["task"] == task and r["agent"] == agent]
-            if runs:
-                kl = [r["end"]["kl"] for r in runs]
-                score = [r["end"]["score"] for r in runs]
-                ax.scatter(kl, score, label=agent, alpha=0.8)
-        optimum = _optimum_of(results, task)
-        if optimum is not None:
-            beta = next(r["kl_coef"] for r in results if r["task"] == task)
-            lo, hi = ax.get_xlim()
-            xs = np.linspace(min(0.0, lo), hi, 50)
-            ax.plot(xs, optimum + beta * xs, color="black", linestyle="--", linewidth=1,
-                    label=f"return = exact optimum {optimum:.3f}")
-            ax.set_xlim(min(0.0, lo), hi)
-        ax.set(xlabel="KL to the reference (per episode)", ylabel="score", title=f"{task}: reward vs KL")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
 # ----------------------------------------------------------------------------- the README's results block
-README_BEGIN = ("<!-- lmgym bench results: generated from docs/bench/results.json by "
-                "`lmgym bench --out docs/bench --readme README.md`; do not edit by hand -->")
-README_END = "<!-- end of lmgym bench results -->"
-DEFAULT_README_SOURCE = "docs/bench/results.json"
-
-
-def readme_markers(source: str = DEFAULT_README_SOURCE) -> tuple[str, str]:
-    """The two lines that enclose a README's block generated from ``source`` (its results.json, as a path
-    relative to the README): a README may hold one block per results file (the default grid's, a comparison
-    grid's...), each rewritten only from its own file."""
-    if source == DEFAULT_README_SOURCE:
-        return README_BEGIN, README_END
-    folder = Path(source).parent.as_posix()
-    return (f"<!-- lmgym bench results: generated from {source} by `lmgym bench --out {folder} --readme "
-            "README.md`; do not edit by hand -->", f"<!-- end of lmgym bench results from {source} -->")
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
-
-
-def readme_block(report: dict, source: str = DEFAULT_README_SOURCE) -> str:
-    """The README's results section rendered from a ``results.json`` report (the file ``source``): where and how
-    long it was measured, then the tables of ``results.md``, between the :func:`readme_markers` of ``source``."""
-    grid, runs = report["grid"], report["runs"]
-    machines = [r.get("machine") for r in runs]
-    if runs and all(machines) and all(m == machines[0] for m in machines):
-        m = machines[0]
-        where = (f"{m['cpu']}, {m['cores']} usable physical core{'s' * (m['cores'] != 1)}, torch "
-                 f"{m['torch_threads']} thread{'s' * (m['torch_threads'] != 1)}" + (f", {m['gpu']}" if "gpu" in m
-                                                                                    else ""))
-        total = sum(r["elapsed_seconds"] for r in runs)
-        measured = (f"Measured on this machine ({where}): the {len(runs)} runs took {_duration(total)} in all, "
-                    "each run's wall time including building its environment and, the first time a task needs "
-                    "it, its zoo model.")
-    else:
-        measured = "These results do not record the machine they were measured on."
-    budget = (f" --steps {grid['steps']}" if grid["steps"] else "") + (f" --seconds {grid['seconds']}"
-                                                                      if grid["seconds"] else "")
-    command = (f"lmgym bench --tasks {' '.join(grid['tasks'])} --agents {' '.join(grid['agents'])} --seeds "
-               f"{' '.join(map(str, grid['seeds']))}{budget}")
-    overrides = f", hyper-parameters {json.dumps(grid['overrides'])}" if grid.get("overrides") else ""
-    head = f"The grid: `{command}`{overrides}. {measured}"
-    begin, end = readme_markers(source)
-    return "\n".join([begin, "", head, "", results_markdown(report["table"], grid).rstrip(), "", end])
-
-
-def update_readme(readme: str | os.PathLike, results_json: str | os.PathLike) -> None:
-    """Replace the results block of ``readme`` marked as generated from ``results_json`` (:func:`readme_markers`
-    of its path relative to the README) with :func:`readme_block` of that file."""
-    readme, results_json = Path(readme), Path(results_json)
-    source = Path(os.path.relpath(results_json.resolve(), readme.resolve().parent)).as_posix()
-    begin, end = readme_markers(source)
-    text = readme.read_text()
-    if text.count(begin) != 1 or text.count(end) != 1:
-        raise ValueError(f"{readme} needs exactly one results block for {source}, between the lines {begin!r} and "
-                         f"{end!r}; add those two lines where the table should go")
-    try:
-        report = json.loads(results_json.read_text())
-    except ValueError as err:
-        raise BenchError(f"{results_json} is corrupt ({err})") from err
-    before, rest = text.split(begin)
-    after = rest.split(end, 1)[1]
-    _atomic_write(readme, before + readme_block(report, source) + after)

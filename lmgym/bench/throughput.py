@@ -21,7 +21,7 @@ import time
 import torch
 
 from lmgym.models.hf_api import cache_kwargs, cache_of
-from lmgym.models.loading import resolve_device, sample_continuations, tiny_model, to_left_padded, token_logprobs
+from lmgym.models import resolve_device, sample_continuations, tiny_model, to_left_padded, token_logprobs
 from lmgym.envs.vector import TextGenVectorEnv
 
 __all__ = ["bench_model", "environment_rollout", "agent_iteration", "sb3_bridge"]

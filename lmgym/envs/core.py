@@ -2,7 +2,11 @@
 
 :class:`TextGenCore` is the one implementation of the MDP; the single-episode
 ``gymnasium.Env`` (``lmgym.envs.env``) and the batched ``VectorEnv`` (``lmgym.envs.vector``)
-are thin views of it, so every path computes the same rewards for the same tokens.
+are thin views of it, so every path computes the same rewards for the same tokens. Its parts
+that are concepts of their own live beside it: checking what an agent hands over
+(:mod:`lmgym.envs.actions`), which prompt each episode starts from (:mod:`lmgym.envs.prompt_draw`),
+the reference's KV-cached scoring (:class:`lmgym.models.CachedLM`) and what the two views expose
+(:mod:`lmgym.envs.view`).
 
 Per-token reward (``beta = kl_coef``)::
 
@@ -21,31 +25,28 @@ agents such as PPO with ``ent_coef=beta`` do.
 from __future__ import annotations
 
 import copy
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from lmgym.utils import checks
-from lmgym.envs.chat import default_stop_token_ids, is_chat_messages
-from lmgym.models.loading import CachedLM, is_sharded_module, load_model, resolve_device, right_pad
+from lmgym.envs.actions import as_logprobs, as_token_tensor
+from lmgym.envs.chat import default_stop_token_ids
+from lmgym.models import CachedLM, is_sharded_module, load_model, resolve_device, right_pad
 from lmgym.envs.optimum import soft_optimal_values
+from lmgym.envs.prompt_draw import PromptDraw
 from lmgym.envs.prompts import Prompt, PromptSource
 from lmgym.rewards.functions import RewardFunction
 from lmgym.models.sampling import Sampling
 
-__all__ = ["TextGenCore", "CoreView", "SequenceResult", "EpisodeError"]
+__all__ = ["TextGenCore", "SequenceResult", "EpisodeError"]
 
 MAX_KL_COEF = 1e6
 """The largest beta accepted. Rewards are float32 (finite up to 3.4e38) and beta multiplies a
 log-prob gap, which real float32 models keep far below 1e6 nats, so beta * gap stays finite; and a
 beta beyond 1e6 makes any score irrelevant to the objective (the optimum is pi_ref itself), which
 no one means: ``kl_coef=0`` switches the penalty off in the other direction."""
-
-LOGPROB_ROUNDING = 1e-5
-"""How far above 0 a handed-over log-prob may lie (float rounding of a near-certain token)."""
-
 
 class EpisodeError(RuntimeError):
     """An environment method was called in a state where it cannot run (e.g. a step after the episode ended)."""
@@ -147,8 +148,7 @@ class TextGenCore:
         self.started = False
         self._reference_sharded = False
         self._fresh = False  # every row is at the start of an episode
-        self._episodes = np.zeros(n, dtype=np.int64)
-        self._group_prompts: dict[tuple[int, int], list] = {}
+        self.draw = PromptDraw(self.prompts, num_envs, group_size)
         self.rng = np.random.default_rng()
         self.shard = (0, 1)
         """``(k, K)``: these rows are the k-th of K equal shares of a data-parallel batch (see :meth:`set_shard`)"""
@@ -228,54 +228,13 @@ class TextGenCore:
                              "stop tokens allowed so every episode can end")
         return mask
 
-    def _prompts_for(self, rows: np.ndarray) -> list[Prompt]:
-        """Prompts for the next episode of each row; the G rows of a group share their k-th prompt."""
-        index, count = self.shard
-        if count > 1 and len(rows) == self.num_envs:
-            return self._share_of_global_draw(index, count)
-        if self.group_size == 1:
-            return self.prompts.draw(self.rng, len(rows))
-        out = []
-        for r in rows:
-            key = (int(r) // self.group_size, int(self._episodes[r]))
-            entry = self._group_prompts.get(key)
-            if entry is None:
-                entry = self._group_prompts[key] = [self.prompts.draw(self.rng, 1)[0], 0]
-            entry[1] += 1
-            if entry[1] == self.group_size:
-                del self._group_prompts[key]
-            out.append(entry[0])
-        return out
-
-    def _share_of_global_draw(self, index: int, count: int) -> list[Prompt]:
-        """This share's rows of a full batch drawn for ``count`` shares, in the single environment's draw order:
-        one draw of all rows without groups, one prompt per group (in row order) with them."""
-        n, g = self.num_envs, self.group_size
-        if g == 1:
-            return self.prompts.draw(self.rng, n * count)[index * n:(index + 1) * n]
-        groups = [self.prompts.draw(self.rng, 1)[0] for _ in range(n * count // g)]
-        return [p for p in groups[index * n // g:(index + 1) * n // g] for _ in range(g)]
-
-    def _fixed_prompts(self, prompts) -> list[Prompt]:
-        if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__") or is_chat_messages(prompts):
-            prompts = [prompts]
-        if len(prompts) not in (self.num_envs, self.num_envs // self.group_size):
-            raise ValueError(f"options['prompts'] needs {self.num_envs} prompts (one per episode) or "
-                             f"{self.num_envs // self.group_size} (one per group), got {len(prompts)}")
-        encoded = [self.prompts.check_length(self.prompts.encode(p)) for p in prompts]
-        if len(encoded) != self.num_envs:
-            encoded = [p for p in encoded for _ in range(self.group_size)]
-        return encoded
-
     def reset(self, *, seed: int | None = None, prompts=None) -> None:
         """Start a new episode in every row, with prompts drawn from the source or given."""
         if seed is not None:
             self.rng = np.random.default_rng(seed)
-        self._episodes[:] = 0
-        self._group_prompts.clear()
+        self.draw.restart()
         rows = np.arange(self.num_envs)
-        chosen = self._fixed_prompts(prompts) if prompts is not None else self._prompts_for(rows)
-        self._episodes += 1
+        chosen = self.draw.given(prompts) if prompts is not None else self.draw.draw(self.rng, rows, self.shard)
         # per-token step() cannot drive a sharded reference (see step); asked here once, not at every token
         self._reference_sharded = is_sharded_module(self.model)
         self.ref.start([p.ids for p in chosen])
@@ -292,8 +251,7 @@ class TextGenCore:
             self._fresh = not self.gen_len.any().item() and not self.pending_reset.any()
 
     def _restart_rows(self, rows: np.ndarray) -> None:
-        chosen = self._prompts_for(rows)
-        self._episodes[rows] += 1
+        chosen = self.draw.draw(self.rng, rows, self.shard)
         if len(rows) == self.num_envs:
             self.ref.start([p.ids for p in chosen])
         else:
@@ -314,67 +272,6 @@ class TextGenCore:
     def observation(self) -> dict[str, torch.Tensor]:
         """The current states: left-aligned prompt + generated tokens, padded, and the mask of real tokens."""
         return {"input_ids": self.tokens.clone(), "attention_mask": self.obs_mask.clone()}
-
-    # ------------------------------------------------------------------ checks
-    def _as_token_tensor(self, values, shape: tuple[int, ...], what: str) -> torch.Tensor:
-        if isinstance(values, torch.Tensor):
-            t = values
-        else:
-            arr = np.asarray(values)
-            if arr.dtype == object and arr.size and all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
-                                                        for v in arr.flat):
-                pass  # Python ints beyond int64: the range check below names them
-            elif np.issubdtype(arr.dtype, np.floating) and arr.size and np.isfinite(arr).all() \
-                    and np.all(arr == np.round(arr)):
-                pass  # SB3 and others hand over whole-number floats
-            elif arr.dtype == object or arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
-                raise TypeError(f"{what} must be integer token ids, got {arr.dtype} values {arr.ravel()[:4]}")
-            if tuple(arr.shape) != shape:
-                raise ValueError(f"{what} must have shape {shape}, got {tuple(arr.shape)}")
-            self._check_token_range(arr, what)  # before the cast to int64, which would wrap 2**63 around
-            t = torch.as_tensor(arr.astype(np.int64))
-        if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
-            raise TypeError(f"{what} must be an integer tensor of token ids, got {t.dtype}")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{what} must have shape {shape}, got {tuple(t.shape)}")
-        t = t.to(self.device, torch.long)
-        if t.device.type == "cpu":
-            self._check_token_range(t, what)
-        else:  # checked on the device, without waiting for it
-            torch._assert_async(((t >= 0) & (t < self.vocab_size)).all(),
-                                f"{what} contain a token id outside [0, {self.vocab_size})")
-        return t
-
-    def _check_token_range(self, values, what: str) -> None:
-        """Raise naming the first token id outside ``[0, vocab_size)`` (numpy array, object array or tensor)."""
-        flat = values.reshape(-1)
-        if isinstance(flat, np.ndarray) and flat.dtype == object:  # Python ints of any size
-            outside = [v for v in flat if not 0 <= v < self.vocab_size]
-        else:
-            outside = flat[(flat < 0) | (flat >= self.vocab_size)]
-        if len(outside):
-            bad = outside[0].item() if hasattr(outside[0], "item") else outside[0]
-            raise ValueError(f"{what} contain token id {bad}, outside the action space [0, {self.vocab_size})")
-
-    def _as_logprobs(self, values, shape: tuple[int, ...], inside: torch.Tensor, what: str = "logprobs"):
-        """Log-probs as a float32 tensor, checked where ``inside`` (the steps that count) and 0 elsewhere.
-
-        A log-probability is finite and <= 0; a NaN would turn the rewards into NaN, and a
-        positive value means the caller handed over something else (a probability, a logit).
-        ``LOGPROB_ROUNDING`` above 0 is let through: float rounding of a near-certain token.
-        """
-        t = torch.as_tensor(values, dtype=torch.float32, device=self.device)
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{what} must have shape {shape} (one per action), got {tuple(t.shape)}")
-        ok = torch.isfinite(t) & (t <= LOGPROB_ROUNDING) | ~inside
-        if t.device.type == "cpu":
-            if not bool(ok.all()):
-                bad = t[~ok][0].item()
-                raise ValueError(f"{what} contain {bad}, which is not a log-probability: pass finite log pi(a|s) "
-                                 "values <= 0 (log_softmax of the policy's logits, gathered at the actions)")
-        else:  # checked on the device, without waiting for it
-            torch._assert_async(ok.all(), f"{what} must be finite log-probabilities <= 0")
-        return torch.where(inside, t, torch.zeros_like(t))
 
     # ------------------------------------------------------------------ the MDP
     def _token_rewards(self, ref_lp: torch.Tensor, pol_lp: torch.Tensor | None):
@@ -407,17 +304,17 @@ class TextGenCore:
             raise EpisodeError("step() cannot run on a reference model sharded by FSDP (LoRA under LMGYM_FSDP): "
                                "its processes must forward in lockstep; submit whole continuations with "
                                "score_sequences(), as lmgym's agents do")
-        actions = self._as_token_tensor(actions, (self.num_envs,), "actions")
+        actions = as_token_tensor(actions, (self.num_envs,), "actions", self.vocab_size, self.device)
         restarting = np.flatnonzero(self.pending_reset)
         active = ~torch.as_tensor(self.pending_reset, device=self.device)
         state = self.observation() if (logprobs is None and self.policy_fn is not None) else None
 
         ref_lp = self._ref_next_logprobs().gather(1, actions[:, None]).squeeze(1)
         if logprobs is not None:
-            pol_lp = self._as_logprobs(logprobs, (self.num_envs,), active)
+            pol_lp = as_logprobs(logprobs, (self.num_envs,), active, self.device)
         elif self.policy_fn is not None:
             bound = torch.as_tensor(self.policy_fn(state, actions)).reshape(-1)
-            pol_lp = self._as_logprobs(bound, (self.num_envs,), active, "the bound policy's log-probs")
+            pol_lp = as_logprobs(bound, (self.num_envs,), active, self.device, "the bound policy's log-probs")
         else:
             pol_lp = None
         # Rows restarting this step took no action: reward, log-probs and KL are 0 there, and the
@@ -510,7 +407,7 @@ class TextGenCore:
         if not 1 <= steps <= self.max_new_tokens:
             raise ValueError(f"tokens has {steps} columns; it needs between 1 and max_new_tokens="
                              f"{self.max_new_tokens}")
-        tokens = self._as_token_tensor(tokens, (n, steps), "tokens")
+        tokens = as_token_tensor(tokens, (n, steps), "tokens", self.vocab_size, self.device)
 
         is_stop = torch.isin(tokens, self._stop)
         has_stop = is_stop.any(1)
@@ -525,12 +422,12 @@ class TextGenCore:
         mask = inside.to(torch.float32)
         last = positions == (lengths - 1)[:, None]
         # Steps after an episode's end count for nothing: their log-probs may be anything (padding).
-        pol_lp = self._as_logprobs(logprobs, (n, steps), inside) if logprobs is not None else None
+        pol_lp = as_logprobs(logprobs, (n, steps), inside, self.device) if logprobs is not None else None
 
         ref_lp = torch.where(inside, self.ref.score_continuations(tokens, self.sampling), 0.0)
         if pol_lp is None and self.policy_fn is not None:
-            pol_lp = self._as_logprobs(self._bound_policy_logprobs(tokens), (n, steps), inside,
-                                       "the bound policy's log-probs")
+            pol_lp = as_logprobs(self._bound_policy_logprobs(tokens), (n, steps), inside, self.device,
+                                 "the bound policy's log-probs")
         rewards, kl = self._token_rewards(ref_lp, pol_lp)
         rewards = torch.where(inside, rewards, 0.0)
         kl = torch.where(inside, kl, 0.0)
@@ -596,78 +493,3 @@ class TextGenCore:
             mask_buf[self.rows, col] = 1
         return torch.stack(out, dim=1)
 
-
-class CoreView:
-    """What the single and the vector environment both expose of their :class:`TextGenCore` (``self.core``)."""
-
-    core: TextGenCore
-
-    @property
-    def device(self) -> torch.device:
-        return self.core.device
-
-    @property
-    def reference_model(self):
-        """The frozen reference model pi_ref (agents start their policy as a copy of it)."""
-        return self.core.model
-
-    @property
-    def tokenizer(self):
-        return self.core.tokenizer
-
-    @property
-    def kl_coef(self) -> float:
-        """beta, the KL coefficient in the reward; agents with an adaptive KL controller set it."""
-        return self.core.kl_coef
-
-    @kl_coef.setter
-    def kl_coef(self, value: float) -> None:
-        self.core.set_kl_coef(value)
-
-    @property
-    def max_new_tokens(self) -> int:
-        return self.core.max_new_tokens
-
-    @property
-    def max_prompt_tokens(self) -> int:
-        """The longest prompt; observations right after a reset hold at most this many tokens."""
-        return self.core.prompts.max_prompt_tokens
-
-    @property
-    def stop_token_ids(self) -> list[int]:
-        return self.core.stop_token_ids
-
-    @property
-    def optimal_return(self) -> float:
-        """The exact optimal expected return of the KL-regularised objective (tiny vocabularies only)."""
-        return self.core.optimal_return()
-
-    @property
-    def sampling(self):
-        """The sampling transformation (temperature, top-k, top-p) the reference's log-probs are taken under.
-
-        An agent that samples from a transformed policy q_pi sets this to the same
-        :class:`lmgym.models.sampling.Sampling`, so the KL term is ``log q_pi(a) - log q_ref(a)``
-        and vanishes when policy and reference coincide. Default: no transformation.
-        """
-        return self.core.sampling
-
-    @sampling.setter
-    def sampling(self, value) -> None:
-        self.core.set_sampling(value)
-
-    def bind_policy(self, fn) -> None:
-        """Bind ``fn(observation, actions) -> log pi`` (batched torch tensors) so the KL term is exact
-        when no log-probs are handed over with the actions; ``None`` unbinds."""
-        self.core.bind_policy(fn)
-
-    def set_action_mask_fn(self, fn) -> None:
-        """Bind ``fn(observation) -> mask`` so :meth:`action_masks` reports which tokens may be chosen now.
-
-        ``observation`` is the batched dict of ``(N, L)`` torch tensors (as for :meth:`bind_policy`);
-        ``mask`` is ``(N, vocab)`` boolean, True where a token is allowed. :class:`lmgym.envs.masking.NucleusMask`
-        builds one from a masking model's top-p nucleus (NLPO's mask). The environment reports the mask but
-        does not enforce it: it is for the agent (sb3-contrib's ``MaskablePPO`` reads it through
-        ``LMGymVecEnv.action_masks()``). ``None`` unbinds: every token is allowed again.
-        """
-        self.core.set_action_mask_fn(fn)

@@ -9,7 +9,8 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.wrappers import TimeLimit
 
-from lmgym.envs.core import CoreView, EpisodeError, TextGenCore
+from lmgym.envs.core import EpisodeError, TextGenCore
+from lmgym.envs.view import CoreView
 
 __all__ = ["TextGenEnv", "observation_space", "UnsupportedRenderMode"]
 

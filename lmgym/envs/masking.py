@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from lmgym.models.loading import to_left_padded
+from lmgym.models import to_left_padded
 from lmgym.models.sampling import Sampling
 
 __all__ = ["check_top_p", "nucleus_mask", "NucleusMask"]

@@ -9,7 +9,8 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from lmgym.envs.core import CoreView, SequenceResult, TextGenCore
+from lmgym.envs.core import SequenceResult, TextGenCore
+from lmgym.envs.view import CoreView
 from lmgym.envs.env import observation_space
 
 __all__ = ["TextGenVectorEnv"]

@@ -108,7 +108,7 @@ class _Recorder(TaskReward):
     def _environment_kl(self, prompt_index, completion_ids) -> float:
         """Mean episode KL of the batch as the environment accounts it, for the policy that sampled it."""
         from lmgym.agents.common.base import policy_forward
-        from lmgym.models.loading import left_pad, right_pad
+        from lmgym.models import left_pad, right_pad
 
         env = self.task.env
         if len(completion_ids) != env.num_envs:

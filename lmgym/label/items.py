@@ -101,7 +101,7 @@ def sample_candidates(model, tokenizer, prompts: list[str], k: int, *, max_new_t
     """
     import torch
 
-    from lmgym.models.loading import left_pad, sample_continuations
+    from lmgym.models import left_pad, sample_continuations
 
     if not isinstance(k, int) or not 2 <= k <= MAX_COMPLETIONS:
         raise ValueError(f"k={k!r}: ranking needs between 2 and {MAX_COMPLETIONS} completions per prompt")

@@ -1,6 +1,6 @@
 """Column surgery on a Hugging Face KV cache, so that the rows of a batch can restart independently.
 
-The layout :class:`lmgym.models.loading.CachedLM` keeps: a batch cache has ``C`` columns shared by
+The layout :class:`lmgym.models.cached_lm.CachedLM` keeps: a batch cache has ``C`` columns shared by
 all rows, a 2-D attention mask ``(batch, C)`` says which columns hold a real token of each
 row, and every live row's tokens form one contiguous block that ends at the last column
 (left padding, as ``model.generate`` uses). A cached key/value depends on the position id it

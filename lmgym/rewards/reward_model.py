@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from lmgym.utils.folders import written_atomically
 from lmgym.utils.jsonl import read_records
-from lmgym.models.loading import right_pad
+from lmgym.models import right_pad
 
 __all__ = ["PreferenceGroup", "RewardModel", "LearnedReward", "bradley_terry_loss", "read_preferences",
            "groups_from_rankings", "train_reward_model", "pairwise_accuracy", "sample_preferences"]
@@ -130,7 +130,7 @@ class RewardModel(nn.Module):
     @classmethod
     def from_pretrained_lm(cls, model, tokenizer=None, *, trust_remote_code: bool = False):
         """A reward model whose backbone is a causal LM's trunk (a path, a hub name or a model object)."""
-        from lmgym.models.loading import load_model
+        from lmgym.models import load_model
 
         lm, tok = load_model(model, device="cpu", dtype="float32", tokenizer=tokenizer,
                              trust_remote_code=trust_remote_code)
@@ -193,7 +193,7 @@ class RewardModel(nn.Module):
         """Load a reward model written by :meth:`save`; a missing or mismatched file is a clear error."""
         from transformers import AutoModel
 
-        from lmgym.models.loading import load_tokenizer
+        from lmgym.models import load_tokenizer
 
         path = Path(path)
         meta_file, head_file = path / "reward_model.json", path / "reward_head.safetensors"
@@ -339,7 +339,7 @@ def sample_preferences(policy, tokenizer, prompts: list[str], k: int, labeller, 
     Returns one record per prompt, ``{"prompt", "completions", "scores"}``, ready for
     :func:`read_preferences` (ties produce no pair). Empty completions are dropped.
     """
-    from lmgym.models.loading import left_pad, sample_continuations
+    from lmgym.models import left_pad, sample_continuations
 
     device = next(policy.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)

@@ -1,7 +1,7 @@
 """Diagnostic tasks: tiny vocabularies, a fixed tiny reference model, and an exactly known optimum.
 
 Every task here uses the vocabulary ``<eos> a b c`` (4 actions), a reference model
-built offline from a fixed seed (:func:`lmgym.models.loading.tiny_model`), and a finite
+built offline from a fixed seed (:func:`lmgym.models.tiny_model`), and a finite
 prompt list, so ``env.unwrapped.optimal_return`` is the exact optimum of the
 KL-regularised objective (soft dynamic programming, :mod:`lmgym.envs.optimum`). An
 agent's mean return divided by it is a fraction of the true optimum.
@@ -13,7 +13,7 @@ import itertools
 
 from lmgym.utils import checks
 from lmgym.envs.env import TextGenEnv
-from lmgym.models.loading import tiny_model
+from lmgym.models import tiny_model
 from lmgym.tasks.options import check_options, constructor_options
 from lmgym.envs.vector import TextGenVectorEnv
 

@@ -11,14 +11,17 @@ into it).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
+import sys
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["written_atomically"]
+__all__ = ["written_atomically", "exchange", "swap_in"]
 
 
 @contextlib.contextmanager
@@ -55,3 +58,34 @@ def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         old.unlink(missing_ok=True)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing folders (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def swap_in(new: Path, final: Path) -> None:
+    """Make the complete folder ``new`` the entry ``final`` without ``final`` ever being absent (on Linux)."""
+    if not final.exists():
+        os.replace(new, final)
+        return
+    if exchange(new, final):
+        shutil.rmtree(new, ignore_errors=True)  # now the old entry; open files stay readable until closed
+        return
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    os.replace(final, old)  # elsewhere: a moment without the entry, during which loaders wait on the lock
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)

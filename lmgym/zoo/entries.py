@@ -42,9 +42,7 @@ their entry is not locked.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import errno
 import functools
 import hashlib
 import inspect
@@ -64,14 +62,15 @@ import numpy as np
 import torch
 
 from lmgym.zoo import corpora, smollm
+from lmgym.zoo.training import _batches, _encode, perplexity, train_lm, train_tokenizer
 from lmgym.utils.checksums import file_sha256
+from lmgym.utils.folders import swap_in
 from lmgym.utils.lock import FileLock, is_locked
 
 __all__ = ["ZooSpec", "ZOO", "SHIPPED", "SHIPPED_ENTRIES", "home", "entry_path", "recipe", "build", "load",
            "load_path", "shipped_path", "is_built", "verify", "problem", "clean", "card", "ship", "train_tokenizer",
            "train_lm", "perplexity"]
 
-EOS, UNK = "<eos>", "<unk>"
 LEFTOVER_MAX_AGE = 3600.0
 """Seconds after which an unlocked temporary folder of an interrupted build is removed."""
 _LEFTOVER_MARKERS = (".building-", ".tmp-", ".old-")
@@ -242,84 +241,6 @@ def is_built(name: str, *, seed: int = 0, steps: int | None = None) -> bool:
     return verify(entry_path(name, seed=seed, steps=steps))
 
 
-# ----------------------------------------------------------------------------- training
-def train_tokenizer(lines: list[str], kind: str = "words"):
-    """Train a word- or character-level tokenizer on ``lines``; returns a transformers fast tokenizer."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.WordLevel(unk_token=UNK))
-    if kind == "words":
-        core.pre_tokenizer = pre_tokenizers.Whitespace()
-    elif kind == "chars":
-        core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-        core.decoder = decoders.Fuse()
-    else:
-        raise ValueError(f"tokenizer kind must be 'words' or 'chars', got {kind!r}")
-    core.train_from_iterator(lines, trainers.WordLevelTrainer(special_tokens=[EOS, UNK]))
-    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS, pad_token=EOS, unk_token=UNK)
-
-
-def _batches(ids: list[list[int]], batch_size: int, steps: int, rng: np.random.Generator, pad: int):
-    for _ in range(steps):
-        rows = [ids[i] for i in rng.integers(len(ids), size=batch_size)]
-        width = max(len(r) for r in rows)
-        x = torch.full((batch_size, width), pad, dtype=torch.long)
-        labels = torch.full((batch_size, width), -100, dtype=torch.long)
-        for i, r in enumerate(rows):
-            x[i, :len(r)] = torch.as_tensor(r)
-            labels[i, :len(r)] = torch.as_tensor(r)
-        yield x, (labels != -100).long(), labels
-
-
-def _encode(tokenizer, lines: list[str]) -> list[list[int]]:
-    return [ids + [tokenizer.eos_token_id] for ids in tokenizer(lines)["input_ids"]]
-
-
-def train_lm(model, tokenizer, lines: list[str], *, steps: int, batch_size: int, learning_rate: float, seed: int,
-             desc: str = "training", progress: bool = True):
-    """Next-token training of ``model`` on ``lines`` (each ending in EOS), AdamW with a cosine schedule."""
-    from tqdm.auto import tqdm
-
-    ids = _encode(tokenizer, lines)
-    rng = np.random.default_rng(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    model.train()
-    bar = tqdm(_batches(ids, batch_size, steps, rng, tokenizer.pad_token_id), total=steps, desc=desc,
-               disable=not progress, dynamic_ncols=True)
-    for x, mask, labels in bar:
-        loss = model(input_ids=x, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    return model.eval()
-
-
-@torch.no_grad()
-def perplexity(model, tokenizer, lines: list[str], batch_size: int = 64) -> float:
-    """exp(mean next-token loss) over ``lines`` (each ending in EOS)."""
-    ids = _encode(tokenizer, lines)
-    total, count = 0.0, 0
-    for i in range(0, len(ids), batch_size):
-        rows = ids[i:i + batch_size]
-        width = max(len(r) for r in rows)
-        x = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(x)
-        for j, r in enumerate(rows):
-            x[j, :len(r)] = torch.as_tensor(r)
-            mask[j, :len(r)] = 1
-        logits = model(input_ids=x, attention_mask=mask).logits[:, :-1].float()
-        lp = torch.log_softmax(logits, -1).gather(-1, x[:, 1:, None]).squeeze(-1)
-        total -= float((lp * mask[:, 1:]).sum())
-        count += int(mask[:, 1:].sum())
-    return math.exp(total / count)
-
-
 def _build_lm(name: str, spec: ZooSpec, out: Path, *, seed: int, steps: int, dependency_steps: int | None,
               progress: bool) -> dict:
     """Builder of the LM entries: tokenizer + Llama-style LM trained on the spec's generated corpus."""
@@ -423,38 +344,6 @@ def _code_of(spec: ZooSpec) -> tuple[Callable, ...]:
     return spec.code + (_reward_model_code() if spec.builder is _build_preference_reward_model else ())
 
 
-# ----------------------------------------------------------------------------- swapping folders in
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two existing folders (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(a))
-
-
-def _swap_in(new: Path, final: Path) -> None:
-    """Make the complete folder ``new`` the entry ``final`` without ``final`` ever being absent (on Linux)."""
-    if not final.exists():
-        os.replace(new, final)
-        return
-    if _exchange(new, final):
-        shutil.rmtree(new, ignore_errors=True)  # now the old entry; open files stay readable until closed
-        return
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    os.replace(final, old)  # elsewhere: a moment without the entry, during which loaders wait on the lock
-    os.replace(new, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def clean(max_age: float = LEFTOVER_MAX_AGE, *, holding: str | None = None) -> list[Path]:
     """Remove temporary folders of interrupted builds (``.<entry>.building-*``, ``.tmp-*``, ``.old-*``) older
     than ``max_age`` seconds whose entry no live process is building (``holding``: the entry whose lock the
@@ -500,7 +389,7 @@ def _build_into(final: Path, name: str, seed: int, steps: int | None, progress: 
                     "recipe_without_libraries": recipe(name, seed=seed, steps=steps, libraries=False),
                     "card": facts, "files": files}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        _swap_in(tmp, final)
+        swap_in(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -557,7 +446,7 @@ def load_path(name: str, *, seed: int = 0, steps: int | None = None, progress: b
 def load(name: str, *, device="cpu", dtype="auto", seed: int = 0, steps: int | None = None,
          progress: bool = True):
     """``(model, tokenizer)`` of a zoo LM, built on first use and loaded from the cache afterwards."""
-    from lmgym.models.loading import load_model
+    from lmgym.models import load_model
 
     return load_model(load_path(name, seed=seed, steps=steps, progress=progress), device=device, dtype=dtype)
 

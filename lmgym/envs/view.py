@@ -1,0 +1,87 @@
+"""What the single and the vector environment both expose of their :class:`~lmgym.envs.core.TextGenCore`: the
+reference model, tokenizer, KL coefficient, sampling transform, limits, the exact optimum, and the policy and
+action-mask bindings."""
+
+from __future__ import annotations
+
+import torch
+
+from lmgym.envs.core import TextGenCore
+
+__all__ = ["CoreView"]
+
+
+class CoreView:
+    """What the single and the vector environment both expose of their :class:`TextGenCore` (``self.core``)."""
+
+    core: TextGenCore
+
+    @property
+    def device(self) -> torch.device:
+        return self.core.device
+
+    @property
+    def reference_model(self):
+        """The frozen reference model pi_ref (agents start their policy as a copy of it)."""
+        return self.core.model
+
+    @property
+    def tokenizer(self):
+        return self.core.tokenizer
+
+    @property
+    def kl_coef(self) -> float:
+        """beta, the KL coefficient in the reward; agents with an adaptive KL controller set it."""
+        return self.core.kl_coef
+
+    @kl_coef.setter
+    def kl_coef(self, value: float) -> None:
+        self.core.set_kl_coef(value)
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.core.max_new_tokens
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The longest prompt; observations right after a reset hold at most this many tokens."""
+        return self.core.prompts.max_prompt_tokens
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return self.core.stop_token_ids
+
+    @property
+    def optimal_return(self) -> float:
+        """The exact optimal expected return of the KL-regularised objective (tiny vocabularies only)."""
+        return self.core.optimal_return()
+
+    @property
+    def sampling(self):
+        """The sampling transformation (temperature, top-k, top-p) the reference's log-probs are taken under.
+
+        An agent that samples from a transformed policy q_pi sets this to the same
+        :class:`lmgym.models.sampling.Sampling`, so the KL term is ``log q_pi(a) - log q_ref(a)``
+        and vanishes when policy and reference coincide. Default: no transformation.
+        """
+        return self.core.sampling
+
+    @sampling.setter
+    def sampling(self, value) -> None:
+        self.core.set_sampling(value)
+
+    def bind_policy(self, fn) -> None:
+        """Bind ``fn(observation, actions) -> log pi`` (batched torch tensors) so the KL term is exact
+        when no log-probs are handed over with the actions; ``None`` unbinds."""
+        self.core.bind_policy(fn)
+
+    def set_action_mask_fn(self, fn) -> None:
+        """Bind ``fn(observation) -> mask`` so :meth:`action_masks` reports which tokens may be chosen now.
+
+        ``observation`` is the batched dict of ``(N, L)`` torch tensors (as for :meth:`bind_policy`);
+        ``mask`` is ``(N, vocab)`` boolean, True where a token is allowed. :class:`lmgym.envs.masking.NucleusMask`
+        builds one from a masking model's top-p nucleus (NLPO's mask). The environment reports the mask but
+        does not enforce it: it is for the agent (sb3-contrib's ``MaskablePPO`` reads it through
+        ``LMGymVecEnv.action_masks()``). ``None`` unbinds: every token is allowed again.
+        """
+        self.core.set_action_mask_fn(fn)

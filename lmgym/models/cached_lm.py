@@ -1,0 +1,248 @@
+"""Stepping a batch of token sequences through a causal LM with a KV cache, and sampling continuations.
+
+The batched stepping keeps prompts *left-padded* in the cache (as ``model.generate`` does), so that every
+row's newest token sits in the last column and a prefill needs only the last position's logits. Rows may
+be re-prefilled independently (a vector environment resets episodes one at a time); their new keys and
+values are written into the rightmost columns and the columns before are masked out, which is exact
+because a cached key/value does not depend on the column it is stored in, only on the position id it was
+computed with (:mod:`lmgym.models.kv_cache` does this column surgery for full and sliding-window caches).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from lmgym.models import kv_cache
+from lmgym.models.hf_api import accepts_logits_to_keep, cache_kwargs, cache_of, hf_model
+from lmgym.models.padding import left_pad
+from lmgym.utils import fast_paths
+
+__all__ = ["CachedLM", "token_logprobs", "sample_continuations"]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[tokens], computed in float32 without materialising the whole log-softmax."""
+    logits = logits.float()
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+class CachedLM:
+    """A batch of token sequences fed to a causal LM incrementally, with a KV cache.
+
+    It holds, per row, the cache of everything fed so far and the log-probabilities
+    of the *next* token (``next_logprobs``, ``(batch, vocab)`` float32). Rows can be
+    restarted on new prompts independently with :meth:`restart_rows`.
+
+    The cache is left-padded: every row's tokens form one contiguous block ending at
+    the last column (see :mod:`lmgym.models.kv_cache`, which edits the columns of full- and
+    sliding-window-attention caches). For models whose cache cannot be edited per
+    column (recurrent layers, chunked attention) a partial restart re-prefills every
+    row from the tokens it holds instead: slower, equally exact.
+
+    Args:
+        model: a Hugging Face causal LM (kept frozen; gradients are never taken).
+        max_sequence_length: the longest prompt + continuation a row can hold. The
+            cache is compacted when it grows to twice this, bounding memory under
+            endless resets.
+    """
+
+    def __init__(self, model, *, max_sequence_length: int):
+        self.model = model
+        self.max_sequence_length = max_sequence_length
+        self._keep_last = accepts_logits_to_keep(model)
+        if not self._keep_last:
+            fast_paths.fall_back("logits_to_keep", f"{type(hf_model(model)).__name__}.forward takes no logits_to_keep")
+        self.cache = None
+        self.mask: torch.Tensor | None = None  # (batch, cache columns) 1 where a column is a real token
+        self.ids: torch.Tensor | None = None  # (batch, cache columns) the token in each column
+        self.lengths: torch.Tensor | None = None  # (batch,) tokens fed per row = next position id
+        self.next_logprobs: torch.Tensor | None = None
+        self._editable = True  # whether the cache layout allows per-column edits (known after the first prefill)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _forward(self, ids, mask, position_ids, cache, last_only: bool):
+        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                      **cache_kwargs(self.model, cache))
+        if last_only and self._keep_last:
+            kwargs["logits_to_keep"] = 1
+        return self.model(**kwargs)
+
+    @torch.no_grad()
+    def _prefill(self, prompts: list[list[int]]):
+        ids, mask = left_pad(prompts, 0, self.device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        out = self._forward(ids, mask, positions, None, last_only=True)
+        next_lp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        return cache_of(out), ids, mask, mask.sum(1), next_lp
+
+    def start(self, prompts: list[list[int]]) -> None:
+        """Forget everything and prefill one prompt per row."""
+        self.cache, self.ids, self.mask, self.lengths, self.next_logprobs = self._prefill(prompts)
+        self._editable = kv_cache.editable(self.cache, self.model.config)
+        if not self._editable:
+            fast_paths.fall_back("cache column edits", f"{type(hf_model(self.model)).__name__}'s KV cache "
+                                 f"({kv_cache.describe(self.cache)}) cannot be edited per column")
+
+    def sequences(self) -> list[list[int]]:
+        """The tokens fed to each row so far (prompt and continuation)."""
+        return [row[m].tolist() for row, m in zip(self.ids.cpu(), self.mask.cpu().bool())]  # one copy to the host
+
+    @torch.no_grad()
+    def restart_rows(self, rows: torch.Tensor, prompts: list[list[int]]) -> None:
+        """Prefill new prompts into the given rows (a long tensor of row indices), keeping the other rows."""
+        if not self._editable:
+            sequences = self.sequences()
+            for r, p in zip(rows.tolist(), prompts):
+                sequences[r] = list(p)
+            self.start(sequences)
+            return
+        cache, ids, mask, lengths, next_lp = self._prefill(prompts)
+        width = mask.shape[1]
+        if width > self.mask.shape[1]:
+            extra = width - self.mask.shape[1]
+            kv_cache.grow_left(self.cache, extra)
+            self.mask = torch.cat([self.mask.new_zeros(self.mask.shape[0], extra), self.mask], dim=1)
+            self.ids = torch.cat([self.ids.new_zeros(self.ids.shape[0], extra), self.ids], dim=1)
+        total = self.mask.shape[1]
+        kv_cache.write_right(self.cache, rows, cache)
+        row_mask = torch.zeros((len(prompts), total), dtype=self.mask.dtype, device=self.mask.device)
+        row_mask[:, total - width:] = mask
+        row_ids = torch.zeros((len(prompts), total), dtype=self.ids.dtype, device=self.ids.device)
+        row_ids[:, total - width:] = ids
+        self.mask[rows] = row_mask
+        self.ids[rows] = row_ids
+        self.lengths[rows] = lengths
+        self.next_logprobs[rows] = next_lp
+
+    def _compact(self) -> None:
+        """Drop the columns left of the longest row (every row's block ends at the last column)."""
+        drop = self.mask.shape[1] - self.max_sequence_length
+        kv_cache.drop_left(self.cache, drop)
+        self.mask, self.ids = self.mask[:, drop:], self.ids[:, drop:]
+
+    @torch.no_grad()
+    def append(self, tokens: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed one token per row; returns (and stores) the next-token log-probs ``(batch, vocab)``.
+
+        ``live`` (bool ``(batch,)``) marks the rows that take their token; the others are
+        about to be restarted by the caller: they get a masked placeholder column at
+        position 0 (their own position may already be the last one the model has) and
+        are undefined until :meth:`restart_rows`.
+        """
+        if self.mask.shape[1] >= 2 * self.max_sequence_length:
+            self._compact()
+        column = self.mask.new_ones(self.mask.shape[0], 1) if live is None else live[:, None].to(self.mask.dtype)
+        positions = self.lengths if live is None else torch.where(live, self.lengths, 0)
+        self.mask = torch.cat([self.mask, column], dim=1)
+        self.ids = torch.cat([self.ids, tokens[:, None].to(self.ids.dtype)], dim=1)
+        out = self._forward(tokens[:, None], self.mask, positions[:, None], self.cache, last_only=True)
+        self.cache = cache_of(out)
+        self.lengths = self.lengths + (1 if live is None else live.long())
+        self.next_logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        return self.next_logprobs
+
+    @torch.no_grad()
+    def score_continuations(self, tokens: torch.Tensor, sampling=None) -> torch.Tensor:
+        """Log-probs ``(batch, T)`` of whole continuations ``tokens`` ``(batch, T)`` of the current rows.
+
+        One forward over the continuations on top of the cached prompts. The
+        cache itself is left as it was (rows are expected to restart next). With a
+        :class:`lmgym.models.sampling.Sampling`, the log-probs are those of the model's
+        distribution under that sampling transformation.
+        """
+        if sampling is not None and sampling.is_identity:
+            sampling = None
+        first_lp = self.next_logprobs if sampling is None else sampling.log_probs(self.next_logprobs)[0]
+        first = first_lp.gather(1, tokens[:, :1])
+        if tokens.shape[1] == 1:
+            return first
+        steps = tokens.shape[1] - 1
+        mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], steps)], dim=1)
+        positions = self.lengths[:, None] + torch.arange(steps, device=tokens.device)
+        cache = _copy_cache(self.cache) if self._editable else copy.deepcopy(self.cache)
+        out = self._forward(tokens[:, :-1], mask, positions, cache, last_only=False)
+        rest = (token_logprobs(out.logits, tokens[:, 1:]) if sampling is None
+                else sampling.token_log_probs(out.logits, tokens[:, 1:]))
+        return torch.cat([first, rest], dim=1)
+
+
+def _copy_cache(cache):
+    """A shallow copy whose layers can grow without touching the original tensors."""
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in cache.layers]
+    return new
+
+
+@torch.no_grad()
+def sample_continuations(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
+                         stop_token_ids, pad_token_id: int, temperature: float = 1.0, top_k: int = 0,
+                         top_p: float = 1.0, generator: torch.Generator | None = None, check_every: int = 8,
+                         mask_model=None, mask_fn=None, noise_share: tuple[int, int] | None = None,
+                         all_finished=None):
+    """Sample continuations of left-padded prompts with a KV cache.
+
+    Args:
+        model: the policy LM.
+        input_ids, attention_mask: left-padded prompts ``(batch, P)``.
+        max_new_tokens: most tokens to sample per row.
+        stop_token_ids: a row stops after emitting one of these; later slots hold ``pad_token_id``.
+        temperature, top_k, top_p: the sampling transformation (see :class:`lmgym.models.sampling.Sampling`);
+            the defaults sample the model's own distribution.
+        generator: a ``torch.Generator`` on the model's device, for reproducible sampling.
+        check_every: look at whether every row has stopped only every this many tokens,
+            to avoid a host round-trip per token.
+        mask_model, mask_fn: optionally a second LM stepped in lock-step with its own KV cache, and
+            ``mask_fn(its next-token logits) -> (batch, vocab) bool``: each token is drawn from the
+            sampling distribution restricted to that mask and renormalised (NLPO's masking policy).
+        noise_share, all_finished: for one process's share of a data-parallel batch: ``(k, K)`` draws
+            the random noise of all K shares and keeps the k-th (see :meth:`lmgym.models.sampling.Sampling.sample`),
+            and ``all_finished(finished) -> bool`` says whether every row of *every* share has
+            stopped, so all processes take the same number of steps (and random draws) as one process would.
+
+    Returns:
+        ``(tokens, logprobs)``, both ``(batch, T)`` with ``T <= max_new_tokens``; ``logprobs``
+        are the log-probs of the chosen tokens under the distribution actually sampled from
+        (tempered and truncated), 0 after a row stopped.
+    """
+    from lmgym.models.sampling import Sampling
+
+    sampling = Sampling(temperature, top_k, top_p)
+    device = input_ids.device
+    stop = torch.as_tensor(list(stop_token_ids), device=device)
+    batch = input_ids.shape[0]
+    mask = attention_mask
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    models = [model] if mask_model is None else [model, mask_model]
+    caches, logits = [], []
+    for m in models:
+        keep = {"logits_to_keep": 1} if accepts_logits_to_keep(m) else {}
+        if not keep:
+            fast_paths.fall_back("logits_to_keep", f"{type(hf_model(m)).__name__}.forward takes no logits_to_keep")
+        out = m(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep)
+        caches.append(cache_of(out))
+        logits.append(out.logits[:, -1])
+    lengths = mask.sum(1)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens, logprobs = [], []
+    for t in range(max_new_tokens):
+        allowed = mask_fn(logits[1]) if mask_model is not None else None
+        tok, lp = sampling.sample(logits[0], generator, allowed=allowed, noise_share=noise_share)
+        tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
+        tokens.append(tok)
+        logprobs.append(torch.where(finished, torch.zeros_like(lp), lp))
+        finished = finished | torch.isin(tok, stop)
+        if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and (
+                bool(finished.all()) if all_finished is None else all_finished(finished))):
+            break
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+        for i, m in enumerate(models):
+            out = m(input_ids=tok[:, None], attention_mask=mask, position_ids=lengths[:, None],
+                    use_cache=True, **cache_kwargs(m, caches[i]))
+            caches[i], logits[i] = cache_of(out), out.logits[:, -1]
+        lengths = lengths + 1
+    return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
