@@ -38,7 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent / "docs" / "bench" / "grpo_vs_trl.json"
 README_BEGIN = ("<!-- grpo_vs_trl: generated from docs/bench/grpo_vs_trl.json by "
-                "`python benchmarks/grpo_vs_trl.py --readme README.md`; do not edit by hand -->")
+                "`python benchmarks/grpo_vs_trl.py --readme docs/speed.md`; do not edit by hand -->")
 README_END = "<!-- end of grpo_vs_trl -->"
 ARM_NAMES = {"lmgym": "lmgym GRPO", "lmgym-gc": "lmgym GRPO, activation checkpointing",
              "trl": "TRL 1.16 GRPOTrainer (defaults: activation checkpointing, tiled log-probs)",
@@ -110,7 +110,7 @@ def model_folder(workload: str) -> Path:
     if workload == "tiny":
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        from lmgym.models.loading import word_tokenizer
+        from lmgym.models import word_tokenizer
         import torch
 
         # GPT-2's vocabulary size and context with a 64-wide, 2-layer body: 3.38M parameters, most of them in

@@ -30,7 +30,7 @@ def one(name: str) -> dict:
 
     import lmgym  # noqa: F401
     from lmgym.agents import GRPO
-    from lmgym.models.loading import tiny_model
+    from lmgym.models import tiny_model
 
     torch.set_num_threads(1)
     options = dict(SETTINGS[name])

@@ -131,22 +131,26 @@ def test_a_dead_benchs_lock_is_taken_over(tmp_path, holder):
 
 
 # ----------------------------------------------------------------------------- the README's results block
-def readme_block_of(text: str, source: str = benchmod.DEFAULT_README_SOURCE) -> str:
-    begin_line, end_line = benchmod.readme_markers(source)
+def readme_block_of(text: str, source: str = benchmod.DEFAULT_README_SOURCE, page: str = "README.md") -> str:
+    begin_line, end_line = benchmod.readme_markers(source, page)
     begin, end = text.index(begin_line), text.index(end_line)
     return text[begin:end + len(end_line)]
 
 
 def test_readme_results_equal_what_results_json_renders_to():
-    readme = (ROOT / "README.md").read_text()
-    sources = re.findall(r"<!-- lmgym bench results: generated from (\S+) by", readme)
-    assert benchmod.DEFAULT_README_SOURCE in sources and len(set(sources)) == len(sources)
-    for source in sources:  # every generated block, each from its own results file
-        report = json.loads((ROOT / source).read_text())
-        assert readme_block_of(readme, source) == benchmod.readme_block(report, source)
+    """Every generated block of the README and docs/ equals what its results file renders to."""
+    seen = []
+    for page in ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]:
+        text = (ROOT / page).read_text()
+        for source in re.findall(r"<!-- lmgym bench results: generated from (\S+) by", text):
+            report = json.loads((ROOT / source).read_text())
+            assert readme_block_of(text, source, page) == benchmod.readme_block(report, source, page), (page, source)
+            seen.append(source)
+    assert {benchmod.DEFAULT_README_SOURCE, "docs/bench-trl/results.json"} <= set(seen)
+    assert len(set(seen)) == len(seen)  # one block per results file
 
 
-def test_update_readme_rewrites_only_the_block(tmp_path):
+def test_update_readme_rewrites_only_the_block(tmp_path, monkeypatch):
     report = {"grid": {"tasks": ["lmgym/TargetToken-v0"], "agents": ["ppo"], "seeds": [0], "steps": 100,
                        "seconds": None, "overrides": {}},
               "table": {"lmgym/TargetToken-v0": {"ppo": {
@@ -156,10 +160,11 @@ def test_update_readme_rewrites_only_the_block(tmp_path):
                   "memory_kind": "process peak RSS"}}},
               "runs": [{"machine": {"cpu": "Some CPU", "cores": 2, "torch_threads": 1}, "elapsed_seconds": 125.4}]}
     (tmp_path / "results.json").write_text(json.dumps(report))
+    monkeypatch.chdir(tmp_path)  # the markers name the paths as the command does, from the working folder
     readme = tmp_path / "README.md"
     begin, end = benchmod.readme_markers("results.json")
     readme.write_text(f"# top\n\n{begin}\nold table\n{end}\n\n## after\n")
-    benchmod.update_readme(readme, tmp_path / "results.json")
+    benchmod.update_readme("README.md", "results.json")
     text = readme.read_text()
     assert text.startswith("# top\n\n") and text.endswith("\n\n## after\n") and "old table" not in text
     block = readme_block_of(text, "results.json")
@@ -240,7 +245,7 @@ def test_readme_speed_table_equals_throughput_json():
     measured = json.loads((root / "docs/bench/throughput.json").read_text())
     expected = [measured["environment"]["ratio_b_over_a"], measured["environment"]["ratio_c_over_a"],
                 measured["grpo"]["ratio"], measured["ppo"]["ratio"], measured["sb3"]["ratio_bridge_over_dummy"]]
-    section = (root / "README.md").read_text().split("## Speed", 1)[1].split("###", 1)[0]
+    section = (root / "docs/speed.md").read_text().split("###", 1)[0]
     shown = [float(x) for x in re.findall(r"^\|[^|]+\| ([0-9.]+) \|$", section, flags=re.M)]
     assert shown == [round(r, 2) for r in expected]
 
@@ -253,6 +258,6 @@ def test_readme_trl_comparison_equals_grpo_vs_trl_json():
     spec = importlib.util.spec_from_file_location("grpo_vs_trl", root / "benchmarks/grpo_vs_trl.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)  # stdlib imports only: TRL lives in the benchmark's own environment
-    readme = (root / "README.md").read_text()
+    readme = (root / "docs/speed.md").read_text()
     block = readme.split(script.README_BEGIN, 1)[1].split(script.README_END, 1)[0]
     assert block.strip() == script.render(json.loads(script.RESULTS.read_text()))

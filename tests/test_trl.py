@@ -127,9 +127,9 @@ def test_chat_task_reward_and_prompts_match_the_environment(trl, tmp_path):
 # ----------------------------------------------------------------------------- training and lmgym's evaluation
 def test_readme_trl_example_raises_the_score_and_lmgym_scores_it_with_the_environments_kl(trl, tmp_path,
                                                                                           monkeypatch):
-    """The README's TRL block runs as written; what it trained is scored with the environment's reference and KL."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    block = readme.split("## TRL's trainers on lmgym tasks")[1].split("```python\n")[1].split("```")[0]
+    """docs/trl.md's TRL block runs as written; what it trained is scored with the environment's reference and KL."""
+    page = (Path(__file__).parents[1] / "docs" / "trl.md").read_text()
+    block = page.split("```python\n")[1].split("```")[0]
     monkeypatch.chdir(tmp_path)
     scope = {}
     exec(block, scope)

@@ -100,15 +100,15 @@ def results_markdown(table: dict, grid: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def readme_markers(source: str = DEFAULT_README_SOURCE) -> tuple[str, str]:
-    """The two lines that enclose a README's block generated from ``source`` (its results.json, as a path
-    relative to the README): a README may hold one block per results file (the default grid's, a comparison
-    grid's...), each rewritten only from its own file."""
-    if source == DEFAULT_README_SOURCE:
+def readme_markers(source: str = DEFAULT_README_SOURCE, page: str = "README.md") -> tuple[str, str]:
+    """The two lines that enclose a page's block generated from ``source`` (its results.json); both paths as
+    the command that rewrites the block names them, from the project's root. A page may hold one block per
+    results file (the default grid's, a comparison grid's...), each rewritten only from its own file."""
+    if (source, page) == (DEFAULT_README_SOURCE, "README.md"):
         return README_BEGIN, README_END
     folder = Path(source).parent.as_posix()
     return (f"<!-- lmgym bench results: generated from {source} by `lmgym bench --out {folder} --readme "
-            "README.md`; do not edit by hand -->", f"<!-- end of lmgym bench results from {source} -->")
+            f"{page}`; do not edit by hand -->", f"<!-- end of lmgym bench results from {source} -->")
 
 
 def _duration(seconds: float) -> str:
@@ -116,7 +116,7 @@ def _duration(seconds: float) -> str:
     return f"{minutes} min {secs} s" if minutes else f"{secs} s"
 
 
-def readme_block(report: dict, source: str = DEFAULT_README_SOURCE) -> str:
+def readme_block(report: dict, source: str = DEFAULT_README_SOURCE, page: str = "README.md") -> str:
     """The README's results section rendered from a ``results.json`` report (the file ``source``): where and how
     long it was measured, then the tables of ``results.md``, between the :func:`readme_markers` of ``source``."""
     grid, runs = report["grid"], report["runs"]
@@ -138,16 +138,16 @@ def readme_block(report: dict, source: str = DEFAULT_README_SOURCE) -> str:
                f"{' '.join(map(str, grid['seeds']))}{budget}")
     overrides = f", hyper-parameters {json.dumps(grid['overrides'])}" if grid.get("overrides") else ""
     head = f"The grid: `{command}`{overrides}. {measured}"
-    begin, end = readme_markers(source)
+    begin, end = readme_markers(source, page)
     return "\n".join([begin, "", head, "", results_markdown(report["table"], grid).rstrip(), "", end])
 
 
 def update_readme(readme: str | os.PathLike, results_json: str | os.PathLike) -> None:
     """Replace the results block of ``readme`` marked as generated from ``results_json`` (:func:`readme_markers`
-    of its path relative to the README) with :func:`readme_block` of that file."""
+    of the two paths as given, from the working folder) with :func:`readme_block` of that file."""
     readme, results_json = Path(readme), Path(results_json)
-    source = Path(os.path.relpath(results_json.resolve(), readme.resolve().parent)).as_posix()
-    begin, end = readme_markers(source)
+    source, page = Path(os.path.relpath(results_json)).as_posix(), Path(os.path.relpath(readme)).as_posix()
+    begin, end = readme_markers(source, page)
     text = readme.read_text()
     if text.count(begin) != 1 or text.count(end) != 1:
         raise ValueError(f"{readme} needs exactly one results block for {source}, between the lines {begin!r} and "
@@ -158,4 +158,4 @@ def update_readme(readme: str | os.PathLike, results_json: str | os.PathLike) ->
         raise BenchError(f"{results_json} is corrupt ({err})") from err
     before, rest = text.split(begin)
     after = rest.split(end, 1)[1]
-    _atomic_write(readme, before + readme_block(report, source) + after)
+    _atomic_write(readme, before + readme_block(report, source, page) + after)
