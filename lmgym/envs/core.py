@@ -5,6 +5,7 @@
 are thin views of it, so every path computes the same rewards for the same tokens. Its parts
 that are concepts of their own live beside it: checking what an agent hands over
 (:mod:`lmgym.envs.actions`), which prompt each episode starts from (:mod:`lmgym.envs.prompt_draw`),
+how the rewards and ``info`` of an episode are put together (:mod:`lmgym.envs.episode_rewards`),
 the reference's KV-cached scoring (:class:`lmgym.models.CachedLM`) and what the two views expose
 (:mod:`lmgym.envs.view`).
 
@@ -33,6 +34,7 @@ import torch
 from lmgym.utils import checks
 from lmgym.envs.actions import as_logprobs, as_token_tensor
 from lmgym.envs.chat import default_stop_token_ids
+from lmgym.envs.episode_rewards import completions_of, episode_end_info, token_rewards
 from lmgym.models import CachedLM, is_sharded_module, load_model, resolve_device, right_pad
 from lmgym.envs.optimum import soft_optimal_values
 from lmgym.envs.prompt_draw import PromptDraw
@@ -274,13 +276,6 @@ class TextGenCore:
         return {"input_ids": self.tokens.clone(), "attention_mask": self.obs_mask.clone()}
 
     # ------------------------------------------------------------------ the MDP
-    def _token_rewards(self, ref_lp: torch.Tensor, pol_lp: torch.Tensor | None):
-        """The per-token part of the reward, and the KL estimate (NaN when log pi is unknown)."""
-        if pol_lp is None:
-            return self.kl_coef * ref_lp, torch.full_like(ref_lp, float("nan"))
-        kl = pol_lp - ref_lp
-        return -self.kl_coef * kl, kl
-
     def _score(self, rows: np.ndarray, completion_ids: list[list[int]]) -> np.ndarray:
         prompts = [self.row_prompts[r] for r in rows]
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
@@ -323,7 +318,7 @@ class TextGenCore:
         ref_lp = torch.where(active, ref_lp, zero)
         if pol_lp is not None:
             pol_lp = torch.where(active, pol_lp, zero)
-        rewards, kl = self._token_rewards(ref_lp, pol_lp)
+        rewards, kl = token_rewards(self.kl_coef, ref_lp, pol_lp)
         rewards = torch.where(active, rewards, zero)
 
         col = (self.prompt_len + self.gen_len).clamp(max=self.max_len - 1)
@@ -356,29 +351,12 @@ class TextGenCore:
         """Score the episodes that ended this step and add the score to their last reward."""
         idx = torch.as_tensor(finished, device=self.device)
         starts, lengths = self.prompt_len[idx].tolist(), self.gen_len[idx].tolist()
-        rows_tokens = self.tokens[idx].tolist()
-        completion_ids = []
-        for toks, s, n in zip(rows_tokens, starts, lengths):
-            gen = toks[s:s + n]
-            completion_ids.append(gen[:-1] if gen and gen[-1] in self.stop_token_ids else gen)
+        completion_ids = completions_of(self.tokens[idx].tolist(), starts, lengths, self.stop_token_ids)
         scores = self._score(finished, completion_ids)
         rewards[idx] += torch.as_tensor(scores, dtype=rewards.dtype, device=self.device)
-        n = self.num_envs
-        mask = np.zeros(n, dtype=bool)
-        mask[finished] = True
-        score = np.full(n, np.nan)
-        score[finished] = scores
-        completion = np.full(n, None, dtype=object)
-        completion[finished] = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        length = np.zeros(n, dtype=np.int64)
-        length[finished] = lengths
-        out = {"score": score, "_score": mask, "completion": completion, "_completion": mask,
-               "episode_length": length, "_episode_length": mask}
-        if kl_known:
-            episode_kl = np.zeros(n)
-            episode_kl[finished] = self.episode_kl[idx].cpu().numpy()
-            out.update(episode_kl=episode_kl, _episode_kl=mask)
-        return out
+        return episode_end_info(self.num_envs, finished, scores,
+                                self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True), lengths,
+                                self.episode_kl[idx].cpu().numpy() if kl_known else None)
 
     def score_sequences(self, tokens, logprobs=None) -> SequenceResult:
         """Submit whole continuations for the current prompts; get exactly what per-token ``step`` would give.
@@ -428,7 +406,7 @@ class TextGenCore:
         if pol_lp is None and self.policy_fn is not None:
             pol_lp = as_logprobs(self._bound_policy_logprobs(tokens), (n, steps), inside, self.device,
                                  "the bound policy's log-probs")
-        rewards, kl = self._token_rewards(ref_lp, pol_lp)
+        rewards, kl = token_rewards(self.kl_coef, ref_lp, pol_lp)
         rewards = torch.where(inside, rewards, 0.0)
         kl = torch.where(inside, kl, 0.0)
 
