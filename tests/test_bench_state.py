@@ -126,7 +126,7 @@ def test_a_dead_benchs_lock_is_taken_over(tmp_path, holder):
     proc = holder(tmp_path / "b")
     proc.kill()
     proc.wait(timeout=30)
-    assert (tmp_path / "b" / ".lmgym.utils.lock").exists()
+    assert (tmp_path / "b" / ".lmgym.lock").exists()
     assert main(grid_args(tmp_path / "b")) == 0
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 __all__ = ["LockedError", "FileLock", "FolderLock", "LOCK_NAME", "is_locked"]
 
-LOCK_NAME = ".lmgym.utils.lock"
+LOCK_NAME = ".lmgym.lock"
 """The lock file a :class:`FolderLock` keeps inside the folder it locks."""
 
 
@@ -152,7 +152,7 @@ class FileLock:
 
 
 class FolderLock(FileLock):
-    """A :class:`FileLock` on ``folder/.lmgym.utils.lock``; the folder is created if needed."""
+    """A :class:`FileLock` on ``folder/.lmgym.lock``; the folder is created if needed."""
 
     def __init__(self, folder: str | os.PathLike, purpose: str = ""):
         super().__init__(Path(folder) / LOCK_NAME, purpose)
