@@ -193,7 +193,7 @@ class GRPO(Agent):
                     logprobs, batch.logprobs, batch.ref_logprobs, adv, batch.mask, epsilon_low=cfg.epsilon_low,
                     epsilon_high=cfg.epsilon_high, beta=self.beta, kl_estimator=cfg.kl_estimator,
                     kl_in_loss=kl_in_loss, importance_sampling_level=cfg.importance_sampling_level)
-                if batch.sampling_weights is not None:  # tokens drawn by an engine: truncated IS (lmgym.agents.scale.vllm)
+                if batch.sampling_weights is not None:  # engine-drawn tokens: truncated IS (lmgym.agents.scale.vllm)
                     token_loss = token_loss * batch.sampling_weights
                 loss = aggregate_loss(token_loss, batch.mask, cfg.loss_type, self.env.max_new_tokens,
                                       num_tokens=minibatch_tokens)

@@ -1,5 +1,6 @@
 """Counts the deprecation warnings (Python warnings and transformers' log records) in one GRPO iteration on
-TargetToken: `OMP_NUM_THREADS=2 python benchmarks/deprecation_warnings.py` (9 at 33faf7b with transformers 5.25, 0 since)."""
+TargetToken: `OMP_NUM_THREADS=2 python benchmarks/deprecation_warnings.py` (9 at 33faf7b with transformers
+5.25, 0 since)."""
 
 import logging
 import warnings

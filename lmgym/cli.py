@@ -14,6 +14,10 @@ DEFAULT_BENCH = dict(tasks=["lmgym/TargetToken-v0", "lmgym/Arithmetic-v0"],
 """The default ``lmgym bench`` grid (the README states how long it took on this project's machine)."""
 
 
+DEFAULT_LOGDIR = "runs"
+"""where ``lmgym train`` writes its run folders unless ``--logdir`` says otherwise"""
+
+
 def _split_overrides(extra: list[str]) -> list[tuple[str, str]]:
     """``--agent.name value`` (or ``--agent.name=value``) pairs from the arguments argparse did not know."""
     pairs, i = [], 0
@@ -83,14 +87,26 @@ def _read_config(path: str | None) -> list[tuple[str, object]]:
     return list(data.items())
 
 
-def _fresh_dir(path: Path) -> Path:
-    """``path``, or ``path-2``, ``path-3``... so an earlier run's logs and checkpoints are never overwritten."""
-    if not path.exists() or not any(path.iterdir()):
-        return path
-    n = 2
-    while (path.parent / f"{path.name}-{n}").exists():
+def _fresh_dir(path: Path):
+    """``(folder, its lock)``: ``path``, or ``path-2``, ``path-3``..., the first that holds nothing and that no
+    other process has locked, locked by this one, so neither an earlier run nor one starting at the same
+    moment is ever written into."""
+    from lmgym.utils.lock import LOCK_NAME, FolderLock, LockedError
+
+    n = 1
+    while True:
+        candidate = path if n == 1 else path.parent / f"{path.name}-{n}"
         n += 1
-    return path.parent / f"{path.name}-{n}"
+        if candidate.exists() and (not candidate.is_dir() or any(p.name != LOCK_NAME for p in candidate.iterdir())):
+            continue  # an earlier run's (a lock file alone is a run that never wrote)
+        try:
+            lock = FolderLock(candidate, "lmgym train").acquire()
+        except LockedError:
+            continue  # taken by a run starting right now
+        if any(p.name != LOCK_NAME for p in candidate.iterdir()):  # it wrote before we locked
+            lock.release()
+            continue
+        return candidate, lock
 
 
 def _resolve_resume(path: str) -> tuple[Path, Path | None]:
@@ -120,23 +136,61 @@ def _resolve_resume(path: str) -> tuple[Path, Path | None]:
     return latest_checkpoint(given), given
 
 
+def _run_folder(args, name: str, parallel):
+    """``(checkpoint, folder, lock)``: the checkpoint ``--resume`` names (or None), the folder this run writes
+    in, and the lock this process took on a fresh folder (None otherwise: the run locks its folder itself).
+
+    A run resumed from its latest checkpoint continues in its own folder, unless ``--logdir`` names another
+    folder than the one that run lives in: then the resumed run branches into a fresh folder under
+    ``--logdir``, as any other run there would start. Otherwise ``LOGDIR/NAME/AGENT/seedN``, or a fresh
+    ``-2``, ``-3``... beside it, so an earlier run is never written into.
+    """
+    root = Path(args.logdir if args.logdir is not None else DEFAULT_LOGDIR)
+    checkpoint, run_dir = _resolve_resume(args.resume) if args.resume else (None, None)
+    branched = run_dir is not None and args.logdir is not None and not _is_within(run_dir, root)
+    if branched:
+        run_dir = None
+    # Under torchrun / accelerate launch, process 0 picks the folder and the others follow it. A fresh folder
+    # is locked by this process from the moment it is chosen.
+    held = []
+
+    def choose() -> Path:
+        if run_dir is not None:
+            return run_dir
+        folder, lock = _fresh_dir(root / name / args.agent / f"seed{args.seed}")
+        held.append(lock)
+        return folder
+
+    logdir = parallel.on_main(choose)
+    if checkpoint is not None and parallel.is_main:
+        why = f" (--logdir {root} is not where that run lives: a new run starts there from it)" if branched else ""
+        print(f"lmgym: resuming from {checkpoint}, writing to {logdir}{why}")
+    return checkpoint, logdir, (held[0] if held else None)
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
 def _train(args, extra) -> int:
     if args.model is not None or args.task is None:
         return _train_own(args, extra)
     from lmgym.bench.grid import parse_overrides, run
 
     overrides = parse_overrides(_read_config(args.config) + _split_overrides(extra), args.agent)
-    base = Path(args.logdir) / args.task.split("/")[-1] / args.agent / f"seed{args.seed}"
-    # Under torchrun / accelerate launch, process 0 picks the folders and the others follow it.
     parallel = _data_parallel(args.device)
-    checkpoint, logdir = None, None
-    if args.resume:
-        checkpoint, logdir = _resolve_resume(args.resume)
-    logdir = parallel.on_main(lambda: logdir or _fresh_dir(base))
-    if checkpoint is not None and parallel.is_main:
-        print(f"lmgym: resuming from {checkpoint}, writing to {logdir}")
-    result = run(args.task, args.agent, steps=args.steps, seconds=args.seconds, seed=args.seed, device=args.device,
-                 logdir=logdir, overrides=overrides, resume=checkpoint, progress=parallel.is_main)
+    checkpoint, logdir, lock = _run_folder(args, args.task.split("/")[-1], parallel)
+    try:
+        result = run(args.task, args.agent, steps=args.steps, seconds=args.seconds, seed=args.seed,
+                     device=args.device, logdir=logdir, overrides=overrides, resume=checkpoint,
+                     progress=parallel.is_main)
+    finally:
+        if lock is not None:
+            lock.release()
     if not parallel.is_main:
         return 0
     s, e = result["start"], result["end"]
@@ -367,6 +421,7 @@ def _train_own(args, extra) -> int:
     from lmgym.bench.report import BenchError
     from lmgym.rewards.functions import RewardError
     from lmgym.train_own import read_prompts, train_own_model
+    from lmgym.utils.lock import LockedError
 
     if args.model is None:
         print("lmgym: train needs --task (a built-in task, see lmgym list) or --model (your own model, with "
@@ -375,13 +430,13 @@ def _train_own(args, extra) -> int:
     if args.task is not None or args.prompts is None:
         print("lmgym: --model trains your own model: give --prompts FILE and no --task", file=sys.stderr)
         return 2
+    lock = None
     try:
         overrides = parse_overrides(_read_config(args.config) + _split_overrides(extra), args.agent)
         env = {k: overrides.pop(k) for k in ("max_new_tokens", "kl_coef") if k in overrides}
         name = Path(args.model).name or args.model.replace("/", "_")
-        base = Path(args.logdir) / name / args.agent / f"seed{args.seed}"
-        parallel = _data_parallel(args.device)  # under a launcher, process 0 picks the folder
-        logdir = parallel.on_main(lambda: base if args.resume else _fresh_dir(base))
+        parallel = _data_parallel(args.device)
+        checkpoint, logdir, lock = _run_folder(args, name, parallel)
         summary = train_own_model(
             model=args.model, prompts=read_prompts(args.prompts), agent=args.agent, reward=args.reward,
             reward_model=args.reward_model,
@@ -390,11 +445,15 @@ def _train_own(args, extra) -> int:
             overrides=overrides, num_envs=overrides.pop("num_envs", args.num_envs),
             group_size=overrides.pop("group_size", args.group_size),
             max_new_tokens=env.get("max_new_tokens", args.max_new_tokens), kl_coef=env.get("kl_coef", args.kl_coef),
-            sample_every=args.sample_every, resume=args.resume, trust_remote_code=args.trust_remote_code,
+            sample_every=args.sample_every, resume=checkpoint, trust_remote_code=args.trust_remote_code,
             lora=_lora_config(args))
-    except (BenchError, CheckpointError, RewardError, ValueError, TypeError, OSError, ImportError) as err:
+    except (BenchError, CheckpointError, RewardError, LockedError, ValueError, TypeError, OSError,
+            ImportError) as err:
         print(f"lmgym: {err}", file=sys.stderr)
         return 2
+    finally:
+        if lock is not None:
+            lock.release()
     if not parallel.is_main:
         return 0
     print(f"\n{args.agent} on {args.model}: {summary['iterations']} iterations, {summary['env_steps']} tokens, "
@@ -455,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, help="wall-clock budget; stops at whichever comes first")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--logdir", default="runs", help="TensorBoard logs and checkpoints go under this folder")
+    p.add_argument("--logdir", default=None, help=f"TensorBoard logs and checkpoints go under this folder (default "
+                   f"{DEFAULT_LOGDIR}; with --resume, a folder other than the run's own starts a new run there)")
     p.add_argument("--resume", metavar="RUN_OR_CHECKPOINT",
                    help="continue an earlier run of the same task and agent: its run folder (takes its latest "
                         "checkpoint) or one checkpoint folder; --steps is the total, so it must exceed the "

@@ -135,6 +135,7 @@ def train_own_model(*, model: str, prompts, agent: str, reward=None, reward_mode
     of ``peft.LoraConfig`` arguments) trains LoRA adapters instead of the whole model. Logs,
     checkpoints and ``lmgym_run.json`` (what ``lmgym export`` needs) go to ``logdir``.
     """
+    import contextlib
     import time
 
     import gymnasium as gym
@@ -144,6 +145,7 @@ def train_own_model(*, model: str, prompts, agent: str, reward=None, reward_mode
     from lmgym.agents.export import RUN_FILE
     from lmgym.models import load_tokenizer, resolve_device
     from lmgym.envs.prompts import PromptSource
+    from lmgym.utils.lock import FolderLock
 
     if agent not in AGENTS:
         raise ValueError(f"--agent {agent!r} cannot train your own model; use one of {', '.join(AGENTS)}")
@@ -173,44 +175,48 @@ def train_own_model(*, model: str, prompts, agent: str, reward=None, reward_mode
                         kl_coef=kl_coef, max_prompt_tokens=longest, device=dev, dtype=dtype,
                         trust_remote_code=trust_remote_code)
     logdir = Path(logdir)
-    logdir.mkdir(parents=True, exist_ok=True)
-    local = Path(model).expanduser()
-    if rank == 0:
-        (logdir / RUN_FILE).write_text(json.dumps({
-            "model": str(local.resolve()) if local.exists() else model, "agent": agent, "num_envs": num_envs,
-            "group_size": group_size, "max_new_tokens": max_new_tokens, "stop_token_ids": venv.stop_token_ids,
-            "reward": reward if isinstance(reward, str) else None,
-            "reward_model": str(reward_model) if reward_model is not None else None, "peft_config": lora}, indent=1))
-    learner = AGENTS[agent](venv, logdir=logdir, seed=seed, peft_config=lora, **(overrides or {}))
-    if resume is not None:
-        learner.load(resume)
-    watched = eval_prompts if eval_prompts else prompts[:max(1, num_envs // group_size)]
+    # One process writes a run folder: the same lock as `lmgym train --task` and the agent itself take.
+    with FolderLock(logdir, f"lmgym train --model ({agent})") if rank == 0 else contextlib.nullcontext():
+        learner = AGENTS[agent](venv, logdir=logdir, seed=seed, peft_config=lora, **(overrides or {}))
+        if resume is not None:
+            learner.load(resume)
+        # written once every check has passed: a refused resume leaves the run's file as it was
+        if rank == 0:
+            local = Path(model).expanduser()
+            (logdir / RUN_FILE).write_text(json.dumps({
+                "model": str(local.resolve()) if local.exists() else model, "agent": agent, "num_envs": num_envs,
+                "group_size": group_size, "max_new_tokens": max_new_tokens, "stop_token_ids": venv.stop_token_ids,
+                "reward": reward if isinstance(reward, str) else None,
+                "reward_model": str(reward_model) if reward_model is not None else None, "peft_config": lora},
+                indent=1))
+        watched = eval_prompts if eval_prompts else prompts[:max(1, num_envs // group_size)]
 
-    def report(agent_, metrics):
-        if sample_every and agent_.iteration % sample_every == 0:
-            result = agent_.evaluate(prompts=watched)
-            if agent_.writer is not None:
-                tag = "eval" if eval_prompts else "train_prompts"
-                agent_.writer.add_scalar(f"{tag}/score", result["score"], agent_.global_step)
-                agent_.writer.add_scalar(f"{tag}/kl", result["kl"], agent_.global_step)
-                agent_.writer.add_text("samples", samples_markdown(result["samples"]), agent_.global_step)
-        if seconds is not None and time.perf_counter() - t0 >= seconds:
-            return False
-        return None
+        def report(agent_, metrics):
+            if sample_every and agent_.iteration % sample_every == 0:
+                result = agent_.evaluate(prompts=watched)
+                if agent_.writer is not None:
+                    tag = "eval" if eval_prompts else "train_prompts"
+                    agent_.writer.add_scalar(f"{tag}/score", result["score"], agent_.global_step)
+                    agent_.writer.add_scalar(f"{tag}/kl", result["kl"], agent_.global_step)
+                    agent_.writer.add_text("samples", samples_markdown(result["samples"]), agent_.global_step)
+            if seconds is not None and time.perf_counter() - t0 >= seconds:
+                return False
+            return None
 
-    start = learner.evaluate(prompts=eval_prompts) if eval_prompts else None
-    t0 = time.perf_counter()
-    learner.learn(steps if steps is not None else sys.maxsize, callbacks=[report], progress=progress)
-    wall = time.perf_counter() - t0
-    end = learner.evaluate(prompts=eval_prompts) if eval_prompts else None
-    summary = {"model": model, "agent": agent, "iterations": learner.iteration, "env_steps": learner.global_step,
-               "wall_seconds": wall, "checkpoint": str(learner.last_checkpoint) if learner.last_checkpoint else None,
-               "logdir": str(logdir),
-               "eval_start": {k: v for k, v in start.items() if k != "samples"} if start else None,
-               "eval_end": {k: v for k, v in end.items() if k != "samples"} if end else None,
-               "eval_samples": end["samples"][:16] if end else None}
-    if rank == 0:
-        (logdir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    if learner.writer is not None:
-        learner.writer.flush()
-    return summary
+        start = learner.evaluate(prompts=eval_prompts) if eval_prompts else None
+        t0 = time.perf_counter()
+        learner.learn(steps if steps is not None else sys.maxsize, callbacks=[report], progress=progress)
+        wall = time.perf_counter() - t0
+        end = learner.evaluate(prompts=eval_prompts) if eval_prompts else None
+        summary = {"model": model, "agent": agent, "iterations": learner.iteration,
+                   "env_steps": learner.global_step, "wall_seconds": wall,
+                   "checkpoint": str(learner.last_checkpoint) if learner.last_checkpoint else None,
+                   "logdir": str(logdir),
+                   "eval_start": {k: v for k, v in start.items() if k != "samples"} if start else None,
+                   "eval_end": {k: v for k, v in end.items() if k != "samples"} if end else None,
+                   "eval_samples": end["samples"][:16] if end else None}
+        if rank == 0:
+            (logdir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        if learner.writer is not None:
+            learner.writer.flush()
+        return summary

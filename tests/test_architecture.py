@@ -93,7 +93,8 @@ def test_imports_follow_the_direction():
 def test_the_check_catches_an_import_against_the_direction():
     """A model module importing the environment, or the environment importing an agent, is caught."""
     bad = ROOT / "lmgym" / "models" / "_direction_probe.py"
-    bad.write_text("from lmgym.envs import TextGenEnv\nimport lmgym.envs.core\n\ndef f():\n    from lmgym.agents import PPO\n")
+    bad.write_text("from lmgym.envs import TextGenEnv\nimport lmgym.envs.core\n\n"
+                   "def f():\n    from lmgym.agents import PPO\n")
     try:
         found = [v for v in violations() if "_direction_probe" in v]
     finally:

@@ -2,7 +2,7 @@
 states: a subset of its runs (every agent on TargetToken, PPO and GRPO on Arithmetic, seed 0) is run again here at
 the grid's budget and compared with the run it recorded in ``docs/bench/results.json``.
 
-The Arithmetic runs start from the zoo entry shipped with lmgym (``lmgym.zoo.entries.SHIPPED``), so an empty cache builds
+The Arithmetic runs start from the zoo entry shipped with lmgym (``lmgym.zoo.SHIPPED``), so an empty cache builds
 nothing; a local build on another CPU would be another model (float32 training is not bit-identical across CPUs).
 """
 

@@ -157,3 +157,114 @@ def test_lora_run_exports_merged_or_as_adapters(workdir):
         adapted = PeftModel.from_pretrained(base, workdir / "adapters")(input_ids=ids).logits
     torch.testing.assert_close(adapted, merged, atol=1e-5, rtol=1e-5)
     assert (merged - base_logits).abs().max() > 1e-4  # the adapters trained
+
+
+# ----------------------------------------------------------------------------- run folders (issue 23, items 1-4)
+def run_dir(workdir, suffix="", root="runs"):
+    return workdir / root / "model" / "grpo" / f"seed0{suffix}"
+
+
+def files_of(folder):
+    """Every file of a run folder and its bytes (the lock file aside: it says who holds the folder now)."""
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lmgym.lock"}
+
+
+def hold_lock(folder):
+    """Another process holding the run folder's lock, as a second `lmgym train` would."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from lmgym.utils.lock import FolderLock; "
+            "FolderLock(sys.argv[1], 'another lmgym train').acquire(); print('locked', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_resumed_model_run_continues_in_its_own_folder_and_leaves_others_alone(workdir):
+    from lmgym.agents import latest_checkpoint
+
+    assert run(workdir, "--reward", "my_rewards:count_good") == 0
+    assert run(workdir, "--reward", "my_rewards:count_good") == 0  # a second run beside it
+    first, second = run_dir(workdir), run_dir(workdir, "-2")
+    before, resumed_from = files_of(first), latest_checkpoint(second)
+    assert run(workdir, "--reward", "my_rewards:count_good", "--resume", str(second), "--steps", "300") == 0
+    assert files_of(first) == before  # the other run's files, byte for byte
+    latest = latest_checkpoint(second)
+    assert latest != resumed_from and json.loads((latest / "state.json").read_text())["global_step"] >= 300
+
+
+def test_a_refused_resume_writes_nothing(workdir, capsys):
+    assert run(workdir, "--reward", "my_rewards:count_good") == 0
+    first = run_dir(workdir)
+    before = files_of(first)
+    # a LoRA resume of a full fine-tuning run is refused (or, without peft, cannot start): either way, late
+    assert run(workdir, "--reward", "my_rewards:count_good", "--resume", str(first), "--steps", "300",
+               "--lora-r", "4") == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("lmgym: ")
+    assert files_of(first) == before  # lmgym_run.json included: the untouched run still exports
+
+
+def test_a_run_folder_another_process_holds_is_never_shared(workdir, capsys):
+    first, second = run_dir(workdir), run_dir(workdir, "-2")
+    holder = hold_lock(first)  # a run started at the same moment: it has chosen seed0 and written nothing yet
+    try:
+        assert run(workdir, "--reward", "my_rewards:count_good") == 0
+        assert (second / "checkpoints").is_dir() and not (first / "checkpoints").exists()  # the next folder
+    finally:
+        holder.kill()
+        holder.wait()
+    before = files_of(second)
+    holder = hold_lock(second)  # that run resumed by another process: a second resume of it is refused
+    try:
+        capsys.readouterr()
+        assert run(workdir, "--reward", "my_rewards:count_good", "--resume", str(second), "--steps", "300") == 2
+        assert "is in use by process" in capsys.readouterr().err
+        assert files_of(second) == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_resume_with_another_logdir_starts_a_new_run_there(workdir, capsys):
+    assert run(workdir, "--reward", "my_rewards:count_good") == 0
+    first = run_dir(workdir)
+    before = files_of(first)
+    capsys.readouterr()
+    assert run(workdir, "--reward", "my_rewards:count_good", "--resume", str(first), "--steps", "300",
+               "--logdir", str(workdir / "elsewhere")) == 0
+    assert "a new run starts there from it" in capsys.readouterr().out
+    assert files_of(first) == before
+    branch = run_dir(workdir, root="elsewhere")
+    state = json.loads((next((branch / "checkpoints").iterdir()) / "state.json").read_text())
+    assert state["global_step"] >= 300
+
+
+def test_a_killed_save_is_cleaned_up_when_the_run_starts_again(workdir):
+    assert run(workdir, "--reward", "my_rewards:count_good") == 0
+    first = run_dir(workdir)
+    leftover = first / "checkpoints" / ".iter-000009.tmp-x1y2"  # what SIGKILL during a save leaves
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half a model")
+    assert run(workdir, "--reward", "my_rewards:count_good", "--resume", str(first), "--steps", "300") == 0
+    assert not leftover.exists()
+
+
+def test_an_agent_locks_its_run_folder_whoever_created_it(tmp_path):
+    import gymnasium as gym
+
+    from lmgym.agents import GRPO
+    from lmgym.utils.lock import LockedError
+
+    folder = tmp_path / "run"
+    holder = hold_lock(folder)
+    try:
+        agent = GRPO(gym.make_vec("lmgym/TargetToken-v0", num_envs=8, group_size=4, device="cpu"), logdir=folder)
+        with pytest.raises(LockedError, match="is in use by process .* \\(another lmgym train\\)"):
+            agent.learn(16, progress=False)
+        assert not (folder / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    agent.learn(16, progress=False)  # free again: it trains and checkpoints
+    assert (folder / "checkpoints").is_dir()

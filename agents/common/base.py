@@ -121,6 +121,7 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
         self.logdir = Path(logdir) if logdir is not None else None
         self.writer = None
         self._close_writer = None
+        self._logdir_lock, self._release_logdir = None, None  # see hold_logdir
         self.last_checkpoint: Path | None = None
         """the last checkpoint this agent wrote or loaded; only finite, usable weights are ever written"""
         self._env_started = False
@@ -270,6 +271,7 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
         if total_steps <= self.global_step:
             return self
         check_config(self.config)  # settings changed on the agent since it was built are checked too
+        self.hold_logdir()
         self._check_batch_layout(self.env.num_envs)
         self._open_writer()
         bar = tqdm(total=total_steps, initial=self.global_step, disable=not progress or not self.distributed.is_main,

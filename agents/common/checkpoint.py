@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 import uuid
 import warnings
@@ -47,7 +48,7 @@ from lmgym.utils.folders import written_atomically
 
 __all__ = ["CheckpointError", "save", "load", "latest_checkpoint", "reference_fingerprint", "weights_usable",
            "weight_problem",
-           "new_run_id", "FORMAT"]
+           "new_run_id", "FORMAT", "remove_interrupted_saves"]
 
 FORMAT = 1
 """Version of the checkpoint layout written by :func:`save`."""
@@ -223,6 +224,18 @@ def checkpoint_path(logdir: Path, iteration: int, run_id: str) -> tuple[Path, bo
         warnings.warn(f"{base} holds a checkpoint of another run (or of the run this one resumed from); it is kept, "
                       f"and this run's checkpoint is written alongside as {candidate.name}", stacklevel=3)
     return candidate, False
+
+
+def remove_interrupted_saves(logdir: Path) -> list[Path]:
+    """Remove the temporary folders (``checkpoints/.iter-NNNNNN.tmp-*``) of saves a killed process left behind.
+
+    Each may hold a full set of weights. The caller holds the run folder's lock, so no live save is writing
+    one. Returns what was removed."""
+    folder = Path(logdir) / "checkpoints"
+    removed = [p for p in folder.glob(".iter-*.tmp-*") if p.is_dir()] if folder.is_dir() else []
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
 
 
 def _run_id_of(folder: Path) -> str | None:

@@ -107,6 +107,7 @@ class Checkpointing:
         """
         if self.logdir is None:
             return None
+        self.hold_logdir()
         payload = self._checkpoint_payload()  # every process takes part
 
         def write() -> Path:  # on process 0 only

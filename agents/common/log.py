@@ -1,12 +1,14 @@
 """Logging an agent's metrics to TensorBoard, under the field's usual names (``objective/kl``, ``objective/scores``,
-...), from process 0 of a launch only."""
+...), from process 0 of a launch only, into a run folder that process holds locked while it writes."""
 
 from __future__ import annotations
 
 import weakref
 from typing import TYPE_CHECKING
 
+from lmgym.agents.common import checkpoint as checkpoints
 from lmgym.agents.common.rollout import Rollout
+from lmgym.utils.lock import FolderLock
 
 if TYPE_CHECKING:
     from lmgym.agents.common.base import Agent
@@ -25,9 +27,20 @@ class Logging:
                 "charts/episode_length": float(rollout.lengths.float().mean()),
                 "charts/episodes": float(self.episodes)}
 
+    def hold_logdir(self) -> None:
+        """Lock the run folder for this process before writing into it (another process gets a
+        :class:`~lmgym.utils.lock.LockedError` naming this one; this process may hold it again), and clear the
+        temporary folders of saves a killed process left there. Released by :meth:`close`."""
+        if self.logdir is None or not self.distributed.is_main or self._logdir_lock is not None:
+            return
+        lock = FolderLock(self.logdir, f"lmgym {self.name} run").acquire()
+        self._logdir_lock, self._release_logdir = lock, weakref.finalize(self, lock.release)
+        checkpoints.remove_interrupted_saves(self.logdir)
+
     def _open_writer(self) -> None:
         if self.logdir is None or self.writer is not None or not self.distributed.is_main:
             return
+        self.hold_logdir()
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(self.logdir))
@@ -49,6 +62,9 @@ class Logging:
         if self._close_writer is not None:
             self._close_writer()  # runs writer.close() once, and detaches the garbage-collection hook
         self.writer, self._close_writer = None, None
+        if self._logdir_lock is not None:
+            self._release_logdir()  # the run folder's lock, likewise
+        self._logdir_lock, self._release_logdir = None, None
 
     def __enter__(self) -> "Agent":
         return self

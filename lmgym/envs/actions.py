@@ -18,7 +18,7 @@ LOGPROB_ROUNDING = 1e-5
 
 
 def as_token_tensor(values, shape: tuple[int, ...], what: str, vocab_size: int, device) -> torch.Tensor:
-    """``values`` (tensor, numpy array or list) as a long tensor of ``shape`` on ``device``, every id in the vocabulary."""
+    """``values`` (tensor, numpy array or list) as a long tensor of ``shape`` on ``device``, every id a token."""
     if isinstance(values, torch.Tensor):
         t = values
     else:

@@ -130,7 +130,7 @@ class _Recorder(TaskReward):
 def run_cell(task: str, agent: str, *, budget: int, seconds: float | None, seed: int, device: torch.device,
              logdir, overrides: dict, env_kwargs: dict, num_envs: int, group: int, eval_batches: int,
              progress: bool) -> dict:
-    """Train TRL's trainer ``agent`` on ``task``; the same result dict as lmgym's own cells (``lmgym.bench.grid.run``)."""
+    """Train TRL's trainer ``agent`` on ``task``; the same result dict as lmgym's own cells (``lmgym.bench.run``)."""
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
