@@ -437,3 +437,52 @@ def test_per_token_steps_are_refused_on_a_reference_sharded_by_fsdp(tiny, tmp_pa
             env.step(torch.zeros(2, dtype=torch.long))
     finally:
         dist.destroy_process_group()
+
+
+class FailsOnce:
+    """A reward that raises the first time it is called, then scores every completion 1."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, prompts, completions):
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("the scorer's server is down")
+        return [1.0] * len(completions)
+
+
+@pytest.mark.parametrize("view", ["single", "vector"])
+def test_a_step_whose_reward_raises_leaves_the_episode_as_it_was(tiny, view):
+    """Issue 23 item 7: the raising step half-applied (the token and its KL were kept), so stepping again counted
+    that step's KL twice in info['episode_kl']. Now the failed step changes nothing: the same step again gives
+    exactly what it would have given had the reward not failed."""
+    model, tok = tiny
+    kwargs = dict(tokenizer=tok, max_new_tokens=3, kl_coef=0.1)
+    if view == "single":
+        env, ref = (TextGenEnv(model, r, ["the cat"], **kwargs) for r in (FailsOnce(), lambda p, c: [1.0] * len(c)))
+        steps = [(1, -0.5), (2, -1.0), (3, -0.25)]
+
+        def step(e, a, lp):
+            _, reward, term, trunc, info = e.step(a, logprob=lp)
+            return reward, term or trunc, info
+    else:
+        env, ref = (TextGenVectorEnv(2, model=model, reward_fn=r, prompts=["the cat"], device="cpu", **kwargs)
+                    for r in (FailsOnce(), lambda p, c: [1.0] * len(c)))
+        steps = [([1, 4], [-0.5, -0.1]), ([2, 5], [-1.0, -0.2]), ([3, 6], [-0.25, -0.3])]
+
+        def step(e, a, lp):
+            _, reward, term, trunc, info = e.step(np.array(a), logprobs=np.array(lp))
+            return np.asarray(reward).tolist(), bool(np.asarray(term | trunc).all()), info
+    env.reset(seed=0)
+    ref.reset(seed=0)
+    for action, lp in steps[:-1]:
+        assert step(env, action, lp)[:2] == step(ref, action, lp)[:2]
+    before = env.unwrapped.core.observation() if view == "single" else env.core.observation()
+    with pytest.raises(RewardError, match="down"):
+        step(env, *steps[-1])
+    after = env.unwrapped.core.observation() if view == "single" else env.core.observation()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing of the failed step is kept
+    got, want = step(env, *steps[-1]), step(ref, *steps[-1])
+    assert got[:2] == want[:2] and got[1]
+    assert np.allclose(np.asarray(got[2]["episode_kl"], dtype=float), np.asarray(want[2]["episode_kl"], dtype=float))

@@ -220,3 +220,38 @@ def test_a_corrupt_reward_model_json_is_named(tiny, tmp_path, text):
     (tmp_path / "rm" / "reward_model.json").write_text(text)
     with pytest.raises(ValueError, match="reward_model.json"):
         RewardModel.load(tmp_path / "rm")
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"completions": ["ten", "nine"], "scores": ["10", "9"]}, "'scores' must be a list of finite numbers"),
+    ({"completions": ["x", "y"], "scores": [float("nan"), 1.0]}, "'scores' must be a list of finite numbers"),
+    ({"completions": ["x", "y"], "scores": [True, False]}, "'scores' must be a list of finite numbers"),
+    ({"completions": ["x", "y"], "scores": None}, "'scores' must be a list of finite numbers"),
+    ({"completions": ["x", "y"], "ranking": [True, False]}, "'ranking' must be a list of completion indices"),
+    ({"completions": ["x", "y"], "ranking": [0.0, 1.0]}, "'ranking' must be a list of completion indices"),
+    ({"completions": ["x", "y"], "ranking": None}, "'ranking' must be a list of completion indices"),
+    ({"completions": "ab", "ranking": [0, 1]}, "'completions' must be a list of at least two strings, got str"),
+    ({"completions": None, "ranking": [0, 1]}, "'completions' must be a list of at least two strings"),
+    ({"completions": ["only"], "ranking": [0]}, "'completions' must be a list of at least two strings"),
+], ids=["string-scores", "nan-score", "bool-scores", "null-scores", "bool-ranking", "float-ranking", "null-ranking",
+        "string-completions", "null-completions", "one-completion"])
+def test_a_ranking_or_scores_record_of_the_wrong_types_is_refused_with_its_line(tmp_path, record, message):
+    """Issue 23 item 5: such records were read silently (string order, NaN order, bools as indices) or raised a
+    raw TypeError."""
+    path = tmp_path / "ranked.jsonl"
+    good = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"})
+    path.write_text(good + "\n" + json.dumps({"prompt": "p", **record}, allow_nan=True) + "\n")
+    with pytest.raises(ValueError, match=f"ranked.jsonl, line 2: {message}".replace("(", r"\(")):
+        read_preferences(path)
+
+
+def test_the_command_refuses_such_a_file_in_one_line(tmp_path, capsys):
+    from lmgym.cli import main
+
+    path = tmp_path / "ranked.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "completions": ["ten", "nine"], "scores": ["10", "9"]}) + "\n")
+    assert main(["reward-model", "train", "--data", str(path), "--backbone", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "rm")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lmgym: ") and "line 1: 'scores' must be" in err and "\n" not in err
+    assert not (tmp_path / "rm").exists()

@@ -322,6 +322,10 @@ class TextGenCore:
         rewards = torch.where(active, rewards, zero)
 
         col = (self.prompt_len + self.gen_len).clamp(max=self.max_len - 1)
+        # what this step changes, to put back if scoring the finished episodes raises: a failed step leaves
+        # every episode as it was (the caller may fix the reward and step again), it never half-applies
+        before = (self.tokens[self.rows, col].clone(), self.obs_mask[self.rows, col].clone(), self.gen_len.clone(),
+                  self.episode_kl.clone())
         self.tokens[self.rows, col] = torch.where(active, actions, self.tokens[self.rows, col])
         self.obs_mask[self.rows, col] = torch.where(active, torch.ones_like(self.obs_mask[:, 0]),
                                                     self.obs_mask[self.rows, col])
@@ -336,7 +340,11 @@ class TextGenCore:
             info.update(logprob=pol_lp, _logprob=active, kl=kl, _kl=active)
         finished = np.flatnonzero(done)
         if finished.size:
-            info.update(self._finish(finished, rewards, kl_known=pol_lp is not None))
+            try:
+                info.update(self._finish(finished, rewards, kl_known=pol_lp is not None))
+            except BaseException:
+                self.tokens[self.rows, col], self.obs_mask[self.rows, col], self.gen_len, self.episode_kl = before
+                raise
         if not (done | self.pending_reset).all():
             # Rows restarting this step ignore their action: it must not reach the model at a position
             # past the end of their episode (one past a learned position table for the longest prompt).

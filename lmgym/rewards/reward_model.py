@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,14 +80,25 @@ def _record_to_group(record: dict, where: str) -> PreferenceGroup:
         return PreferenceGroup(prompt, [(chosen, rejected)] if chosen != rejected else [])
     if "completions" not in record:
         raise ValueError(f"{where}: missing field 'chosen'/'rejected' or 'completions'")
-    completions = [_check_text(c, "completions", where) for c in record["completions"]]
+    raw = record["completions"]
+    if not isinstance(raw, list) or len(raw) < 2:
+        raise ValueError(f"{where}: 'completions' must be a list of at least two strings, got "
+                         f"{type(raw).__name__ if not isinstance(raw, list) else f'{len(raw)} entries'}")
+    completions = [_check_text(c, "completions", where) for c in raw]
     if "ranking" in record:
-        order = list(record["ranking"])
+        order = record["ranking"]
+        # type(i) is int: a bool is an int subclass (true is not an index) and 0.0 is not one either
+        if not isinstance(order, list) or any(type(i) is not int for i in order):
+            raise ValueError(f"{where}: 'ranking' must be a list of completion indices (integers), best first; "
+                             f"got {order!r}")
         if sorted(order) != list(range(len(completions))):
             raise ValueError(f"{where}: 'ranking' must be a permutation of 0..{len(completions) - 1}")
         return groups_from_rankings(prompt, [completions[i] for i in order])
     if "scores" in record:
         scores = record["scores"]
+        if not isinstance(scores, list) or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                                or not math.isfinite(v) for v in scores):
+            raise ValueError(f"{where}: 'scores' must be a list of finite numbers (higher is better), got {scores!r}")
         if len(scores) != len(completions):
             raise ValueError(f"{where}: 'scores' has {len(scores)} entries for {len(completions)} completions")
         pairs = [(completions[i], completions[j]) if scores[i] > scores[j] else (completions[j], completions[i])
