@@ -19,6 +19,7 @@ import os
 import sys
 from pathlib import Path
 
+from lmgym.utils import checks
 from lmgym.utils.jsonl import read_records
 
 __all__ = ["read_prompts", "load_reward", "load_reward_model", "train_own_model", "samples_markdown"]
@@ -151,8 +152,7 @@ def train_own_model(*, model: str, prompts, agent: str, reward=None, reward_mode
         raise ValueError(f"--agent {agent!r} cannot train your own model; use one of {', '.join(AGENTS)}")
     if (reward is None) == (reward_model is None):
         raise ValueError("give the reward as exactly one of --reward MODULE:FUNCTION and --reward-model DIR")
-    if steps is None and seconds is None:
-        raise ValueError("give a budget: --steps, --seconds, or both")
+    steps, seconds = checks.budget(steps, seconds)
     dev = resolve_device(device)
     reward_fn = load_reward(reward) if isinstance(reward, str) else reward
     if reward_model is not None:

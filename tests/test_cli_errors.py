@@ -161,3 +161,31 @@ def test_readme_agent_example_resumes_from_a_checkpoint_it_really_wrote(tmp_path
         exec("import gymnasium as gym\nimport lmgym\n" + block, scope)
     assert Path(scope["agent"].last_checkpoint).parent == Path("runs/grpo2/checkpoints")
     assert scope["agent"].global_step >= 800
+
+
+@pytest.mark.parametrize("budget,message", [
+    (["--steps", "-5"], "steps must be an int >= 1, got -5"), (["--steps", "0"], "steps must be an int >= 1"),
+    (["--seconds", "-1"], "seconds must be a finite number >= 0.0, got -1.0"), (["--seconds", "0"], "seconds must be > 0"),
+    (["--seconds", "nan"], "seconds must be"),
+])
+def test_a_budget_that_is_not_positive_is_refused_before_training(tmp_path, capsys, budget, message):
+    """Issue 23 item 8: `--steps -5` and `--seconds -1` exited 0 (the latter after one iteration)."""
+    from lmgym.models import tiny_model
+
+    from conftest import WORDS
+
+    assert main(TRAIN + ["--logdir", str(tmp_path / "runs"), *budget]) == 2
+    assert message in one_line_error(capsys)
+    assert main(["bench", "--tasks", "lmgym/TargetToken-v0", "--agents", "reinforce", "--seeds", "0",
+                 "--device", "cpu", "--out", str(tmp_path / "bench"), *budget]) == 2
+    assert message in one_line_error(capsys)
+    model, tok = tiny_model(WORDS, hidden_size=16, num_layers=1, num_heads=2, max_positions=32)
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    (tmp_path / "prompts.txt").write_text("the cat\n")
+    (tmp_path / "reward.py").write_text("def score(prompts, completions):\n    return [0.0] * len(completions)\n")
+    assert main(["train", "--model", str(tmp_path / "model"), "--prompts", str(tmp_path / "prompts.txt"),
+                 "--reward", f"{tmp_path / 'reward.py'}:score", "--agent", "reinforce", "--device", "cpu",
+                 "--logdir", str(tmp_path / "runs"), *budget]) == 2
+    assert message in one_line_error(capsys)
+    assert not list((tmp_path / "runs").rglob("checkpoints"))

@@ -39,6 +39,17 @@ def test_nucleus_mask_matches_a_hand_computation():
     assert nucleus_mask(logits, 1.0).all()
 
 
+@pytest.mark.parametrize("top_p,min_keep", [(0.3, 2), (0.3, 1), (0.5, 2), (0.1, 4), (0.7, 2)])
+def test_a_tied_nucleus_is_the_smallest_set_with_its_minimum(top_p, min_keep):
+    """Issue 23 item 16: with tied probabilities and min_tokens_to_keep > 1 the top-p set and the minimum's own
+    top-k broke the tie differently and their union was larger than either (3 tokens kept for 2)."""
+    for logits in (torch.zeros(3, 5), torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0, 1.0]])):
+        probs = torch.softmax(logits[0].double(), -1).tolist()
+        size = len(reference_nucleus(probs, top_p, min_keep))  # a tie makes the set, not its size, ambiguous
+        mask = nucleus_mask(logits, top_p, min_tokens_to_keep=min_keep)
+        assert mask.sum(-1).tolist() == [size] * len(logits), (logits, top_p, min_keep)
+
+
 # "a" is not in the tiny vocabulary: it encodes to EOS, whose zero embedding gives every token the same
 # probability, and the nucleus of a tie depends on how ties are ordered. The other prompts have no ties.
 UNTIED_PROMPTS = [p for p in PROMPTS if p != "a"]

@@ -23,9 +23,9 @@ import gymnasium as gym
 import torch
 
 import lmgym  # noqa: F401  registers the environments
-
 from lmgym.bench.report import BenchError, _atomic_write, _jsonable, write_report
 from lmgym.bench.sb3_cell import _optimum, run_sb3
+from lmgym.utils import checks
 
 __all__ = ["AGENT_NAMES", "RECOMMENDED", "run", "bench", "parse_overrides", "machine"]
 
@@ -168,8 +168,10 @@ def run(task: str, agent: str, *, steps: int | None = 20_000, seconds: float | N
     _check_task(task)
     _check_agent(agent)
     _require_trl(agent)
-    if steps is None and seconds is None:
-        raise BenchError("give a budget: steps, seconds, or both")
+    try:
+        steps, seconds = checks.budget(steps, seconds)
+    except ValueError as err:
+        raise BenchError(f"{err} (--steps, --seconds)") from None
     if logdir is not None and Path(logdir).exists() and not Path(logdir).is_dir():
         raise BenchError(f"the log folder {logdir} is a file; choose another folder")
     started = time.perf_counter()

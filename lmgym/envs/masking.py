@@ -43,10 +43,8 @@ def nucleus_mask(logits: torch.Tensor, top_p: float, *, min_tokens_to_keep: int 
     """
     top_p = check_top_p(top_p)
     logits = logits.float()
-    mask = Sampling(top_p=top_p).kept(logits)  # the nucleus as the samplers truncate (lmgym.models.sampling)
-    if min_tokens_to_keep > 1:
-        top = torch.topk(logits, min(min_tokens_to_keep, logits.shape[-1]), dim=-1).indices
-        mask = mask.scatter(-1, top, True)
+    # the nucleus as the samplers truncate (lmgym.models.sampling), its minimum taken in the same sort order
+    mask = Sampling(top_p=top_p).kept(logits, min_tokens_to_keep)
     if never_mask is not None and len(never_mask):
         mask[..., never_mask.to(mask.device)] = True
     return mask

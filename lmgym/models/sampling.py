@@ -68,8 +68,12 @@ class Sampling:
         """True when the sampler draws from the model's own distribution."""
         return self.temperature == 1 and not self.truncates
 
-    def kept(self, z: torch.Tensor) -> torch.Tensor:
-        """The boolean mask of tokens the truncation keeps, for tempered logits ``z`` ``(..., V)``."""
+    def kept(self, z: torch.Tensor, min_tokens_to_keep: int = 1) -> torch.Tensor:
+        """The boolean mask of tokens the truncation keeps, for tempered logits ``z`` ``(..., V)``.
+
+        The top-p nucleus keeps at least ``min_tokens_to_keep`` tokens, the most probable in the same order the
+        nucleus is taken in (tied tokens are broken the same way for both, so the minimum never adds a tie the
+        nucleus left out)."""
         keep = torch.ones_like(z, dtype=torch.bool)
         if self.top_k > 0 and self.top_k < z.shape[-1]:
             kth = torch.topk(z, self.top_k, dim=-1).values[..., -1:]
@@ -79,7 +83,7 @@ class Sampling:
             ascending, order = torch.sort(masked, dim=-1)
             cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
             drop_sorted = cumulative <= 1 - self.top_p
-            drop_sorted[..., -1] = False  # the most probable token always stays
+            drop_sorted[..., -max(1, min_tokens_to_keep):] = False  # the most probable token(s) always stay
             keep = keep & ~drop_sorted.scatter(-1, order, drop_sorted)
         return keep
 

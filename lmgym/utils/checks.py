@@ -11,7 +11,7 @@ import numbers
 
 import numpy as np
 
-__all__ = ["flag", "integer", "real"]
+__all__ = ["flag", "integer", "real", "budget"]
 
 
 def flag(value, name: str) -> bool:
@@ -38,6 +38,19 @@ def integer(value, name: str, *, low: int | None = None) -> int:
     if low is not None and value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     return int(value)
+
+
+def budget(steps, seconds) -> tuple[int | None, float | None]:
+    """A training budget: ``steps`` (environment steps, an int >= 1) and/or ``seconds`` (> 0), at least one given."""
+    if steps is None and seconds is None:
+        raise ValueError("give a budget: steps, seconds, or both")
+    if steps is not None:
+        steps = integer(steps, "steps", low=1)
+    if seconds is not None:
+        seconds = real(seconds, "seconds", low=0.0)
+        if seconds == 0:
+            raise ValueError("seconds must be > 0 (a wall-clock budget), got 0")
+    return steps, seconds
 
 
 def real(value, name: str, *, low: float | None = None, high: float | None = None) -> float:
