@@ -486,3 +486,26 @@ def test_a_step_whose_reward_raises_leaves_the_episode_as_it_was(tiny, view):
     got, want = step(env, *steps[-1]), step(ref, *steps[-1])
     assert got[:2] == want[:2] and got[1]
     assert np.allclose(np.asarray(got[2]["episode_kl"], dtype=float), np.asarray(want[2]["episode_kl"], dtype=float))
+
+
+def test_a_reward_that_edits_its_arguments_or_returns_bfloat16_is_scored_right(tiny):
+    """Issue 23 item 11: a reward clearing the completions it was given was reported as "returned 4 scores for 0
+    completions"; a bfloat16 tensor gave a raw "Got unsupported ScalarType BFloat16"."""
+    model, tok = tiny
+
+    def clears(prompts, completions):
+        scores = [float(len(c)) for c in completions]
+        completions.clear()
+        prompts.clear()
+        return scores
+
+    def bf16(prompts, completions):
+        return torch.tensor([0.5] * len(completions), dtype=torch.bfloat16)
+
+    for fn, expected in ((clears, None), (bf16, 0.5)):
+        venv = TextGenVectorEnv(4, model=model, tokenizer=tok, reward_fn=fn, prompts=["the cat"], max_new_tokens=2,
+                                device="cpu")
+        venv.reset(seed=0)
+        result = venv.score_sequences(torch.tensor([[1, 0]] * 4))
+        want = [float(len(c)) for c in result.completions] if expected is None else [expected] * 4
+        assert result.scores.tolist() == want and result.completions[0] is not None

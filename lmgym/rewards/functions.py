@@ -42,13 +42,17 @@ class RewardFunction:
 
     def __call__(self, prompts: list[str], completions: list[str], prompt_ids: list[list[int]],
                  completion_ids: list[list[int]]) -> np.ndarray:
+        # the callable gets copies: one that edits its arguments (clears a list, say) cannot change what the
+        # environment scores, nor how many scores it expects
+        n, texts = len(completions), list(completions)
         ids = {"prompt_ids": prompt_ids, "completion_ids": completion_ids}
         try:
-            raw = self.fn(prompts, completions, **{k: ids[k] for k in self.extra})
+            raw = self.fn(list(prompts), list(completions), **{k: [list(x) for x in ids[k]] for k in self.extra})
         except Exception as err:
             raise RewardError(f"reward function {self.name!r} raised {type(err).__name__}: {err}") from err
         if hasattr(raw, "detach"):
-            raw = raw.detach().cpu().numpy()
+            # numpy has no bfloat16 (and float16 loses nothing by widening): float64 first
+            raw = raw.detach().cpu().double().numpy() if raw.is_floating_point() else raw.detach().cpu().numpy()
         if raw is None:
             raise RewardError(f"reward function {self.name!r} returned None; return one number per completion "
                               "(a list, numpy array or tensor): is a `return` missing?")
@@ -66,14 +70,14 @@ class RewardFunction:
         except (TypeError, ValueError) as err:
             raise RewardError(f"reward function {self.name!r} returned {type(raw).__name__}, which is not a "
                               "sequence of numbers") from err
-        if scores.shape[0] != len(completions):
+        if scores.shape[0] != n:
             raise RewardError(f"reward function {self.name!r} returned {scores.shape[0]} scores for "
-                              f"{len(completions)} completions; return exactly one per completion")
+                              f"{n} completions; return exactly one per completion")
         bad = np.flatnonzero(~np.isfinite(scores))
         if bad.size:
             i = int(bad[0])
             raise RewardError(f"reward function {self.name!r} returned {scores[i]} for completion {i} "
-                              f"({completions[i][:40]!r}); scores must be finite numbers")
+                              f"({texts[i][:40]!r}); scores must be finite numbers")
         big = np.flatnonzero(np.abs(scores) > MAX_ABS_SCORE)
         if big.size:
             i = int(big[0])
