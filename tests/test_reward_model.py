@@ -255,3 +255,48 @@ def test_the_command_refuses_such_a_file_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("lmgym: ") and "line 1: 'scores' must be" in err and "\n" not in err
     assert not (tmp_path / "rm").exists()
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--epochs", "0", "epochs (--epochs) must be an int >= 1"), ("--epochs", "-1", "epochs (--epochs) must be"),
+    ("--batch-pairs", "0", "batch_pairs (--batch-pairs) must be an int >= 1"),
+    ("--learning-rate", "1e30", "learning_rate (--learning-rate) must be a finite number in [0.0, 1.0]"),
+    ("--learning-rate", "0", "learning_rate (--learning-rate) must be > 0"),
+    ("--margin", "nan", "margin (--margin) must be a finite number"), ("--margin", "inf", "margin (--margin)"),
+])
+def test_reward_model_training_settings_that_cannot_train_are_refused(tmp_path, capsys, option, value, message):
+    """Issue 23 item 6: these saved useless models (0 steps, loss NaN; every reward 0.0) and exited 0, or raised a
+    traceback that blamed the learning rate."""
+    from lmgym.cli import main
+
+    model, tok = tiny_model(["a", "b", "c"], hidden_size=16, num_layers=1, num_heads=2, max_positions=32)
+    model.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n")
+    assert main(["reward-model", "train", "--data", str(data), "--backbone", str(tmp_path / "lm"), "--out",
+                 str(tmp_path / "rm"), option, value]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lmgym: ")]
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "rm").exists()
+
+
+def test_a_pair_beyond_the_backbones_context_is_refused_not_cut(tmp_path):
+    """Item 6: a 40-token prompt on a 32-position backbone trained silently on its last 32 tokens."""
+    model, tok = tiny_model(["a", "b", "c"], hidden_size=16, num_layers=1, num_heads=2, max_positions=32)
+    rm = RewardModel(model.base_model, tok)
+    groups = read_preferences([{"prompt": " ".join(["a"] * 40), "chosen": "b", "rejected": "c"}])
+    with pytest.raises(ValueError, match="41 tokens, beyond the reward model's context of 32 positions"):
+        train_reward_model(rm, groups, progress=False)
+
+
+def test_a_learning_rate_that_leaves_every_reward_equal_is_refused(tmp_path):
+    """Item 6: lr 1 (allowed) on this data still trains; a model whose rewards all came out equal is refused."""
+    model, tok = tiny_model(["a", "b", "c"], hidden_size=16, num_layers=1, num_heads=2, max_positions=32)
+    rm = RewardModel(model.base_model, tok)
+    with torch.no_grad():
+        rm.head.weight.zero_()
+    rm.head.weight.requires_grad_(False)  # a head that cannot learn: every reward stays equal
+    groups = read_preferences([{"prompt": "a", "chosen": "b", "rejected": "c"}])
+    with pytest.raises(ValueError, match="gives every training completion the same reward"):
+        train_reward_model(rm, groups, progress=False, learning_rate=1e-3)

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from lmgym.utils import checks
 from lmgym.utils.folders import written_atomically
 from lmgym.utils.jsonl import read_records
 from lmgym.models import right_pad
@@ -158,8 +159,11 @@ class RewardModel(nn.Module):
         c_ids = self.tokenizer(list(completions), add_special_tokens=False)["input_ids"]
         rows = [p + c for p, c in zip(p_ids, c_ids)]
         limit = getattr(self.backbone.config, "max_position_embeddings", None)
-        if limit:
-            rows = [r[-limit:] for r in rows]
+        longest = max(range(len(rows)), key=lambda i: len(rows[i]), default=None)
+        if limit and longest is not None and len(rows[longest]) > limit:
+            raise ValueError(f"prompt + completion {longest} of this batch is {len(rows[longest])} tokens, beyond the "
+                             f"reward model's context of {limit} positions ({prompts[longest][:40]!r}...); shorten "
+                             "the prompts or completions, or use a backbone with a longer context")
         return right_pad(rows, self.tokenizer.pad_token_id, self.device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -282,6 +286,18 @@ def pairwise_accuracy(model: RewardModel, groups: list[PreferenceGroup]) -> floa
     return float(np.mean(model.score(prompts, chosen) > model.score(prompts, rejected)))
 
 
+def _check_training(*, epochs, learning_rate, batch_pairs, margin, max_steps) -> None:
+    """The settings of :func:`train_reward_model`, checked before a step is taken (each error names its option)."""
+    checks.integer(epochs, "epochs (--epochs)", low=1)
+    checks.integer(batch_pairs, "batch_pairs (--batch-pairs)", low=1)
+    checks.real(learning_rate, "learning_rate (--learning-rate)", low=0.0, high=1.0)
+    if learning_rate == 0:
+        raise ValueError("learning_rate (--learning-rate) must be > 0, got 0")
+    checks.real(margin, "margin (--margin)")
+    if max_steps is not None:
+        checks.integer(max_steps, "max_steps", low=1)
+
+
 def train_reward_model(model: RewardModel, train: list[PreferenceGroup], *, eval_groups=None, epochs: int = 1,
                        learning_rate: float = 1e-3, batch_pairs: int = 64, margin: float = 0.0, seed: int = 0,
                        progress: bool = True, max_steps: int | None = None) -> dict:
@@ -301,6 +317,8 @@ def train_reward_model(model: RewardModel, train: list[PreferenceGroup], *, eval
     """
     from tqdm.auto import tqdm
 
+    _check_training(epochs=epochs, learning_rate=learning_rate, batch_pairs=batch_pairs, margin=margin,
+                    max_steps=max_steps)
     rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=learning_rate)
     model.train()
@@ -333,7 +351,12 @@ def train_reward_model(model: RewardModel, train: list[PreferenceGroup], *, eval
     # completion counts once, however many preference pairs it appears in (a completion ranked among K
     # appears in K - 1 pairs, so a mean over pairs would weigh long rankings more).
     prompts, completions = _distinct_completions(train)
-    offset = float(np.mean(model.score(prompts, completions)))
+    scores = np.asarray(model.score(prompts, completions), dtype=np.float64)
+    if not np.isfinite(scores).all() or np.ptp(scores) == 0:
+        raise ValueError(f"the trained reward model gives every training completion the same reward "
+                         f"({scores[0]:g}): it learned nothing (a learning rate of {learning_rate:g} is likely too "
+                         "high); nothing was saved")
+    offset = float(np.mean(scores))
     with torch.no_grad():
         model.head.bias -= offset
     metrics = {"train_loss": float(np.mean(losses[-20:])), "train_accuracy": pairwise_accuracy(model, train),
