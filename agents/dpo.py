@@ -229,6 +229,10 @@ class DPO(_DPOBase):
     def setup(self) -> None:
         super().setup()
         cfg = self.config
+        self.data_epoch, self.data_cursor = 0, 0  # position in the seeded shuffle of the data
+        if self.weights_only:  # an export: the run's preference file is not needed (it may have moved)
+            self.groups = None
+            return
         if cfg.preferences is None:
             raise ValueError("DPO trains on preference pairs: pass preferences=PATH of a JSONL file (lmgym train "
                              "--agent dpo --agent.preferences FILE.jsonl), or use online DPO (online-dpo), which "
@@ -237,7 +241,6 @@ class DPO(_DPOBase):
             raise ValueError("offline DPO scores fixed completions, which top_k / top_p truncation could give zero "
                              "probability: leave top_k=0 and top_p=1")
         self.groups = self.encode_preferences(cfg.preferences)
-        self.data_epoch, self.data_cursor = 0, 0  # position in the seeded shuffle of the data
 
     # ------------------------------------------------------------------ data
     def encode_preferences(self, path: str | os.PathLike) -> list[dict]:
@@ -349,7 +352,7 @@ class DPO(_DPOBase):
         for key, value in state.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{key} must be an int >= 0, got {value!r}")
-        if state["data_cursor"] > len(self.groups):
+        if self.groups is not None and state["data_cursor"] > len(self.groups):
             raise ValueError(f"data_cursor {state['data_cursor']} lies beyond the {len(self.groups)} prompts of "
                              f"{self.config.preferences}: the checkpoint was trained on other preference data")
 

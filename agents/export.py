@@ -81,6 +81,9 @@ def save_pretrained(agent, directory: str | os.PathLike, *, dtype: str | torch.d
     _prepare_out(directory, overwrite)
     model = agent.policy
     lora = hasattr(model, "active")
+    if not lora and not merge:
+        raise ExportError("adapters alone (--adapter-only, merge=False) need a LoRA run; this run trained the whole "
+                          "model: export it without --adapter-only")
     if lora and dtype is not None:
         raise ValueError("dtype applies to full models; a LoRA export keeps the adapters' and reference's dtypes")
     if lora and merge:
@@ -184,7 +187,7 @@ def rebuild_agent(checkpoint: Path, *, model=None, device="cpu"):
                           "checkpoint does not name: pass the base model (--model PATH / model=...)")
     config = agent_cls.config_class(**{k: v for k, v in state.get("config", {}).items()
                                        if k in agent_cls.config_class.__dataclass_fields__})
-    agent = agent_cls(env, config, peft_config=(run or {}).get("peft_config"))
+    agent = agent_cls(env, config, peft_config=(run or {}).get("peft_config"), weights_only=True)
     agent.load(checkpoint, resume=False)
     agent.iteration, agent.global_step = state.get("iteration", 0), state.get("global_step", 0)
     return agent

@@ -117,3 +117,38 @@ def test_a_policy_sharded_by_fsdp_is_not_exported_live(tmp_path):
         assert not (tmp_path / "export").exists()
     finally:
         dist.destroy_process_group()
+
+
+def test_a_dpo_run_exports_after_its_preference_file_moved(tmp_path):
+    """Issue 23 item 9: an export rebuilt the agent, and DPO read its training data to be built."""
+    from lmgym.agents import DPO
+
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("\n".join(json.dumps({"prompt": p, "chosen": "a a", "rejected": "b"}) for p in "abc") + "\n")
+    venv = gym.make_vec("lmgym/TargetToken-v0", num_envs=4, device="cpu")
+    agent = DPO(venv, preferences=str(prefs), learning_rate=1e-2, seed=0, logdir=tmp_path / "run")
+    agent.learn(30, progress=False)
+    prefs.rename(tmp_path / "moved.jsonl")
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, agent.policy(input_ids=ids).logits, atol=0, rtol=0)
+
+
+def test_adapters_alone_of_a_full_fine_tuning_run_are_refused(tmp_path, capsys):
+    """Issue 23 item 9: `--adapter-only` on a run that trained the whole model exited 0 and wrote the full model."""
+    venv = gym.make_vec("lmgym/TargetToken-v0", num_envs=8, group_size=4, device="cpu")
+    GRPO(venv, learning_rate=3e-3, seed=0, logdir=tmp_path / "run").learn(50, progress=False)
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "out"), "--adapter-only"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("lmgym: ") and "need a LoRA run; this run trained the whole model" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_agent_built_for_its_weights_cannot_train():
+    from lmgym.agents import TrainingError
+
+    agent = GRPO(gym.make_vec("lmgym/TargetToken-v0", num_envs=8, group_size=4, device="cpu"), weights_only=True)
+    with pytest.raises(TrainingError, match="weights_only=True"):
+        agent.learn(10, progress=False)

@@ -64,6 +64,8 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
             needs ``pip install lmgym[lora]``): they are injected into the env's reference model,
             which then serves as pi_ref with its adapters disabled, so no second copy is held.
         logdir: TensorBoard and checkpoint folder (None: no logs, no checkpoints).
+        weights_only: the agent will only hold weights loaded into it (an export), never train: algorithms
+            read no training data (offline DPO's preference file may have moved since the run).
         device: ``"auto"`` (CUDA when available) or any torch device; by default the env's.
         **overrides: config fields to change, e.g. ``learning_rate=3e-4``.
     """
@@ -72,12 +74,13 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
     name = "agent"
 
     def __init__(self, env, config: AgentConfig | None = None, *, policy=None, peft_config=None,
-                 logdir: str | os.PathLike | None = None, device=None, **overrides):
+                 logdir: str | os.PathLike | None = None, device=None, weights_only: bool = False, **overrides):
         if not hasattr(env, "score_sequences"):
             raise TypeError(f"{type(self).__name__} needs an lmgym TextGenVectorEnv (gym.make_vec('lmgym/...')), "
                             f"got {type(env).__name__}")
         self.config = self.make_config(config, overrides)
         self.env = env
+        self.weights_only = weights_only
         self.device = resolve_device(device) if device is not None else env.device
         if self.device != env.device:
             raise ValueError(f"the agent runs on {self.device} but the environment on {env.device}; "
@@ -268,6 +271,9 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
         """
         from tqdm.auto import tqdm
 
+        if self.weights_only:
+            raise TrainingError(f"this {self.name} agent was built with weights_only=True (to hold an export's "
+                                "weights): it read no training data and cannot train")
         if total_steps <= self.global_step:
             return self
         check_config(self.config)  # settings changed on the agent since it was built are checked too
