@@ -118,6 +118,34 @@ def test_a_bare_message_is_a_clear_error():
                  prompts=[[{"role": "user", "text": "hi"}]])
 
 
+@pytest.mark.parametrize("message,match", [
+    ({"role": "wizard", "content": "hi"}, "message #0 has role 'wizard'; a chat role is one of system, user"),
+    ({"role": None, "content": "hi"}, "message #0 has role None"),
+    ({"role": "user", "content": None}, r"message #0 \(user\) has content None"),
+    ({"role": "user", "content": 5}, r"message #0 \(user\) has content 5"),
+], ids=["unknown-role", "no-role", "no-content", "number-content"])
+def test_a_chat_message_of_an_unknown_role_or_without_text_is_refused(message, match):
+    """Issue 23 item 10: these rendered silently (as '<user> <assistant>', say) and trained."""
+    model, tok = chat_model()
+    with pytest.raises(ValueError, match=f"prompt #1: {match}"):
+        gym.make("lmgym/TextGen-v0", model=model, tokenizer=tok, reward_fn=Recorder(),
+                 prompts=[CONVERSATIONS[0], [message]])
+
+
+def test_a_chat_template_that_refuses_the_messages_names_the_prompt():
+    """Issue 23 item 10: Llama's and Mistral's templates raise on roles that do not alternate: a raw jinja2
+    TemplateError with no prompt index."""
+    strict = ("{% for m in messages %}{% if m['role'] == 'assistant' and loop.first %}"
+              "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+              "{% endif %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+    model, tok = chat_model(template=strict)
+    with pytest.raises(ValueError, match="prompt #1: the tokenizer's chat template refused these messages: "
+                                         "Conversation roles must alternate"):
+        gym.make("lmgym/TextGen-v0", model=model, tokenizer=tok, reward_fn=Recorder(),
+                 prompts=[CONVERSATIONS[0], [{"role": "assistant", "content": "hi"}]])
+
+
 def test_agent_trains_on_chat_prompts_and_evaluation_keeps_the_messages():
     from lmgym.agents import GRPO
 

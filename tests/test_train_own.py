@@ -98,6 +98,23 @@ def test_reward_given_as_a_file_path_and_chat_prompts(tmp_path, monkeypatch):
     assert run_file["stop_token_ids"] == [0, IM_END]
 
 
+def test_a_chat_prompt_file_with_a_message_without_text_is_refused(tmp_path, monkeypatch, capsys):
+    """Issue 23 item 10: a chat prompt file with "content": null trained."""
+    model, tok = chat_model(eos_token_id=IM_END)
+    model.save_pretrained(tmp_path / "chat")
+    tok.save_pretrained(tmp_path / "chat")
+    (tmp_path / "rewards.py").write_text(REWARD_MODULE)
+    (tmp_path / "chat.jsonl").write_text(json.dumps(CONVERSATIONS[0]) + "\n"
+                                         + json.dumps([{"role": "user", "content": None}]) + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--model", str(tmp_path / "chat"), "--prompts", str(tmp_path / "chat.jsonl"),
+                 "--reward", str(tmp_path / "rewards.py") + ":count_good", "--agent", "rloo", "--steps", "30",
+                 "--num-envs", "4", "--logdir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("lmgym: ") and "prompt #1: message #0 (user) has content None" in err
+    assert not list((tmp_path / "runs").rglob("checkpoints"))
+
+
 @pytest.mark.parametrize("reward,message", [
     ("nosuchmodule_xyz:score", "no module named 'nosuchmodule_xyz'"),
     ("my_rewards:nosuchfunction", "has no function 'nosuchfunction'"),

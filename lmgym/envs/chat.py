@@ -15,6 +15,10 @@ from collections.abc import Mapping, Sequence
 __all__ = ["is_chat_messages", "render_chat", "default_stop_token_ids"]
 
 
+ROLES = ("system", "user", "assistant", "tool")
+"""the roles a chat message may have (the ones chat templates know)"""
+
+
 def is_chat_messages(prompt) -> bool:
     """True for a non-empty list of ``{"role": ..., "content": ...}`` mappings (one conversation)."""
     return (isinstance(prompt, Sequence) and not isinstance(prompt, (str, bytes)) and len(prompt) > 0
@@ -35,8 +39,20 @@ def render_chat(tokenizer, messages, *, where: str = "prompt") -> list[int]:
     for i, message in enumerate(messages):
         if "role" not in message or "content" not in message:
             raise ValueError(f"{where}: message #{i} {dict(message)!r} needs both 'role' and 'content' keys")
-    encoded = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True,
-                                            return_dict=True)
+        if message["role"] not in ROLES:
+            raise ValueError(f"{where}: message #{i} has role {message['role']!r}; a chat role is one of "
+                             f"{', '.join(ROLES)}")
+        content = message["content"]
+        parts_ok = isinstance(content, list) and all(isinstance(p, Mapping) and "type" in p for p in content)
+        if not isinstance(content, str) and not parts_ok:
+            raise ValueError(f"{where}: message #{i} ({message['role']}) has content {content!r}; content is the "
+                             "message's text (a string), or a list of typed parts ({'type': 'text', ...})")
+    try:
+        encoded = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)
+    except Exception as err:  # the template's own checks (jinja2 raise_exception: "roles must alternate", ...)
+        raise ValueError(f"{where}: the tokenizer's chat template refused these messages: "
+                         f"{' '.join(str(err).split())}") from err
     return [int(t) for t in encoded["input_ids"]]
 
 
