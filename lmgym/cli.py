@@ -311,12 +311,13 @@ def _reward_model_train(args, extra) -> int:
 def _label(args, extra) -> int:
     """Serve the labelling page until Ctrl-C; rankings are appended to --out as they arrive."""
     from lmgym.label import LabelQueue, RankingStore, read_candidates, read_prompts, sample_candidates
-    from lmgym.label.server import (MissingDependency, bind_socket, create_app, is_loopback, require_web_stack,
-                                    serve)
+    from lmgym.label.server import (MissingDependency, bind_socket, check_port, create_app, is_loopback,
+                                    require_web_stack, serve)
 
     if (args.candidates is None) == (args.model is None):
         print("lmgym: give either --candidates FILE.jsonl or --model PATH with --prompts FILE", file=sys.stderr)
         return 2
+    check_port(args.port)  # before sampling the candidates, which can take minutes
     if args.model is not None and args.prompts is None:
         print("lmgym: --model needs --prompts FILE (one prompt per line, or JSONL with a 'prompt' field)",
               file=sys.stderr)

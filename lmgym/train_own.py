@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from lmgym.utils import checks
-from lmgym.utils.jsonl import read_records
+from lmgym.utils.jsonl import read_lines, read_records
 
 __all__ = ["read_prompts", "load_reward", "load_reward_model", "train_own_model", "samples_markdown"]
 
@@ -28,10 +28,8 @@ __all__ = ["read_prompts", "load_reward", "load_reward_model", "train_own_model"
 def read_prompts(path: str | os.PathLike) -> list:
     """Prompts from a ``.txt`` file (one per line, blank lines skipped) or a ``.jsonl`` file of chat messages."""
     file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"prompt file {file} does not exist")
     if file.suffix == ".txt":
-        prompts = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = read_lines(file, "prompt file")
     elif file.suffix == ".jsonl":
         prompts = []
         for record, where in read_records(file, "prompt file"):

@@ -189,3 +189,31 @@ def test_a_budget_that_is_not_positive_is_refused_before_training(tmp_path, caps
                  "--logdir", str(tmp_path / "runs"), *budget]) == 2
     assert message in one_line_error(capsys)
     assert not list((tmp_path / "runs").rglob("checkpoints"))
+
+
+@pytest.mark.parametrize("port", ["99999", "-1"])
+def test_a_port_that_is_not_a_port_is_one_line(tmp_path, capsys, port):
+    """Issue 23 item 12: a traceback (OverflowError)."""
+    candidates = tmp_path / "c.jsonl"
+    candidates.write_text(json.dumps({"prompt": "p", "completions": ["a", "b"]}) + "\n")
+    assert main(["label", "--candidates", str(candidates), "--out", str(tmp_path / "r.jsonl"), "--port", port]) == 2
+    assert f"--port must be a TCP port number from 0 to 65535 (0 picks a free one), got {port}" in \
+        one_line_error(capsys)
+
+
+def test_a_file_that_is_not_utf8_or_is_a_folder_is_named(tmp_path, capsys):
+    """Issue 23 item 12: non-UTF-8 JSONL said "'utf-8' codec can't decode byte 0xe9 in position 15" with no file or
+    line; a folder given as the data "did not exist"."""
+    bad = tmp_path / "prefs.jsonl"
+    bad.write_bytes(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}).encode() + b"\n"
+                    + '{"prompt": "caf\u00e9", "chosen": "a", "rejected": "b"}\n'.encode("latin-1"))
+    rm = ["reward-model", "train", "--backbone", str(tmp_path / "none"), "--out", str(tmp_path / "rm"), "--data"]
+    assert main(rm + [str(bad)]) == 2
+    assert f"{bad}, line 2: not UTF-8 text (byte 0xe9 at column 16)" in one_line_error(capsys)
+    assert main(rm + [str(tmp_path)]) == 2
+    assert f"preference data {tmp_path} is a folder" in one_line_error(capsys)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"the cat\nna\xefve\n")
+    assert main(["label", "--model", str(tmp_path / "none"), "--prompts", str(prompts), "--out",
+                 str(tmp_path / "r.jsonl")]) == 2
+    assert f"{prompts}, line 2: not UTF-8 text (byte 0xef at column 3)" in one_line_error(capsys)

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmgym.utils.jsonl import read_records
+from lmgym.utils.jsonl import read_lines, read_records
 
 __all__ = ["LabelItem", "item_id", "read_candidates", "read_prompts", "sample_candidates"]
 
@@ -77,9 +77,7 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     """Prompts from a text file (one per non-empty line) or a JSONL of ``{"prompt": ...}`` lines."""
     path = Path(path)
     if path.suffix != ".jsonl":
-        if not path.is_file():
-            raise FileNotFoundError(f"prompts file {path} does not exist")
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = read_lines(path, "prompts file")
     else:
         lines = []
         for record, where in read_records(path, "prompts file"):

@@ -208,8 +208,16 @@ def create_app(queue: LabelQueue, *, token: str | None = None):
     return Starlette(routes=routes)
 
 
+def check_port(port) -> int:
+    """``port`` if it is a TCP port number (0 picks a free one); ValueError naming --port otherwise."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"--port must be a TCP port number from 0 to 65535 (0 picks a free one), got {port!r}")
+    return port
+
+
 def bind_socket(host: str = "127.0.0.1", port: int = 8765) -> socket.socket:
     """A listening TCP socket (port 0 picks a free one); bound here so the printed URL has the real port."""
+    check_port(port)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -10,7 +10,27 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["read_records"]
+__all__ = ["read_records", "read_lines"]
+
+
+def _lines(path: Path, what: str):
+    """``(line number, text)`` of each line of the UTF-8 file ``path``; errors name the file (and the line)."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder; give the file itself")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}, line {n}: not UTF-8 text (byte {raw[err.start]:#04x} at column "
+                                 f"{err.start + 1}); save the file as UTF-8") from None
+
+
+def read_lines(path: str | os.PathLike, what: str) -> list[str]:
+    """The non-blank lines of the UTF-8 text file ``path`` (one prompt per line, say), without their line ends."""
+    return [line.rstrip("\r\n") for _, line in _lines(Path(path), what) if line.strip()]
 
 
 def read_records(path: str | os.PathLike, what: str) -> list[tuple[object, str]]:
@@ -20,16 +40,13 @@ def read_records(path: str | os.PathLike, what: str) -> list[tuple[object, str]]
     ``ValueError`` naming the line when a line is not valid JSON.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {n}"
-            try:
-                records.append((json.loads(line), where))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+    for n, line in _lines(path, what):
+        if not line.strip():
+            continue
+        where = f"{path}, line {n}"
+        try:
+            records.append((json.loads(line), where))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
     return records
