@@ -509,3 +509,34 @@ def test_a_reward_that_edits_its_arguments_or_returns_bfloat16_is_scored_right(t
         result = venv.score_sequences(torch.tensor([[1, 0]] * 4))
         want = [float(len(c)) for c in result.completions] if expected is None else [expected] * 4
         assert result.scores.tolist() == want and result.completions[0] is not None
+
+
+def test_wrong_shapes_and_types_of_actions_say_what_is_wrong(tiny):
+    """Issue 23 item 13: numpy's reshape / float / dimension errors reached the user instead."""
+    model, tok = tiny
+    env = TextGenEnv(model, length_reward, ["the cat"], tokenizer=tok, max_new_tokens=4)
+    env.reset(seed=0)
+    for action in (np.array([1, 2]), np.array([], np.int64)):
+        with pytest.raises(ValueError, match=r"action must be one token id, got an array of shape \("):
+            env.step(action)
+    with pytest.raises(TypeError, match=r"logprob must be a number, log pi\(action\|state\), got 'abc'"):
+        env.step(1, logprob="abc")
+    venv = TextGenVectorEnv(2, model=model, tokenizer=tok, reward_fn=length_reward, prompts=["the cat"],
+                            max_new_tokens=4, device="cpu")
+    venv.reset(seed=0)
+    with pytest.raises(TypeError, match="logprobs must be numbers"):
+        venv.step(np.array([1, 1]), logprobs=["a", "b"])
+    with pytest.raises(ValueError, match="row 0 has no stop token in its 3 tokens"):  # the list was "not 2-D"
+        venv.score_sequences([[1, 1, 1], [1, 1, 1]])
+    with pytest.raises(ValueError, match="tokens must be 2 rows of equal length"):
+        venv.score_sequences([[1, 1], [1]])
+    assert venv.score_sequences([[1, 0], [1, 0]]).lengths.tolist() == [2, 2]  # a list of lists is accepted
+
+
+@pytest.mark.parametrize("value,err,match", [(-3, ValueError, "max_prompt_tokens must be an int >= 1, got -3"),
+                                             (1.5, TypeError, "max_prompt_tokens must be an int, got 1.5")])
+def test_a_max_prompt_tokens_that_is_not_a_count_is_refused(tiny, value, err, match):
+    """Issue 23 item 13: -3 was reported as the prompts being too long, 1.5 accepted."""
+    model, tok = tiny
+    with pytest.raises(err, match=match):
+        TextGenEnv(model, length_reward, ["the cat"], tokenizer=tok, max_prompt_tokens=value)

@@ -66,6 +66,14 @@ def as_logprobs(values, shape: tuple[int, ...], inside: torch.Tensor, device, wh
     positive value means the caller handed over something else (a probability, a logit).
     ``LOGPROB_ROUNDING`` above 0 is let through: float rounding of a near-certain token.
     """
+    if not isinstance(values, torch.Tensor):
+        arr = np.asarray(values)
+        if arr.dtype.kind not in "biuf" or arr.dtype == bool:
+            raise TypeError(f"{what} must be numbers (log pi of each action), got {arr.dtype} values "
+                            f"{arr.ravel()[:4]}")
+        values = arr
+    elif values.dtype == torch.bool or values.is_complex():
+        raise TypeError(f"{what} must be real numbers (log pi of each action), got a {values.dtype} tensor")
     t = torch.as_tensor(values, dtype=torch.float32, device=device)
     if tuple(t.shape) != shape:
         raise ValueError(f"{what} must have shape {shape} (one per action), got {tuple(t.shape)}")

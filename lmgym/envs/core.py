@@ -387,8 +387,15 @@ class TextGenCore:
             raise EpisodeError("score_sequences() needs every episode at its start: call it right after reset() "
                                "or a previous score_sequences(), not in the middle of per-token stepping")
         n = self.num_envs
-        if not hasattr(tokens, "shape") or len(tokens.shape) != 2:
-            raise ValueError(f"tokens must be a 2-D (num_envs={n}, T) array of token ids")
+        if not hasattr(tokens, "shape"):
+            try:
+                tokens = np.asarray(tokens)  # a list of lists
+            except ValueError:
+                raise ValueError(f"tokens must be {n} rows of equal length (a 2-D array of token ids), got rows of "
+                                 "different lengths; pad them after their stop token") from None
+        if len(tokens.shape) != 2:
+            raise ValueError(f"tokens must be a 2-D (num_envs={n}, T) array of token ids, got shape "
+                             f"{tuple(tokens.shape)}")
         steps = int(tokens.shape[1])
         if not 1 <= steps <= self.max_new_tokens:
             raise ValueError(f"tokens has {steps} columns; it needs between 1 and max_new_tokens="

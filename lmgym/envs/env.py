@@ -185,8 +185,17 @@ class TextGenEnv(CoreView, gym.Env):
             raise EpisodeError("the episode has ended (or never started): call reset() before step()")
         if isinstance(action, (str, bytes)):
             raise TypeError(f"action must be an integer token id, got {action!r}")
+        action = np.asarray(action)
+        if action.size != 1:
+            raise ValueError(f"action must be one token id, got an array of shape {action.shape}; this environment "
+                             "takes one action per step (the vector environment takes one per row)")
+        if logprob is not None:
+            try:
+                logprob = float(logprob)  # its value is checked with the vector path's (finite, <= 0)
+            except (TypeError, ValueError):
+                raise TypeError(f"logprob must be a number, log pi(action|state), got {logprob!r}") from None
         _, rewards, terminated, truncated, info = self.core.step(
-            np.asarray(action).reshape(1), None if logprob is None else [float(logprob)])
+            action.reshape(1), None if logprob is None else [logprob])
         term, trunc = bool(terminated[0]), bool(truncated[0])
         out = {k: float(v[0]) for k, v in info.items() if k in ("ref_logprob", "logprob", "kl")}
         if term or trunc:

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from lmgym.envs.chat import is_chat_messages, render_chat
+from lmgym.utils import checks
 
 __all__ = ["Prompt", "PromptSource"]
 
@@ -53,6 +54,8 @@ class PromptSource:
                             + (" (wrap a single prompt in a list)" if isinstance(prompts, str) else ""))
         if hasattr(prompts, "tolist") and hasattr(prompts, "__len__"):
             prompts = prompts.tolist()  # a numpy array (or tensor, pandas Series) is a list of prompts
+        if max_prompt_tokens is not None:
+            max_prompt_tokens = checks.integer(max_prompt_tokens, "max_prompt_tokens", low=1)
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)
         self.items: list[Prompt] | None = None
