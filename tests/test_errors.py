@@ -156,3 +156,34 @@ def test_model_saved_locally_loads_by_path(tiny, tmp_path):
     env.reset(seed=0)
     _, r, *_ , info = env.step(3)
     assert np.isfinite(r) and "ref_logprob" in info
+
+
+def test_three_messages_that_now_say_what_is_wrong(tmp_path):
+    """Issue 23 item 14: a model folder whose weights do not fit its config (transformers' ignore_mismatched_sizes
+    error, no path); lora_alpha nan (reported as non-finite log-probs an iteration later); a checkpoint's
+    state.json given for the checkpoint ('no state.json')."""
+    import json
+
+    import gymnasium as gym
+
+    from lmgym.agents import GRPO, CheckpointError
+    from lmgym.agents.common.lora import make_peft_config
+    from lmgym.models import load_model, tiny_model
+
+    model, tok = tiny_model(10)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "vocab_size": 20}))
+    with pytest.raises(OSError, match=f"the weights in '{tmp_path / 'm'}' do not fit the shapes its config.json"):
+        load_model(tmp_path / "m")
+    agent = GRPO(gym.make_vec("lmgym/TargetToken-v0", num_envs=8, group_size=4, device="cpu"),
+                 logdir=tmp_path / "run")
+    agent.learn(16, progress=False)
+    with pytest.raises(CheckpointError, match="state.json is a file of the checkpoint .*: pass that folder"):
+        agent.load(agent.last_checkpoint / "state.json")
+    pytest.importorskip("peft")
+    with pytest.raises(ValueError, match=r"peft_config\['lora_alpha'\] \(--lora-alpha\) must be a finite number"):
+        make_peft_config({"r": 4, "lora_alpha": float("nan")})
+    with pytest.raises(ValueError, match=r"peft_config\['r'\] \(--lora-r\) must be an int >= 1"):
+        make_peft_config({"r": 0})

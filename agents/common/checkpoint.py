@@ -549,7 +549,9 @@ def load(agent, path: str | os.PathLike, *, resume: bool = True):
                               "(a run's are in LOGDIR/checkpoints/iter-NNNNNN)")
     if not (path / STATE).is_file():
         hint = ""
-        if (path / "checkpoints").is_dir():
+        if path.is_file() and path.parent.joinpath(STATE).is_file():
+            hint = f"; {path.name} is a file of the checkpoint {path.parent}: pass that folder"
+        elif (path / "checkpoints").is_dir():
             try:
                 hint = f"; it looks like a run folder, whose latest checkpoint is {latest_checkpoint(path)}"
             except CheckpointError:

@@ -18,6 +18,8 @@ import contextlib
 import torch
 import torch.nn as nn
 
+from lmgym.utils import checks
+
 __all__ = ["AdapterPolicy", "make_peft_config", "base_model"]
 
 
@@ -36,6 +38,14 @@ def make_peft_config(peft_config):
     if isinstance(peft_config, PeftConfig):
         return peft_config
     if isinstance(peft_config, dict):
+        # the settings whose bad values otherwise surface only as non-finite log-probs, an iteration in
+        for key, low in (("lora_alpha", None), ("lora_dropout", 0.0)):
+            if key in peft_config and peft_config[key] is not None:
+                value = checks.real(peft_config[key], f"peft_config[{key!r}] (--{key.replace('_', '-')})", low=low)
+                if key == "lora_dropout" and value >= 1:
+                    raise ValueError(f"peft_config['lora_dropout'] must be below 1, got {value}")
+        if "r" in peft_config:
+            checks.integer(peft_config["r"], "peft_config['r'] (--lora-r)", low=1)
         return LoraConfig(**{"task_type": "CAUSAL_LM", **peft_config})
     raise TypeError(f"peft_config must be a peft.PeftConfig (e.g. LoraConfig(r=16, target_modules='all-linear')) "
                     f"or a dict of LoraConfig arguments, got {type(peft_config).__name__}")

@@ -156,6 +156,12 @@ def load_model(name_or_path, *, device: str | torch.device = "auto", dtype="auto
             raise OSError(f"could not load a causal LM from {os.fspath(name_or_path)!r}: it is not a complete local "
                           "model directory (config.json + weights, as save_pretrained writes) and could not be "
                           f"fetched from the hub (offline?). ({_first_line(err)})") from err
+        except RuntimeError as err:
+            if "mismatch" not in str(err).lower():
+                raise
+            raise OSError(f"the weights in {os.fspath(name_or_path)!r} do not fit the shapes its config.json gives "
+                          "(a vocabulary or hidden size changed after they were saved?); save the model again with "
+                          "save_pretrained(), config and weights together") from err
         except (SafetensorError, EOFError) as err:  # a truncated or corrupt weight file
             raise OSError(f"could not read the model weights in {os.fspath(name_or_path)!r}: a weight file is "
                           f"truncated or corrupt ({type(err).__name__}: {_first_line(err)}); save the model again "
