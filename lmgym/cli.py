@@ -168,6 +168,16 @@ def _run_folder(args, name: str, parallel):
     return checkpoint, logdir, (held[0] if held else None)
 
 
+def _let_go(lock) -> None:
+    """Release the lock of a fresh run folder; a folder the run left empty (it failed before writing) goes too."""
+    folder = lock.path.parent
+    lock.release()
+    try:
+        folder.rmdir()  # only an empty folder: a run that wrote anything keeps it
+    except OSError:
+        pass
+
+
 def _is_within(path: Path, folder: Path) -> bool:
     try:
         path.resolve().relative_to(folder.resolve())
@@ -190,7 +200,7 @@ def _train(args, extra) -> int:
                      progress=parallel.is_main)
     finally:
         if lock is not None:
-            lock.release()
+            _let_go(lock)
     if not parallel.is_main:
         return 0
     s, e = result["start"], result["end"]
@@ -454,7 +464,7 @@ def _train_own(args, extra) -> int:
         return 2
     finally:
         if lock is not None:
-            lock.release()
+            _let_go(lock)
     if not parallel.is_main:
         return 0
     print(f"\n{args.agent} on {args.model}: {summary['iterations']} iterations, {summary['env_steps']} tokens, "

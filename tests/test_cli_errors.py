@@ -217,3 +217,26 @@ def test_a_file_that_is_not_utf8_or_is_a_folder_is_named(tmp_path, capsys):
     assert main(["label", "--model", str(tmp_path / "none"), "--prompts", str(prompts), "--out",
                  str(tmp_path / "r.jsonl")]) == 2
     assert f"{prompts}, line 2: not UTF-8 text (byte 0xef at column 3)" in one_line_error(capsys)
+
+
+def test_a_bad_hyper_parameter_is_refused_before_the_environment_and_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    """Issue 23 item 15: `--agent.learning_rate abc` was refused only after the environment had loaded (6.6 s),
+    leaving an empty run folder."""
+    import gymnasium
+
+    built = []
+    monkeypatch.setattr(gymnasium, "make_vec", lambda *a, **k: built.append(a) or (_ for _ in ()).throw(
+        AssertionError("the environment was built before the settings were checked")))
+    assert main(TRAIN + ["--logdir", str(tmp_path / "runs"), "--agent.learning_rate", "abc"]) == 2
+    assert "learning_rate must be a float, got 'abc'" in one_line_error(capsys)
+    assert built == [] and not (tmp_path / "runs").exists()
+
+
+def test_a_run_that_fails_before_writing_leaves_no_empty_folder(tmp_path, capsys, monkeypatch):
+    def fail(*args, **kwargs):
+        raise OSError("the model folder vanished")
+
+    monkeypatch.setattr(lmgym.bench.grid, "run", fail)
+    assert main(TRAIN + ["--logdir", str(tmp_path / "runs")]) == 2
+    assert "the model folder vanished" in one_line_error(capsys)
+    assert not (tmp_path / "runs" / "TargetToken-v0" / "reinforce" / "seed0").exists()

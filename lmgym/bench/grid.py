@@ -104,7 +104,20 @@ def parse_overrides(pairs: list[tuple[str, str]], agent: str) -> dict:
             hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(sorted(allowed))})"
             raise BenchError(f"{agent} has no hyper-parameter {key!r}{hint}")
         out[key] = _parse_value(raw)
+    _check_values(agent, out)
     return out
+
+
+def _check_values(agent: str, overrides: dict) -> None:
+    """Build the agent's config from ``overrides`` and check it, before any folder or environment is made (a bad
+    value was refused only once the environment had loaded, leaving an empty run folder behind)."""
+    from lmgym.agents import AGENTS
+    from lmgym.agents.common.config import check_config
+
+    if agent not in AGENTS:
+        return  # sb3-ppo and TRL's trainers check their own settings
+    settings = {k: v for k, v in overrides.items() if k not in ENV_OPTIONS | {"num_envs", "group_size"}}
+    check_config(AGENTS[agent].make_config(None, settings))
 
 
 def _parse_value(raw):
