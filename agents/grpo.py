@@ -37,8 +37,12 @@ Where the KL goes (``kl_placement``, ``kl_estimator``; the bias of each choice i
   objective: on-policy, it is the gradient of the *forward* KL ``sum_t E_{s_t}[KL(pi_ref || pi)(s_t)]``
   with the states held fixed (k2: the reverse KL's, states held fixed; k1: zero in expectation).
   The score enters through advantages divided by the group's std and the KL does not, so measured
-  against the objective the KL weighs ``beta * std_group(R)`` rather than beta (``scale_rewards=False``
-  keeps it at beta, up to the token averaging of ``loss_type``).
+  against the objective the KL weighs ``beta * std_group(R)`` rather than beta. ``scale_rewards=False``
+  removes that factor but not another: each completion's own score is in its group's mean, so the
+  expected score gradient is ``(G-1)/G`` of the objective's and the KL weighs ``G/(G-1) * beta``
+  against it (2 beta at G = 2; up to the token averaging of ``loss_type``). ``leave_one_out=True``
+  rescales the centred advantages by ``G/(G-1)``, which is the leave-one-out (RLOO) baseline
+  ``R_i - mean_{j != i} R_j``, and with ``scale_rewards=False`` keeps the KL at weight beta.
 - ``"reward"``: ``R_i = score_i - beta * sum_t k_t`` from the rollout's log-probs, normalised within
   the group like the score; k1 gives the unbiased gradient of ``E[R] - beta * KL(pi || pi_ref)``
   (up to the group normalisation, as for the score), k2 / k3 a biased one.
@@ -89,12 +93,18 @@ class GRPOConfig(AgentConfig):
     dapo (sum over the minibatch's tokens / their count)"""
     advantage_eps: Annotated[float, Range(ge=0)] = 1e-4
     """added to the group std"""
+    leave_one_out: bool = False
+    """rescale centred advantages by G/(G-1): each completion's baseline is the mean of the *other* scores (RLOO)"""
 
 
-def group_advantages(scores: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4):
-    """``(R - mean_group) / (std_group + eps)`` per completion (unbiased std, as the paper's reference code)."""
+def group_advantages(scores: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4,
+                     leave_one_out: bool = False):
+    """``(R - mean_group) / (std_group + eps)`` per completion (unbiased std, as the paper's reference code);
+    with ``leave_one_out`` the centred scores are ``R_i - mean_{j != i} R_j`` (= ``G/(G-1)`` times the above)."""
     groups = scores.view(-1, group_size)
     centred = groups - groups.mean(dim=1, keepdim=True)
+    if leave_one_out:
+        centred = centred * (group_size / (group_size - 1))
     if scale:
         centred = centred / (groups.std(dim=1, keepdim=True) + eps)
     return centred.reshape(-1)
@@ -170,7 +180,8 @@ class GRPO(Agent):
         # 1. Group-normalised advantages from the task scores (minus the KL penalty if it is in the reward).
         kl_in_loss = cfg.kl_placement == "loss"
         returns = penalised_returns(rollout, cfg.kl_estimator, cfg.kl_placement, self.beta)
-        advantages = group_advantages(returns, rollout.group_size, cfg.scale_rewards, cfg.advantage_eps)
+        advantages = group_advantages(returns, rollout.group_size, cfg.scale_rewards, cfg.advantage_eps,
+                                      cfg.leave_one_out)
         self.check_finite(scores=returns, advantages=advantages)
 
         # 2. Clipped surrogate (+ beta * KL per token when it is in the loss), aggregated as configured.

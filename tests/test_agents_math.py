@@ -88,3 +88,26 @@ def test_adaptive_kl_controller_moves_beta_towards_target():
     beta = ctl.update(0.1, 12.0, 1000)
     assert beta == pytest.approx(0.1 * (1 + 0.2 * 0.1))  # error clipped at +0.2
     assert ctl.update(beta, 5.4, 1000) == pytest.approx(beta * (1 - 0.1 * 0.1))
+
+
+@pytest.mark.parametrize("group_size", [2, 3])
+def test_group_mean_advantages_shrink_the_score_gradient_by_g_minus_1_over_g_and_leave_one_out_does_not(group_size):
+    """Issue 23 item 17, by exact enumeration over every group of G actions of a 3-armed softmax bandit: the expected
+    gradient of sum_i A_i log pi(a_i) with A = R - mean_group(R) (scale_rewards=False) is (G-1)/G of the gradient
+    of E[R], so an in-loss KL of weight beta weighs G/(G-1) beta against the score; leave_one_out rescales it
+    back to exactly the gradient of E[R]."""
+    import itertools
+
+    theta = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64, requires_grad=True)
+    reward = torch.tensor([1.0, 0.0, 2.5], dtype=torch.float64)
+    logp = torch.log_softmax(theta, 0)
+    true_grad, = torch.autograd.grad((logp.exp() * reward).sum(), theta, retain_graph=True)
+    for loo, factor in ((False, (group_size - 1) / group_size), (True, 1.0)):
+        expected = torch.zeros(3, dtype=torch.float64)
+        for actions in itertools.product(range(3), repeat=group_size):
+            a = torch.tensor(actions)
+            weight = logp[a].sum().exp().detach()  # probability of this group
+            adv = group_advantages(reward[a], group_size, scale=False, leave_one_out=loo).detach()
+            grad, = torch.autograd.grad((adv * logp[a]).sum(), theta, retain_graph=True)
+            expected += weight * grad / group_size  # the loss averages over the group's completions
+        torch.testing.assert_close(expected, factor * true_grad, rtol=1e-12, atol=1e-12)
