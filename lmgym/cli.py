@@ -186,7 +186,22 @@ def _is_within(path: Path, folder: Path) -> bool:
         return False
 
 
+def _agent_of(args) -> str:
+    """``--agent``, or with ``--resume`` the agent the checkpoint was trained by (its state.json says)."""
+    if args.agent is not None:
+        return args.agent
+    if not args.resume:
+        raise ValueError("train needs --agent (one of the names `lmgym train --help` lists)")
+    checkpoint, _ = _resolve_resume(args.resume)
+    try:
+        return str(json.loads((checkpoint / "state.json").read_text())["agent"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"--resume {args.resume}: cannot read which agent trained it from "
+                         f"{checkpoint / 'state.json'} ({err}); pass --agent") from None
+
+
 def _train(args, extra) -> int:
+    args.agent = _agent_of(args)
     if args.model is not None or args.task is None:
         return _train_own(args, extra)
     from lmgym.bench.grid import parse_overrides, run
@@ -284,16 +299,31 @@ def _list(args, extra) -> int:
     from lmgym.zoo import smollm, entries as zoo
     from lmgym.tasks import DEFAULT_ZOO_MODELS, describe
 
+    import re
+    import shutil
+
+    rows = []
     for env_id in sorted(k for k in gym.registry if k.startswith("lmgym/")):
         needs = DEFAULT_ZOO_MODELS.get(env_id)
         if needs is None:
             status = "no build needed" if env_id != "lmgym/TextGen-v0" else "bring your own model"
+        elif all(zoo.shipped_path(n) is not None and zoo.card(n) is not None for n in needs):
+            status = "default model shipped"
         else:
-            built = all(zoo.is_built(n) for n in needs)
+            built = all(zoo.card(n) is not None for n in needs)
             status = "default model built" if built else "default model builds on first use"
             if not built and smollm.ZOO_NAME in needs and smollm.missing():
                 status = f"needs the smollm extra: {smollm.INSTALL_HINT}"
-        print(f"{env_id:24s} {describe(env_id).strip().splitlines()[0].split(': ', 1)[-1]:60s} [{status}]")
+        summary = describe(env_id).strip().splitlines()[0].split(": ", 1)[-1]
+        rows.append((env_id, re.sub(r"``([^`]*)``", r"\1", summary), status))  # rst literals as plain text
+    # the description takes what the terminal leaves beside the id and the status, cut with an ellipsis
+    width = shutil.get_terminal_size((120, 24)).columns
+    id_width, status_width = max(len(r[0]) for r in rows), max(len(r[2]) for r in rows) + 2
+    room = max(20, width - id_width - status_width - 2)
+    for env_id, summary, status in rows:
+        if len(summary) > room:
+            summary = summary[:room - 1] + "…"
+        print(f"{env_id:{id_width}s} {summary:{room}s} [{status}]")
     return 0
 
 
@@ -520,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one agent on one task",
                        description="Train one agent; hyper-parameters as --agent.NAME VALUE or --config FILE.")
     p.add_argument("--task", help="e.g. lmgym/Sentiment-v0 (see lmgym list); or train your own --model")
-    p.add_argument("--agent", required=True, help=f"one of {', '.join(AGENT_NAMES)}")
+    p.add_argument("--agent", help=f"one of {', '.join(AGENT_NAMES)} (with --resume: the run's own, by default)")
     p.add_argument("--steps", type=int, default=20_000, help="environment steps (generated tokens)")
     p.add_argument("--seconds", type=float, help="wall-clock budget; stops at whichever comes first")
     p.add_argument("--seed", type=int, default=0)
@@ -539,7 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run a grid of agents x seeds x tasks and write results.md/json, curves.png, "
                                    "frontier.png and TensorBoard runs. Re-running skips finished runs.")
     p.add_argument("--tasks", nargs="+", help=f"default: {' '.join(DEFAULT_BENCH['tasks'])}")
-    p.add_argument("--agents", nargs="+", help=f"default: {' '.join(DEFAULT_BENCH['agents'])}")
+    p.add_argument("--agents", nargs="+", metavar="AGENT",
+                   help=f"any of {', '.join(AGENT_NAMES)} (default: {' '.join(DEFAULT_BENCH['agents'])})")
     p.add_argument("--seeds", nargs="+", type=int, help="default: 0 1")
     p.add_argument("--steps", type=int, help=f"environment steps per run (default {DEFAULT_BENCH['steps']})")
     p.add_argument("--seconds", type=float, help="wall-clock budget per run instead of (or with) --steps")

@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 import warnings
 
 import pytest
@@ -240,3 +241,43 @@ def test_a_run_that_fails_before_writing_leaves_no_empty_folder(tmp_path, capsys
     assert main(TRAIN + ["--logdir", str(tmp_path / "runs")]) == 2
     assert "the model folder vanished" in one_line_error(capsys)
     assert not (tmp_path / "runs" / "TargetToken-v0" / "reinforce" / "seed0").exists()
+
+
+# ----------------------------------------------------------------------------- small things a newcomer hit (item 18)
+def test_the_progress_bar_ends_at_the_steps_trained(capsys):
+    import gymnasium as gym
+
+    from lmgym.agents import GRPO
+
+    agent = GRPO(gym.make_vec("lmgym/TargetToken-v0", num_envs=8, group_size=4, device="cpu"), seed=0)
+    agent.learn(100, progress=True)  # the last iteration overshoots 100
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert f"{agent.global_step}/{agent.global_step}" in last and agent.global_step > 100
+    agent.learn(sys.maxsize, progress=True, callbacks=[lambda a, m: False])  # a time budget: no step total
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert f"{agent.global_step}/{agent.global_step}" in last
+
+
+def test_lmgym_list_fits_the_terminal_and_prints_no_rst(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all(len(line) <= 100 for line in lines) and not any("``" in line for line in lines)
+    assert any(line.startswith("lmgym/Arithmetic-v0") and line.endswith("[default model shipped]") for line in lines)
+
+
+def test_resume_takes_the_agent_from_the_run(tmp_path, capsys):
+    assert main(TRAIN + ["--logdir", str(tmp_path / "runs"), "--steps", "64"]) == 0
+    run = tmp_path / "runs" / "TargetToken-v0" / "reinforce" / "seed0"
+    assert main(["train", "--task", "lmgym/TargetToken-v0", "--device", "cpu", "--resume", str(run),
+                 "--steps", "1000"]) == 0  # no --agent: the run's own (reinforce)
+    assert "resuming from" in capsys.readouterr().out
+    assert main(["train", "--task", "lmgym/TargetToken-v0", "--device", "cpu", "--steps", "64"]) == 2
+    assert "train needs --agent" in one_line_error(capsys)
+
+
+def test_bench_help_lists_every_agent_it_accepts(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert all(name in out for name in ("sb3-ppo", "trl-grpo", "trl-rloo", "online-dpo", "nlpo"))

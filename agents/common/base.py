@@ -13,6 +13,7 @@ import contextlib
 import copy
 import dataclasses
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -280,8 +281,10 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
         self.hold_logdir()
         self._check_batch_layout(self.env.num_envs)
         self._open_writer()
-        bar = tqdm(total=total_steps, initial=self.global_step, disable=not progress or not self.distributed.is_main,
-                   unit="tok", desc=f"{self.name}", dynamic_ncols=True)
+        # a budget of time alone comes as a huge step count: no total to show then, only the count
+        bar = tqdm(total=total_steps if total_steps < sys.maxsize else None, initial=self.global_step,
+                   disable=not progress or not self.distributed.is_main, unit="tok", desc=f"{self.name}",
+                   dynamic_ncols=True)
         callbacks = list(callbacks or [])
         saved_at = None
         try:
@@ -319,6 +322,9 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
             if self.logdir is not None and saved_at != self.iteration:  # not just written by checkpoint_every
                 self.checkpoint()
         finally:
+            # the bar ends at the steps trained: the last iteration may overshoot the budget (episodes are not
+            # cut), a callback (a time budget) may stop short of it
+            bar.total = bar.n
             bar.close()
             self.close()  # the writer's thread ends with the run; log() opens a new one when needed
         return self
