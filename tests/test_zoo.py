@@ -295,7 +295,7 @@ def test_loaders_beside_a_rebuilding_process_never_fail(tmp_path):
 # ----------------------------------------------------------------------------- shipped entries
 @pytest.mark.parametrize("name", zoo.SHIPPED_ENTRIES)
 def test_every_shipped_entry_verifies_and_is_what_this_code_builds(name):
-    """A change to a builder, corpus or spec makes the shipped entry stale: rebuild it with `python -m lmgym.zoo.entries
+    """A change to a builder, corpus or spec makes the shipped entry stale: rebuild it with `python -m lmgym.zoo
     ship NAME` and commit the folder."""
     path = zoo.shipped_path(name)
     assert path is not None, f"{name} is not shipped"
