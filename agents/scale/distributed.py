@@ -32,6 +32,7 @@ data-parallel without a code change. What each process does:
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import zlib
@@ -57,6 +58,14 @@ def launcher_world() -> tuple[int, int]:
 
 def _join_timeout() -> datetime.timedelta:
     return datetime.timedelta(seconds=float(os.environ.get("LMGYM_DIST_TIMEOUT", 600)))
+
+
+def _leave_process_group() -> None:
+    """Tear the process group down at exit, before the interpreter does: left to C++ static destruction, its
+    worker threads can still be joinable there and abort a run that had finished ("terminate called without an
+    active exception", SIGABRT, seen once in CI on the 2-process test after every step had run)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class DataParallel:
@@ -106,6 +115,7 @@ class DataParallel:
                     "with the launcher's python on every node (pip install lmgym there), and read the "
                     "launcher's log of the failed rank") from None
             me = cls(rank, world, device if backend == "nccl" else "cpu")
+            atexit.register(_leave_process_group)  # the group lmgym joined, lmgym leaves
         me._check_same_lmgym(device)
         return me
 
