@@ -22,10 +22,10 @@ ALLOWED = {
     "bench": {"integrations", "agents", "tasks", "envs", "zoo", "rewards", "models", "utils", "lmgym"},
 }
 """each package of lmgym and what it may import besides itself (``lmgym``: the top-level package, which
-registers the tasks, so that an export can rebuild a run's environment by its id); ``lmgym/cli.py`` and
-``lmgym/train_own.py`` sit on top and may import anything"""
+registers the tasks, so that an export can rebuild a run's environment by its id); ``lmgym/cli.py``,
+``lmgym/train_own.py`` and ``lmgym/run_folders.py`` sit on top and may import anything"""
 
-TOP = {"lmgym", "cli", "train_own", "_moved"}
+TOP = {"lmgym", "cli", "train_own", "run_folders", "_moved"}
 
 
 def package_of(module: str) -> str | None:
