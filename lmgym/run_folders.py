@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["DEFAULT_LOGDIR", "fresh_dir", "resolve_resume", "run_folder", "let_go", "is_within", "agent_of"]
+__all__ = ["DEFAULT_LOGDIR", "fresh_dir", "resolve_resume", "run_folder", "let_go", "agent_of"]
 
 DEFAULT_LOGDIR = "runs"
 """where ``lmgym train`` writes its run folders unless ``--logdir`` says otherwise"""
@@ -73,7 +73,8 @@ def run_folder(args, name: str, parallel):
     """
     root = Path(args.logdir if args.logdir is not None else DEFAULT_LOGDIR)
     checkpoint, run_dir = resolve_resume(args.resume) if args.resume else (None, None)
-    branched = run_dir is not None and args.logdir is not None and not is_within(run_dir, root)
+    branched = run_dir is not None and args.logdir is not None and not run_dir.resolve().is_relative_to(
+        root.resolve())
     if branched:
         run_dir = None
     # Under torchrun / accelerate launch, process 0 picks the folder and the others follow it. A fresh folder
@@ -102,14 +103,6 @@ def let_go(lock) -> None:
         folder.rmdir()  # only an empty folder: a run that wrote anything keeps it
     except OSError:
         pass
-
-
-def is_within(path: Path, folder: Path) -> bool:
-    try:
-        path.resolve().relative_to(folder.resolve())
-        return True
-    except ValueError:
-        return False
 
 
 def agent_of(args) -> str:

@@ -39,11 +39,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from lmgym.agents.common.logprobs import accepts_logits_to_keep, chunked_token_logprobs, selective_logprobs
-from lmgym.agents.common.lora import base_model
+from lmgym.agents.common.logprobs import chunked_token_logprobs, selective_logprobs
+from lmgym.models import kv_cache, token_logprobs
+from lmgym.models.hf_api import (accepts_logits_to_keep, cache_keyword, cache_kwargs, cache_of,
+                                 is_activation_checkpointing, model_name)
 from lmgym.utils import fast_paths
-from lmgym.models.hf_api import cache_keyword, cache_kwargs, cache_of, hf_model, is_activation_checkpointing
-from lmgym.models import token_logprobs
 from lmgym.models.sampling import Sampling
 
 if TYPE_CHECKING:
@@ -73,13 +73,11 @@ def shares_prompts(model, rollout: "Rollout") -> bool:
     """Whether :func:`policy_forward` encodes each distinct prompt once for this model and rollout."""
     if getattr(rollout, "group_size", 1) < 2 or rollout.query_ids.shape[1] < 2:
         return False  # no prompt repeats: nothing to share
-    base = base_model(model)
-    name = type(hf_model(base)).__name__
     if not accepts_logits_to_keep(model):
-        reason = f"{name}.forward takes no logits_to_keep"
-    elif cache_keyword(base) is None:
-        reason = f"{name}.forward takes no KV cache (neither 'cache' nor 'past_key_values')"
-    elif is_activation_checkpointing(base):
+        reason = f"{model_name(model)}.forward takes no logits_to_keep"
+    elif cache_keyword(model) is None:
+        reason = f"{model_name(model)}.forward takes no KV cache (neither 'cache' nor 'past_key_values')"
+    elif is_activation_checkpointing(model):
         reason = "activation checkpointing is on (Hugging Face drops the cache inside checkpointed layers)"
     else:
         return True
@@ -137,13 +135,10 @@ def _bucket_outputs(model, ids, mask, positions, start: int, rows, width: int, p
     if prompts is not None:
         out = model(input_ids=ids[rows, start:end], attention_mask=mask[rows, :end],
                     position_ids=positions[rows, start:end], use_cache=True, output_hidden_states=hidden,
-                    **cache_kwargs(base_model(model), prompts.for_rows(rows, whole_batch)),
+                    **cache_kwargs(model, prompts.for_rows(rows, whole_batch)),
                     **({} if full_logits else {"logits_to_keep": 1}))
         return (out.logits if full_logits else None), (out.hidden_states[-1] if hidden else None)
-    keep = accepts_logits_to_keep(model)
-    if not keep:
-        fast_paths.fall_back("logits_to_keep", f"{type(hf_model(base_model(model))).__name__}.forward takes no "
-                             "logits_to_keep")
+    keep = accepts_logits_to_keep(model, report=True)
     if full_logits:
         # logits only where a continuation token is predicted: the output layer skips the prompt's positions
         kwargs = {"logits_to_keep": torch.arange(start, end, device=ids.device)} if keep else {}
@@ -214,8 +209,7 @@ def policy_forward(model, rollout: "Rollout", *, sampling: Sampling | None = Non
         # a cache of another kind (sliding windows, recurrent states) serves one bucket, reordered in place
         one_bucket = prompts is not None and not prompts.splittable
         if one_bucket and bucket_count(model) > 1:
-            kinds = sorted({type(layer).__name__ for layer in prompts.cache.layers})
-            fast_paths.fall_back("length buckets", f"the prompt's KV cache has {', '.join(kinds)} layers, which "
+            fast_paths.fall_back("length buckets", f"the prompt's KV cache ({kv_cache.describe(prompts.cache)}) "
                                  "cannot be split by rows")
         order, buckets, widths = length_buckets(lengths, 1 if one_bucket else bucket_count(model))
         for rows, width in zip(buckets, widths):

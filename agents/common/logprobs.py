@@ -14,21 +14,13 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from lmgym.models import hf_api
 from lmgym.models.sampling import Sampling
 
-__all__ = ["chunked_token_logprobs", "check_plain_output_head", "accepts_logits_to_keep", "selective_logprobs"]
+__all__ = ["chunked_token_logprobs", "check_plain_output_head", "selective_logprobs"]
 
 BLOCK_ELEMENTS = 2**21
 """size of the full-vocabulary temporaries of :func:`selective_logprobs` (8 MB in float32: small enough for the
 allocator to reuse them instead of mapping fresh pages for each, which costs more than the arithmetic)"""
-
-
-def accepts_logits_to_keep(model) -> bool:
-    """Whether the (underlying, for a LoRA policy) model's forward takes ``logits_to_keep``."""
-    from lmgym.agents.common.lora import base_model
-
-    return hf_api.accepts_logits_to_keep(base_model(model))
 
 
 def _chunk(hidden: torch.Tensor, tokens: torch.Tensor, head, sampling: Sampling, entropy_grad: bool):

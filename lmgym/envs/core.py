@@ -322,15 +322,13 @@ class TextGenCore:
         rewards = torch.where(active, rewards, zero)
 
         col = (self.prompt_len + self.gen_len).clamp(max=self.max_len - 1)
-        # what this step changes, to put back if scoring the finished episodes raises: a failed step leaves
-        # every episode as it was (the caller may fix the reward and step again), it never half-applies
-        before = (self.tokens[self.rows, col].clone(), self.obs_mask[self.rows, col].clone(), self.gen_len.clone(),
-                  self.episode_kl.clone())
         self.tokens[self.rows, col] = torch.where(active, actions, self.tokens[self.rows, col])
         self.obs_mask[self.rows, col] = torch.where(active, torch.ones_like(self.obs_mask[:, 0]),
                                                     self.obs_mask[self.rows, col])
-        self.gen_len += active
-        self.episode_kl += torch.where(active, kl, zero)
+        # new tensors rather than in place: the old ones are what a failed step puts back (below)
+        length_before, kl_before = self.gen_len, self.episode_kl
+        self.gen_len = self.gen_len + active
+        self.episode_kl = self.episode_kl + torch.where(active, kl, zero)
         terminated = torch.isin(actions, self._stop) & active
         truncated = (self.gen_len >= self.max_new_tokens) & active & ~terminated
         done = (terminated | truncated).cpu().numpy()  # the one host sync per step: who needs scoring
@@ -343,7 +341,11 @@ class TextGenCore:
             try:
                 info.update(self._finish(finished, rewards, kl_known=pol_lp is not None))
             except BaseException:
-                self.tokens[self.rows, col], self.obs_mask[self.rows, col], self.gen_len, self.episode_kl = before
+                # a failed step leaves every episode as it was (fix the reward and step again), never half-applied:
+                # an active row's new column held padding (rows are written whole, right-padded, at each restart)
+                self.tokens[self.rows, col] = torch.where(active, self.pad_token_id, self.tokens[self.rows, col])
+                self.obs_mask[self.rows, col] = torch.where(active, 0, self.obs_mask[self.rows, col])
+                self.gen_len, self.episode_kl = length_before, kl_before
                 raise
         if not (done | self.pending_reset).all():
             # Rows restarting this step ignore their action: it must not reach the model at a position

@@ -15,7 +15,7 @@ import copy
 import torch
 
 from lmgym.models import kv_cache
-from lmgym.models.hf_api import accepts_logits_to_keep, cache_kwargs, cache_of, hf_model
+from lmgym.models.hf_api import accepts_logits_to_keep, cache_keyword, cache_of, model_name
 from lmgym.models.padding import left_pad
 from lmgym.utils import fast_paths
 
@@ -51,9 +51,8 @@ class CachedLM:
     def __init__(self, model, *, max_sequence_length: int):
         self.model = model
         self.max_sequence_length = max_sequence_length
-        self._keep_last = accepts_logits_to_keep(model)
-        if not self._keep_last:
-            fast_paths.fall_back("logits_to_keep", f"{type(hf_model(model)).__name__}.forward takes no logits_to_keep")
+        self._keep_last = accepts_logits_to_keep(model, report=True)
+        self._cache_keyword = cache_keyword(model, required=True)  # asked once: append runs at every token
         self.cache = None
         self.mask: torch.Tensor | None = None  # (batch, cache columns) 1 where a column is a real token
         self.ids: torch.Tensor | None = None  # (batch, cache columns) the token in each column
@@ -67,7 +66,7 @@ class CachedLM:
 
     def _forward(self, ids, mask, position_ids, cache, last_only: bool):
         kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
-                      **cache_kwargs(self.model, cache))
+                      **{self._cache_keyword: cache})
         if last_only and self._keep_last:
             kwargs["logits_to_keep"] = 1
         return self.model(**kwargs)
@@ -85,7 +84,7 @@ class CachedLM:
         self.cache, self.ids, self.mask, self.lengths, self.next_logprobs = self._prefill(prompts)
         self._editable = kv_cache.editable(self.cache, self.model.config)
         if not self._editable:
-            fast_paths.fall_back("cache column edits", f"{type(hf_model(self.model)).__name__}'s KV cache "
+            fast_paths.fall_back("cache column edits", f"{model_name(self.model)}'s KV cache "
                                  f"({kv_cache.describe(self.cache)}) cannot be edited per column")
 
     def sequences(self) -> list[list[int]]:
@@ -218,11 +217,10 @@ def sample_continuations(model, input_ids: torch.Tensor, attention_mask: torch.T
     mask = attention_mask
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     models = [model] if mask_model is None else [model, mask_model]
+    keywords = [cache_keyword(m, required=True) for m in models]  # asked once, not at every token
     caches, logits = [], []
     for m in models:
-        keep = {"logits_to_keep": 1} if accepts_logits_to_keep(m) else {}
-        if not keep:
-            fast_paths.fall_back("logits_to_keep", f"{type(hf_model(m)).__name__}.forward takes no logits_to_keep")
+        keep = {"logits_to_keep": 1} if accepts_logits_to_keep(m, report=True) else {}
         out = m(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep)
         caches.append(cache_of(out))
         logits.append(out.logits[:, -1])
@@ -242,7 +240,7 @@ def sample_continuations(model, input_ids: torch.Tensor, attention_mask: torch.T
         mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
         for i, m in enumerate(models):
             out = m(input_ids=tok[:, None], attention_mask=mask, position_ids=lengths[:, None],
-                    use_cache=True, **cache_kwargs(m, caches[i]))
+                    use_cache=True, **{keywords[i]: caches[i]})
             caches[i], logits[i] = cache_of(out), out.logits[:, -1]
         lengths = lengths + 1
     return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)

@@ -22,7 +22,9 @@ from __future__ import annotations
 import functools
 import inspect
 
-__all__ = ["hf_model", "cache_keyword", "cache_kwargs", "cache_of", "accepts_logits_to_keep",
+from lmgym.utils import fast_paths
+
+__all__ = ["hf_model", "model_name", "cache_keyword", "cache_kwargs", "cache_of", "accepts_logits_to_keep",
            "is_activation_checkpointing", "enable_activation_checkpointing"]
 
 _CACHE_NAMES = ("cache", "past_key_values")  # newest first
@@ -36,6 +38,11 @@ def hf_model(model):
 
 
 @functools.lru_cache(maxsize=None)
+def model_name(model) -> str:
+    """The class name of the Hugging Face model inside ``model``, for messages."""
+    return type(hf_model(model)).__name__
+
+
 def _forward_parameters(cls) -> frozenset[str]:
     return frozenset(inspect.signature(cls.forward).parameters)
 
@@ -44,19 +51,19 @@ def _parameters(model) -> frozenset[str]:
     return _forward_parameters(type(hf_model(model)))
 
 
-def cache_keyword(model) -> str | None:
-    """The keyword under which ``model.forward`` takes a KV cache (``cache`` or ``past_key_values``), or None."""
+def cache_keyword(model, *, required: bool = False) -> str | None:
+    """The keyword under which ``model.forward`` takes a KV cache (``cache`` or ``past_key_values``), or None
+    (``required``: ``TypeError`` instead). Loops that pass a cache at every token ask once, before the loop."""
     names = _parameters(model)
-    return next((name for name in _CACHE_NAMES if name in names), None)
+    keyword = next((name for name in _CACHE_NAMES if name in names), None)
+    if keyword is None and required:
+        raise TypeError(f"{model_name(model)}.forward takes no KV cache (neither 'cache' nor 'past_key_values')")
+    return keyword
 
 
 def cache_kwargs(model, cache) -> dict:
     """``{keyword: cache}`` for ``model.forward``; raises ``TypeError`` for a model that takes no cache."""
-    keyword = cache_keyword(model)
-    if keyword is None:
-        raise TypeError(f"{type(hf_model(model)).__name__}.forward takes no KV cache (neither 'cache' nor "
-                        "'past_key_values')")
-    return {keyword: cache}
+    return {cache_keyword(model, required=True): cache}
 
 
 def cache_of(output):
@@ -72,9 +79,13 @@ def cache_of(output):
     return None
 
 
-def accepts_logits_to_keep(model) -> bool:
-    """Whether ``model.forward`` takes ``logits_to_keep`` (the output layer at chosen positions only)."""
-    return "logits_to_keep" in _parameters(model)
+def accepts_logits_to_keep(model, *, report: bool = False) -> bool:
+    """Whether ``model.forward`` takes ``logits_to_keep`` (the output layer at chosen positions only); with
+    ``report``, a model that does not is recorded as a fall-back of that fast path (warned once)."""
+    accepts = "logits_to_keep" in _parameters(model)
+    if not accepts and report:
+        fast_paths.fall_back("logits_to_keep", f"{model_name(model)}.forward takes no logits_to_keep")
+    return accepts
 
 
 def is_activation_checkpointing(model) -> bool:

@@ -64,7 +64,7 @@ import torch
 from lmgym.zoo import corpora, smollm
 from lmgym.zoo.training import _batches, _encode, perplexity, train_lm, train_tokenizer
 from lmgym.utils.checksums import file_sha256
-from lmgym.utils.folders import swap_in
+from lmgym.utils.folders import swap_in, written_atomically
 from lmgym.utils.lock import FileLock, is_locked
 
 __all__ = ["ZooSpec", "ZOO", "SHIPPED", "SHIPPED_ENTRIES", "home", "entry_path", "recipe", "build", "load",
@@ -454,10 +454,10 @@ def load(name: str, *, device="cpu", dtype="auto", seed: int = 0, steps: int | N
 def card(name: str, *, seed: int = 0, steps: int | None = None) -> dict | None:
     """The facts of the model card of the entry :func:`load_path` would load, or None if it is not built."""
     path = shipped_path(name, seed=seed, steps=steps)
-    if path is None or _shipped_problem(path, name, seed) is not None:
+    if path is None or _shipped_problem(path, name, seed) is not None:  # verified there: not again below
         path = entry_path(name, seed=seed, steps=steps)
-    if not verify(path):
-        return None
+        if not verify(path):
+            return None
     return json.loads((path / "manifest.json").read_text())["card"]
 
 
@@ -467,18 +467,10 @@ def ship(name: str, *, progress: bool = True) -> Path:
         raise KeyError(f"{name!r} is not a shipped entry; shipped: {list(SHIPPED_ENTRIES)}")
     built = build(name, progress=progress)
     target = SHIPPED / f"{name}-seed0"
-    SHIPPED.mkdir(exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=SHIPPED))
-    try:
+    with written_atomically(target, overwrite=True) as tmp:
         shutil.copytree(built, tmp, dirs_exist_ok=True)
         for path in [tmp, *tmp.rglob("*")]:  # package files: readable by everyone (a build folder is private)
             path.chmod(0o755 if path.is_dir() else 0o644)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
