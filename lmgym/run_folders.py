@@ -19,17 +19,20 @@ def fresh_dir(path: Path):
     moment is ever written into."""
     from lmgym.utils.lock import LOCK_NAME, FolderLock, LockedError
 
+    def holds_a_run(folder: Path) -> bool:  # a lock file alone is a run that never wrote
+        return folder.exists() and (not folder.is_dir() or any(p.name != LOCK_NAME for p in folder.iterdir()))
+
     n = 1
     while True:
         candidate = path if n == 1 else path.parent / f"{path.name}-{n}"
         n += 1
-        if candidate.exists() and (not candidate.is_dir() or any(p.name != LOCK_NAME for p in candidate.iterdir())):
-            continue  # an earlier run's (a lock file alone is a run that never wrote)
+        if holds_a_run(candidate):
+            continue
         try:
             lock = FolderLock(candidate, "lmgym train").acquire()
         except LockedError:
             continue  # taken by a run starting right now
-        if any(p.name != LOCK_NAME for p in candidate.iterdir()):  # it wrote before we locked
+        if holds_a_run(candidate):  # it wrote before we locked
             lock.release()
             continue
         return candidate, lock
