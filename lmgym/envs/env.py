@@ -10,6 +10,7 @@ from gymnasium import spaces
 from gymnasium.wrappers import TimeLimit
 
 from lmgym.envs.core import EpisodeError, TextGenCore
+from lmgym.envs.multi_turn import MultiTurnCore
 from lmgym.envs.view import CoreView
 
 __all__ = ["TextGenEnv", "observation_space", "UnsupportedRenderMode"]
@@ -25,12 +26,15 @@ class UnsupportedRenderMode(TypeError, ValueError):
     """
 
 
-def observation_space(vocab_size: int, max_len: int) -> spaces.Dict:
-    """The observation space shared by the single and the vector environment."""
-    return spaces.Dict({
+def observation_space(vocab_size: int, max_len: int, multi_turn: bool = False) -> spaces.Dict:
+    """The observation space shared by the single and the vector environment (multi-turn: with ``policy_mask``)."""
+    fields = {
         "input_ids": spaces.MultiDiscrete(np.full(max_len, vocab_size, dtype=np.int64)),
         "attention_mask": spaces.MultiBinary(max_len),
-    })
+    }
+    if multi_turn:
+        fields["policy_mask"] = spaces.MultiBinary(max_len)
+    return spaces.Dict(fields)
 
 
 def _refuse_short_time_limit(env: "TextGenEnv") -> None:
@@ -53,6 +57,10 @@ def _refuse_short_time_limit(env: "TextGenEnv") -> None:
                 "episode gets no score; shorten episodes with max_new_tokens="
                 f"{owner._max_episode_steps} instead (it ends them with their score)")
         frame = frame.f_back
+
+
+_EPISODE_END_KEYS = {"score": float, "episode_length": int, "completion": str, "episode_kl": float, "turns": int,
+                     "turn_rewards": float, "truncation": str}
 
 
 class TextGenEnv(CoreView, gym.Env):
@@ -129,29 +137,43 @@ class TextGenEnv(CoreView, gym.Env):
       (default CPU, since observations are numpy).
     - ``trust_remote_code``: allow model code from the checkpoint (off by default).
     - ``render_mode``: ``"ansi"`` returns the prompt and completion as text.
+    - ``interaction``: makes the episode multi-turn (DESIGN.md, "Conversations"; :mod:`lmgym.envs.multi_turn`): an
+      :class:`lmgym.envs.interaction.Interaction` class (or factory), whose ``respond(conversation)`` answers each
+      policy turn with a :class:`~lmgym.envs.interaction.Reply` (a message or token ids, a turn reward, whether the
+      episode ends). A policy turn ends at a stop token or after ``max_turn_tokens``; the reply's tokens appear in
+      the next observation (no action, no reward, no KL), ``policy_mask`` marks the policy's tokens, ``info``
+      carries ``turn`` and, when a turn ends, ``turn_reward``; at the end ``turns``, ``turn_rewards``, ``score``,
+      ``truncation`` (why a limit ended it, "" otherwise). ``max_new_tokens`` is then the budget of all tokens
+      after the prompt, the policy's and the environment's.
+    - ``max_turns`` (4), ``max_turn_tokens`` (``max_new_tokens``), ``interaction_timeout`` (30 s; None: no limit):
+      the limits of a multi-turn episode.
     """
 
     metadata = {"render_modes": ["ansi"]}
 
     def __init__(self, model, reward_fn, prompts, *, tokenizer=None, max_new_tokens: int = 32,
                  kl_coef: float = 0.05, max_prompt_tokens: int | None = None, stop_token_ids=None,
-                 device="cpu", dtype="auto", trust_remote_code: bool = False, render_mode: str | None = None):
+                 device="cpu", dtype="auto", trust_remote_code: bool = False, render_mode: str | None = None,
+                 interaction=None, max_turns: int = 4, max_turn_tokens: int | None = None,
+                 interaction_timeout: float | None = 30.0):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise UnsupportedRenderMode(f"render_mode={render_mode!r} is not supported; use None or 'ansi'")
-        self.core = TextGenCore(model=model, reward_fn=reward_fn, prompts=prompts, num_envs=1, tokenizer=tokenizer,
-                                max_new_tokens=max_new_tokens, kl_coef=kl_coef, max_prompt_tokens=max_prompt_tokens,
-                                stop_token_ids=stop_token_ids, device=device, dtype=dtype,
-                                trust_remote_code=trust_remote_code)
+        common = dict(model=model, reward_fn=reward_fn, prompts=prompts, num_envs=1, tokenizer=tokenizer,
+                      max_new_tokens=max_new_tokens, kl_coef=kl_coef, max_prompt_tokens=max_prompt_tokens,
+                      stop_token_ids=stop_token_ids, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        if interaction is None:
+            self.core = TextGenCore(**common)
+        else:
+            self.core = MultiTurnCore(interaction=interaction, max_turns=max_turns, max_turn_tokens=max_turn_tokens,
+                                      interaction_timeout=interaction_timeout, **common)
         self.render_mode = render_mode
         self.action_space = spaces.Discrete(self.core.vocab_size)
-        self.observation_space = observation_space(self.core.vocab_size, self.core.max_len)
+        self.observation_space = observation_space(self.core.vocab_size, self.core.max_len, self.multi_turn)
         self._done = True
         self._last_completion = ""
 
     def _obs(self) -> dict[str, np.ndarray]:
-        obs = self.core.observation()
-        return {"input_ids": obs["input_ids"][0].cpu().numpy(),
-                "attention_mask": obs["attention_mask"][0].cpu().numpy()}
+        return {k: v[0].cpu().numpy() for k, v in self.core.observation().items()}
 
     def action_masks(self) -> np.ndarray:
         """``(vocab_size,)`` bool: the tokens allowed now by the function bound with :meth:`set_action_mask_fn`
@@ -197,13 +219,14 @@ class TextGenEnv(CoreView, gym.Env):
         _, rewards, terminated, truncated, info = self.core.step(
             action.reshape(1), None if logprob is None else [logprob])
         term, trunc = bool(terminated[0]), bool(truncated[0])
-        out = {k: float(v[0]) for k, v in info.items() if k in ("ref_logprob", "logprob", "kl")}
+        out = {k: float(v[0]) for k, v in info.items() if k in ("ref_logprob", "logprob", "kl", "turn_reward")
+               and info["_" + k][0]}
+        if "turn" in info:
+            out["turn"] = int(info["turn"][0])
         if term or trunc:
             self._done = True
-            out.update(score=float(info["score"][0]), completion=info["completion"][0],
-                       episode_length=int(info["episode_length"][0]), prompt=self.core.row_prompts[0].text)
-            if "episode_kl" in info:
-                out["episode_kl"] = float(info["episode_kl"][0])
+            out.update({k: cast(info[k][0]) for k, cast in _EPISODE_END_KEYS.items() if k in info})
+            out["prompt"] = self.core.row_prompts[0].text
             self._last_completion = out["completion"]
         return self._obs(), float(rewards[0]), term, trunc, out
 

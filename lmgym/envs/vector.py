@@ -10,6 +10,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from lmgym.envs.core import SequenceResult, TextGenCore
+from lmgym.envs.multi_turn import MultiTurnCore, TurnResult
 from lmgym.envs.view import CoreView
 from lmgym.envs.env import observation_space
 
@@ -57,6 +58,10 @@ class TextGenVectorEnv(CoreView, VectorEnv):
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:N"``.
         output: ``"torch"`` (default: tensors on ``device``) or ``"numpy"`` (numpy arrays from ``reset``,
             ``step`` and ``observation``; ``score_sequences`` returns tensors either way).
+        interaction, max_turns, max_turn_tokens, interaction_timeout: a multi-turn episode (see ``TextGenEnv``);
+            rows then sit in different turns, the interaction is called once per step for every row whose turn
+            just ended, and ``submit_turns(tokens, logprobs)`` replaces ``score_sequences``: one whole turn per
+            row, returning exactly what per-token stepping gives (:class:`lmgym.envs.multi_turn.TurnResult`).
     """
 
     metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": []}
@@ -64,19 +69,24 @@ class TextGenVectorEnv(CoreView, VectorEnv):
     def __init__(self, num_envs: int = 8, *, model, reward_fn, prompts, tokenizer=None, max_new_tokens: int = 32,
                  kl_coef: float = 0.05, group_size: int = 1, max_prompt_tokens: int | None = None,
                  stop_token_ids=None, device="auto", dtype="auto", trust_remote_code: bool = False,
-                 output: str = "torch"):
+                 output: str = "torch", interaction=None, max_turns: int = 4, max_turn_tokens: int | None = None,
+                 interaction_timeout: float | None = 30.0):
         if output not in ("torch", "numpy"):
             raise ValueError(f"output must be 'torch' or 'numpy', got {output!r}")
         self.output = output
-        self.core = TextGenCore(model=model, reward_fn=reward_fn, prompts=prompts, num_envs=num_envs,
-                                tokenizer=tokenizer, max_new_tokens=max_new_tokens, kl_coef=kl_coef,
-                                group_size=group_size, max_prompt_tokens=max_prompt_tokens,
-                                stop_token_ids=stop_token_ids, device=device, dtype=dtype,
-                                trust_remote_code=trust_remote_code)
+        common = dict(model=model, reward_fn=reward_fn, prompts=prompts, num_envs=num_envs, tokenizer=tokenizer,
+                      max_new_tokens=max_new_tokens, kl_coef=kl_coef, group_size=group_size,
+                      max_prompt_tokens=max_prompt_tokens, stop_token_ids=stop_token_ids, device=device, dtype=dtype,
+                      trust_remote_code=trust_remote_code)
+        if interaction is None:
+            self.core = TextGenCore(**common)
+        else:
+            self.core = MultiTurnCore(interaction=interaction, max_turns=max_turns, max_turn_tokens=max_turn_tokens,
+                                      interaction_timeout=interaction_timeout, **common)
         self.num_envs = self.core.num_envs
         self.single_action_space = spaces.Discrete(self.core.vocab_size)
         self.action_space = batch_space(self.single_action_space, num_envs)
-        self.single_observation_space = observation_space(self.core.vocab_size, self.core.max_len)
+        self.single_observation_space = observation_space(self.core.vocab_size, self.core.max_len, self.multi_turn)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
 
     @property
@@ -126,6 +136,13 @@ class TextGenVectorEnv(CoreView, VectorEnv):
     def score_sequences(self, tokens, logprobs=None) -> SequenceResult:
         """Submit whole continuations ``(num_envs, T)``; see the class docstring and :class:`SequenceResult`."""
         return self.core.score_sequences(tokens, logprobs)
+
+    def submit_turns(self, tokens, logprobs=None) -> TurnResult:
+        """A multi-turn environment: submit one whole turn per row ``(num_envs, T)``; see :class:`TurnResult`."""
+        if not self.multi_turn:
+            raise TypeError("submit_turns() is for multi-turn environments (made with an interaction); submit whole "
+                            "episodes with score_sequences()")
+        return self.core.submit_turns(tokens, logprobs)
 
     def action_masks(self):
         """``(num_envs, vocab_size)`` bool: the tokens allowed at the current states by the function bound with

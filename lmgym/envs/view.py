@@ -40,7 +40,28 @@ class CoreView:
 
     @property
     def max_new_tokens(self) -> int:
+        """The most tokens after the prompt: one episode's (multi-turn: the policy's and the environment's)."""
         return self.core.max_new_tokens
+
+    @property
+    def multi_turn(self) -> bool:
+        """Whether an interaction answers between policy turns (DESIGN.md, "Conversations")."""
+        return getattr(self.core, "interaction", None) is not None
+
+    @property
+    def max_turns(self) -> int:
+        """The most policy turns of an episode (1 for single-turn environments)."""
+        return getattr(self.core, "max_turns", 1)
+
+    @property
+    def max_turn_tokens(self) -> int:
+        """The most tokens of one policy turn (single-turn: ``max_new_tokens``)."""
+        return getattr(self.core, "max_turn_tokens", self.core.max_new_tokens)
+
+    @property
+    def max_length(self) -> int:
+        """The observation length: the longest prompt + ``max_new_tokens``."""
+        return self.core.max_len
 
     @property
     def max_prompt_tokens(self) -> int:

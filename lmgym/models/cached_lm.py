@@ -119,19 +119,22 @@ class CachedLM:
         self.next_logprobs[rows] = next_lp
 
     def _compact(self) -> None:
-        """Drop the columns left of the longest row (every row's block ends at the last column)."""
-        drop = self.mask.shape[1] - self.max_sequence_length
-        kv_cache.drop_left(self.cache, drop)
-        self.mask, self.ids = self.mask[:, drop:], self.ids[:, drop:]
+        """Drop the leading columns no row uses (a row's block ends at the last column, and may hold masked holes
+        where it waited while other rows took tokens)."""
+        used = self.mask.any(0)
+        drop = int(used.long().argmax()) if bool(used.any()) else self.mask.shape[1]
+        if drop:
+            kv_cache.drop_left(self.cache, drop)
+            self.mask, self.ids = self.mask[:, drop:], self.ids[:, drop:]
 
     @torch.no_grad()
     def append(self, tokens: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
         """Feed one token per row; returns (and stores) the next-token log-probs ``(batch, vocab)``.
 
-        ``live`` (bool ``(batch,)``) marks the rows that take their token; the others are
-        about to be restarted by the caller: they get a masked placeholder column at
-        position 0 (their own position may already be the last one the model has) and
-        are undefined until :meth:`restart_rows`.
+        ``live`` (bool ``(batch,)``) marks the rows that take their token; the others get a masked
+        placeholder column at position 0 (their own position may already be the last one the model has) and
+        keep their state and next-token log-probs: rows about to be restarted, or rows waiting while the
+        others finish a turn.
         """
         if self.mask.shape[1] >= 2 * self.max_sequence_length:
             self._compact()
@@ -142,8 +145,80 @@ class CachedLM:
         out = self._forward(tokens[:, None], self.mask, positions[:, None], self.cache, last_only=True)
         self.cache = cache_of(out)
         self.lengths = self.lengths + (1 if live is None else live.long())
-        self.next_logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        next_lp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        self.next_logprobs = next_lp if live is None else torch.where(live[:, None], next_lp, self.next_logprobs)
         return self.next_logprobs
+
+    @torch.no_grad()
+    def extend(self, tokens: torch.Tensor, counts: torch.Tensor, sampling=None) -> torch.Tensor:
+        """Feed each row its first ``counts[r]`` tokens of ``tokens`` ``(batch, W)`` (left-aligned; 0 leaves a row as
+        it is) in one forward over the cache; returns their log-probs ``(batch, W)`` given everything before
+        (under ``sampling`` when given; 0 past a row's count).
+
+        A multi-turn episode feeds a whole turn, or the environment's reply, this way: the history is attended
+        through the cache, never encoded again. Rows are fed right-aligned, so the columns left of a shorter
+        row's tokens are masked holes; positions are explicit, so a hole changes nothing.
+        """
+        if sampling is not None and sampling.is_identity:
+            sampling = None
+        batch, width = tokens.shape
+        counts = counts.to(self.lengths.device, torch.long)
+        if width == 0 or not bool((counts > 0).any()):
+            return torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
+        if not self._editable:  # recurrent / chunked caches cannot take holes: re-prefill the rows (exact, slower)
+            return self._extend_by_prefill(tokens, counts, sampling)
+        if self.mask.shape[1] + width >= 2 * self.max_sequence_length:
+            self._compact()
+        source = torch.arange(width, device=tokens.device) - (width - counts)[:, None]  # chunk index of each column
+        fed = source >= 0
+        ids = torch.where(fed, tokens.gather(1, source.clamp(min=0)), 0)
+        positions = torch.where(fed, self.lengths[:, None] + source, 0)
+        self.mask = torch.cat([self.mask, fed.to(self.mask.dtype)], dim=1)
+        self.ids = torch.cat([self.ids, ids.to(self.ids.dtype)], dim=1)
+        out = self._forward(ids, self.mask, positions, self.cache, last_only=False)
+        self.cache = cache_of(out)
+        first_lp = self.next_logprobs if sampling is None else sampling.log_probs(self.next_logprobs)[0]
+        first = first_lp.gather(1, tokens[:, :1])
+        rest = (token_logprobs(out.logits[:, :-1], ids[:, 1:]) if sampling is None
+                else sampling.token_log_probs(out.logits[:, :-1], ids[:, 1:]))  # column c+1 predicted by column c
+        # back to chunk order: token j >= 1 of a row sits in column width - count + j
+        column = (torch.arange(width, device=tokens.device) + (width - counts)[:, None] - 1).clamp(0, max(width - 2, 0))
+        lp = torch.cat([first, rest.gather(1, column[:, 1:])], dim=1) if width > 1 else first
+        self.lengths = self.lengths + counts
+        next_lp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        self.next_logprobs = torch.where((counts > 0)[:, None], next_lp, self.next_logprobs)
+        inside = torch.arange(width, device=tokens.device) < counts[:, None]
+        return torch.where(inside, lp, 0.0)
+
+    def _extend_by_prefill(self, tokens, counts, sampling):
+        sequences = self.sequences()
+        before = [len(s) for s in sequences]
+        chunks = [row[:k] for row, k in zip(tokens.tolist(), counts.tolist())]
+        self.start([s + c for s, c in zip(sequences, chunks)])
+        # score the chunks with a fresh forward of each whole sequence (exact; only for caches without holes)
+        ids, mask = left_pad([s + c for s, c in zip(sequences, chunks)], 0, self.device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        out = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
+        width = ids.shape[1]
+        for r, (b, c) in enumerate(zip(before, chunks)):
+            if not c:
+                continue
+            start = width - len(c) - 1  # the column that predicts the chunk's first token
+            row_logits = logits[r, start:start + len(c)]
+            row_tokens = torch.as_tensor(c, device=logits.device)
+            out[r, :len(c)] = (token_logprobs(row_logits, row_tokens) if sampling is None
+                               else sampling.token_log_probs(row_logits[None], row_tokens[None])[0])
+        return out
+
+    def snapshot(self):
+        """The state to :meth:`restore` if what follows fails (the cache's tensors are never edited in place by
+        appending, so a shallow copy of its layers suffices)."""
+        cache = _copy_cache(self.cache) if self._editable else copy.deepcopy(self.cache)
+        return cache, self.mask, self.ids, self.lengths, self.next_logprobs
+
+    def restore(self, state) -> None:
+        self.cache, self.mask, self.ids, self.lengths, self.next_logprobs = state
 
     @torch.no_grad()
     def score_continuations(self, tokens: torch.Tensor, sampling=None) -> torch.Tensor:

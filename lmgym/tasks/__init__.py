@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import gymnasium as gym
 
-__all__ = ["register_all", "describe", "DIAGNOSTIC_IDS", "LANGUAGE_IDS", "DEFAULT_ZOO_MODELS"]
+__all__ = ["register_all", "describe", "DIAGNOSTIC_IDS", "MULTI_TURN_IDS", "LANGUAGE_IDS", "DEFAULT_ZOO_MODELS"]
 
 DIAGNOSTIC_IDS = {
     "lmgym/TargetToken-v0": "target",
     "lmgym/Copy-v0": "copy",
     "lmgym/Reverse-v0": "reverse",
     "lmgym/Sort-v0": "sort",
+}
+MULTI_TURN_IDS = {
+    "lmgym/Guess-v0": "guess",
+    "lmgym/Echo-v0": "echo",
 }
 LANGUAGE_IDS = {
     "lmgym/Sentiment-v0": "sentiment",
@@ -36,7 +40,7 @@ def register_all() -> None:
     if "lmgym/TextGen-v0" not in gym.registry:
         gym.register("lmgym/TextGen-v0", entry_point="lmgym.envs.env:TextGenEnv",
                      vector_entry_point="lmgym.envs.vector:TextGenVectorEnv", **_BARE)
-    for ids, module in ((DIAGNOSTIC_IDS, "diagnostic"), (LANGUAGE_IDS, "language")):
+    for ids, module in ((DIAGNOSTIC_IDS, "diagnostic"), (MULTI_TURN_IDS, "conversation"), (LANGUAGE_IDS, "language")):
         for env_id, task in ids.items():
             if env_id not in gym.registry:
                 gym.register(env_id, entry_point=f"lmgym.tasks.{module}:make_env",
@@ -50,6 +54,10 @@ def describe(env_id: str) -> str:
         from lmgym.tasks.diagnostic import DOCS
 
         return DOCS[DIAGNOSTIC_IDS[env_id]]
+    if env_id in MULTI_TURN_IDS:
+        from lmgym.tasks.conversation import DOCS
+
+        return DOCS[MULTI_TURN_IDS[env_id]]
     if env_id in LANGUAGE_IDS:
         from lmgym.tasks.language import DOCS
 
