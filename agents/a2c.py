@@ -29,6 +29,7 @@ import torch
 
 from lmgym.agents.common.base import Agent, AgentConfig, Rollout, ValueHead, masked_mean, masked_whiten, policy_forward
 from lmgym.agents.common.config import OneOf, Range
+from lmgym.agents.common.rollout import policy_steps
 from lmgym.agents.ppo import gae
 
 __all__ = ["A2CConfig", "A2C", "n_step_returns", "a2c_losses"]
@@ -64,6 +65,9 @@ def n_step_returns(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
     Rewards and values must be 0 outside the episode (``mask == 0``), so sums and the
     bootstrap stop there by themselves.
     """
+    # steps are the masked tokens: a multi-turn episode's replies between them are skipped (see ppo.gae)
+    pack, unpack = policy_steps(mask)
+    rewards, values, mask = pack(rewards), pack(values), pack(mask)
     steps = rewards.shape[1]
     returns = torch.zeros_like(rewards)
     for k in range(min(n, steps)):
@@ -72,7 +76,7 @@ def n_step_returns(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
     bootstrap = torch.zeros_like(values)  # V(s_{t+n}), 0 where t + n lies beyond the rollout
     if n < steps:
         bootstrap[:, :steps - n] = values[:, n:]
-    return (returns + gamma ** n * bootstrap) * mask
+    return unpack((returns + gamma ** n * bootstrap) * mask)
 
 
 def a2c_losses(logprobs, values, entropy, advantages, returns, mask):

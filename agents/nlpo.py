@@ -152,6 +152,18 @@ class NLPO(PPO):
                                  pad_token_id=self.env.tokenizer.pad_token_id, generator=self.generator,
                                  **self.sampling_share())
 
+    def turn_mask(self):
+        """Multi-turn rollouts sample inside the same nucleus, the masking policy stepped beside the policy."""
+        cfg = self.config
+        if cfg.mask_top_p >= 1:
+            return None, None
+
+        def nucleus(mask_logits: torch.Tensor) -> torch.Tensor:
+            return nucleus_mask(mask_logits.float() / self.sampling.temperature, cfg.mask_top_p,
+                                min_tokens_to_keep=cfg.min_tokens_to_keep, never_mask=self.never_mask)
+
+        return self.masking_policy, nucleus
+
     def forward(self, batch: Rollout):
         """Masked log-probs and entropy of the current policy, and the critic's values, on a batch."""
         allowed = self.action_mask(batch)

@@ -41,6 +41,7 @@ from lmgym.agents.common.base import Agent, AgentConfig, Rollout, ValueHead, mas
 from lmgym.agents.common.config import OneOf, Range
 from lmgym.agents.common.kl import KL_ESTIMATORS, KL_PLACEMENTS, kl_penalty_loss, penalised_rewards
 from lmgym.agents.common.policy import trainable_copy
+from lmgym.agents.common.rollout import policy_steps
 
 __all__ = ["PPOConfig", "PPO", "gae", "ppo_losses", "AdaptiveKLController"]
 
@@ -87,8 +88,13 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     """Generalised advantage estimates ``(N, T)`` for episodes that end at their last masked token.
 
     ``A_t = delta_t + gamma * lam * A_{t+1}``, ``delta_t = r_t + gamma * V_{t+1} - V_t``, with
-    ``V = 0`` after the last token (episodes end by a stop token or the horizon).
+    ``V = 0`` after the last token (episodes end by a stop token or the horizon). Steps are the masked tokens:
+    unmasked ones between them (a multi-turn episode's replies) are skipped, not ends.
     """
+    # A multi-turn episode has the environment's tokens between the policy's: they are no steps (a reply is part
+    # of the transition from one policy token to the next), so the recursion runs over the policy's tokens only.
+    pack, unpack = policy_steps(mask)
+    rewards, values, mask = pack(rewards), pack(values), pack(mask)
     advantages = torch.zeros_like(rewards)
     next_value = torch.zeros_like(rewards[:, 0])
     next_adv = torch.zeros_like(rewards[:, 0])
@@ -98,7 +104,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         next_adv = (delta + gamma * lam * next_adv) * alive
         advantages[:, t] = next_adv
         next_value = values[:, t] * alive
-    return advantages
+    return unpack(advantages)
 
 
 def ppo_losses(new_logprobs, old_logprobs, advantages, new_values, old_values, returns, mask, clip_coef,

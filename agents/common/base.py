@@ -90,6 +90,10 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
         # share of a batch of world_size * num_envs rows (lmgym.agents.scale.distributed).
         self.distributed = DataParallel.from_environment(self.device)
         if self.distributed.active:
+            if env.multi_turn:
+                raise ConfigError("multi-turn environments train in one process: their episodes end in different "
+                                  "turns, so processes would take different numbers of steps; launch without "
+                                  "torchrun / accelerate")
             env.core.set_shard(self.distributed.rank, self.distributed.world_size)
         self._check_batch_layout(env.num_envs)
         # The sampling transformation: the policy samples from it, its log-probs (handed to the
@@ -209,10 +213,16 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
 
     @torch.no_grad()
     def collect(self) -> Rollout:
-        """Sample one continuation per env with the policy (KV-cached) and score the batch in one call."""
+        """Sample one continuation per env with the policy (KV-cached) and score the batch in one call; on a
+        multi-turn environment, one turn per running row at a time until every episode has ended
+        (:func:`lmgym.agents.common.turn_rollout.collect_turns`)."""
         if not self._env_started:
             self.env.reset(seed=self.config.seed)
             self._env_started = True
+        if self.env.multi_turn:
+            from lmgym.agents.common.turn_rollout import collect_turns
+
+            return collect_turns(self)
         obs = self.env.observation()
         query_ids, query_mask = to_left_padded(obs["input_ids"], obs["attention_mask"], self.env.max_prompt_tokens)
         self.policy.eval()
@@ -243,6 +253,12 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
             pad_token_id=self.env.tokenizer.pad_token_id, temperature=self.sampling.temperature,
             top_k=self.sampling.top_k, top_p=self.sampling.top_p, generator=self.generator,
             **self.sampling_share())
+
+    def turn_mask(self):
+        """``(mask_model, mask_fn)`` restricting each token a multi-turn rollout samples (see
+        :class:`lmgym.models.turn_sampler.TurnSampler`), or ``(None, None)``: the policy under :attr:`sampling`.
+        An algorithm that overrides :meth:`sample` with a restricted distribution overrides this too."""
+        return None, None
 
     def sampling_share(self) -> dict:
         """Arguments of :func:`lmgym.models.sample_continuations` that make this process sample exactly its share
@@ -300,7 +316,8 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
                 with self.policy_active(), heap:
                     metrics = self.distributed.mean_metrics(self.update(rollout))
                 done = time.perf_counter()
-                steps = int(rollout.lengths.sum())
+                # the policy's tokens (a multi-turn reply is no step); an offline batch counts its rows' lengths
+                steps = rollout.steps if isinstance(rollout, Rollout) else int(rollout.lengths.sum())
                 self.global_step += steps
                 self.episodes += len(rollout)
                 self.iteration += 1

@@ -22,7 +22,10 @@ class Checkpointing:
 
     def _env_snapshot(self) -> dict:
         core = self.env.core
-        return {"rng": core.rng.bit_generator.state, "prompts": [list(p.ids) for p in core.row_prompts]}
+        snap = {"rng": core.rng.bit_generator.state, "prompts": [list(p.ids) for p in core.row_prompts]}
+        if self.env.multi_turn:  # what each episode's interaction drew at its start (lmgym.envs.multi_turn)
+            snap["episode_seeds"] = [int(s) for s in core.episode_seeds]
+        return snap
 
     def _checkpoint_payload(self) -> dict:
         """What process 0 needs from all processes to write a checkpoint (collectives: every process calls this):
@@ -46,6 +49,8 @@ class Checkpointing:
         (gathered from every process, a collective) and the prompt RNG, which is the same in every process."""
         snap = self._env_snapshot()
         snap["prompts"] = self.distributed.gather_objects(snap["prompts"])
+        if "episode_seeds" in snap:
+            snap["episode_seeds"] = self.distributed.gather_objects(snap["episode_seeds"])
         return snap
 
     def _env_restore(self, snap: dict) -> None:
@@ -53,6 +58,11 @@ class Checkpointing:
         if world > 1 and len(prompts) == n * world:  # a checkpoint's whole batch: this process's share
             prompts = prompts[self.distributed.rank * n:(self.distributed.rank + 1) * n]
         self.env.reset(options={"prompts": prompts})
+        seeds = snap.get("episode_seeds")
+        if seeds is not None:
+            if world > 1 and len(seeds) == n * world:
+                seeds = seeds[self.distributed.rank * n:(self.distributed.rank + 1) * n]
+            self.env.core.replay_starts(seeds)
         self.env.core.rng.bit_generator.state = snap["rng"]
         self._env_started = True
 

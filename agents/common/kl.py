@@ -73,7 +73,10 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
 
 
 def score_rewards(rollout) -> torch.Tensor:
-    """Per-token rewards ``(N, T)`` holding only the task score, on each episode's last token."""
+    """Per-token rewards ``(N, T)`` without the KL part: the task score on each episode's last token (multi-turn:
+    each turn reward on its turn's last token too, :attr:`Rollout.task_rewards`)."""
+    if getattr(rollout, "task_rewards", None) is not None:
+        return rollout.task_rewards
     positions = torch.arange(rollout.tokens.shape[1], device=rollout.tokens.device)
     last = positions == (rollout.lengths - 1)[:, None]
     return torch.where(last, rollout.scores[:, None].to(rollout.rewards.dtype), torch.zeros_like(rollout.rewards))

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Rollout", "masked_mean", "masked_whiten"]
+__all__ = ["Rollout", "masked_mean", "masked_whiten", "policy_steps"]
 
 
 @dataclass
@@ -45,11 +45,21 @@ class Rollout:
     sampling_weights: torch.Tensor | None = None
     """per-token truncated importance weights min(pi_old / mu, cap) when another sampler mu (a vLLM engine) drew
     the tokens (:mod:`lmgym.agents.scale.vllm`); None when the policy sampled them itself"""
+    task_rewards: torch.Tensor | None = None
+    """multi-turn: per-token rewards without the KL part, each turn reward on its turn's last token and the score
+    on the episode's last (None for single-turn episodes: the score alone, on the last token)"""
+    turn_index: torch.Tensor | None = None
+    """multi-turn: the policy turn (0, 1, ...) each token belongs to, -1 on the environment's tokens and padding"""
 
     @property
     def returns(self) -> torch.Tensor:
-        """Each episode's undiscounted return: score - beta * sum KL."""
+        """Each episode's undiscounted return: score (+ turn rewards) - beta * sum KL."""
         return self.rewards.sum(1)
+
+    @property
+    def steps(self) -> int:
+        """The policy's tokens in the batch: the environment steps it took (a reply is no step)."""
+        return int(self.mask.sum())
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -78,3 +88,25 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     var = masked_mean((x - mean) ** 2, mask)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     return out if shift_mean else out + mean
+
+
+def policy_steps(mask: torch.Tensor):
+    """The policy's tokens moved to the front of each row, in order: ``(pack, unpack)`` for ``(N, T)`` tensors.
+
+    A multi-turn rollout has the environment's tokens between the policy's (``mask == 0`` there). A recursion
+    over steps (GAE, n-step returns) runs on ``pack(x)``, whose row holds the policy's steps back to back (then
+    zeros), and ``unpack`` puts its result back at the tokens' places (0 elsewhere). Without gaps both are the
+    identity on the masked entries.
+    """
+    inside = mask > 0
+    order = torch.argsort((~inside).to(torch.int8), dim=1, stable=True)  # policy tokens first, in order
+    packed_mask = inside.gather(1, order)
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(packed_mask, x.gather(1, order), torch.zeros((), dtype=x.dtype, device=x.device))
+
+    def unpack(x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x).scatter(1, order, x)
+        return torch.where(inside, out, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    return pack, unpack

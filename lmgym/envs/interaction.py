@@ -15,7 +15,8 @@ whether the episode ends. The simplest interaction is a class with one method::
             return 0.0
 
 The environment builds one instance per row (it calls the class, or any factory, ``num_envs`` times), so an
-instance holds one episode's state. An interaction that answers many rows at once (a batched model call)
+instance holds one episode's state. ``start`` gets a generator of the episode's own, seeded from the
+environment's (so ``reset(seed=...)`` fixes what it draws, and a resumed run draws it again identically). An interaction that answers many rows at once (a batched model call)
 subclasses :class:`BatchInteraction` instead and gets every row whose turn just ended in one call.
 
 ``respond`` should depend only on the conversation and on what ``start`` drew: a step that fails (another
@@ -108,8 +109,8 @@ class Interaction:
 class BatchInteraction:
     """The environment side of every row at once: :meth:`respond` gets all rows whose turn just ended."""
 
-    def start(self, rows: list[int], prompts: list, rng: np.random.Generator) -> None:
-        """New episodes begin in ``rows`` from ``prompts``."""
+    def start(self, rows: list[int], prompts: list, rngs: list[np.random.Generator]) -> None:
+        """New episodes begin in ``rows`` from ``prompts``; ``rngs[i]`` is row ``rows[i]``'s episode generator."""
 
     def respond(self, conversations: list[Conversation]) -> list[Reply]:
         """One reply per conversation, in order."""
@@ -138,8 +139,8 @@ class _PerRow(BatchInteraction):
         self.name = _name(self.rows[0])
         self.scores = _defines(self.rows[0], "score", Interaction)
 
-    def start(self, rows, prompts, rng):
-        for r, p in zip(rows, prompts):
+    def start(self, rows, prompts, rngs):
+        for r, p, rng in zip(rows, prompts, rngs):
             start = getattr(self.rows[r], "start", None)
             if start is not None:
                 start(p, rng)
@@ -156,8 +157,8 @@ class _Batched(BatchInteraction):
         self.inner, self.name = inner, _name(inner)
         self.scores = _defines(inner, "score", BatchInteraction)
 
-    def start(self, rows, prompts, rng):
-        self.inner.start(rows, prompts, rng)
+    def start(self, rows, prompts, rngs):
+        self.inner.start(rows, prompts, rngs)
 
     def respond(self, conversations):
         return self.inner.respond(conversations)
@@ -218,8 +219,8 @@ class Caller:
         return InteractionError(f"interaction {self.interaction.name}.{what} raised on row(s) {_rows(rows)}: "
                                 f"{type(err).__name__}: {err}")
 
-    def start(self, rows: list[int], prompts: list, rng) -> None:
-        self._run("start", rows, self.interaction.start, rows, prompts, rng)
+    def start(self, rows: list[int], prompts: list, rngs) -> None:
+        self._run("start", rows, self.interaction.start, rows, prompts, rngs)
 
     def respond(self, conversations: list[Conversation]) -> list[Reply]:
         rows = [c.row for c in conversations]

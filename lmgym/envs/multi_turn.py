@@ -12,10 +12,11 @@ reward, no KL and (for agents) no loss. With beta = ``kl_coef``::
 
 so an episode's rewards sum to the turn rewards + the score - beta * the KL summed over policy tokens.
 
-Limits: ``max_turns`` policy turns, ``max_turn_tokens`` per turn, and the observation length
-``max_prompt_tokens + max_new_tokens`` (which the model's context bounds). An episode that reaches one ends
-truncated with the reason in ``info["truncation"]`` (``"max_turns"``, ``"context"``): a reply that would not
-fit is never cut, the episode ends before it.
+Limits: ``max_turns`` policy turns, ``max_turn_tokens`` per turn, and ``max_new_tokens`` tokens after the
+prompt, the policy's and the environment's (the observation holds the longest prompt + ``max_new_tokens``,
+which the model's context must hold). An episode that reaches one ends truncated with the reason in
+``info["truncation"]`` (``"max_turns"``; ``"context"``: no room for the next reply, or the budget ran out in
+a turn): a reply that would not fit is never cut, the episode ends before it.
 
 :class:`MultiTurnCore` is the batched implementation both views use. Per-token ``step`` takes one policy token
 per row, and the replies of rows whose turn ended appear in the next observation; ``submit_turns`` takes one
@@ -115,10 +116,29 @@ class MultiTurnCore(TextGenCore):
         self.turn_rewards = np.zeros(n)  # summed over the episode
         self.segments: list[list[tuple[str, int, int]]] = [[] for _ in range(n)]  # (role, start col, end col)
         self.finished = np.zeros(n, dtype=bool)  # submit_turns: rows whose episode ended, waiting for the others
+        self.episode_seeds = np.zeros(n, dtype=np.int64)
+
+    def replay_starts(self, seeds) -> None:
+        """Start every row's current episode again with the given episode seeds (restoring a checkpoint's state:
+        the interactions then hold the hidden states they drew then). Every row must be at its episode's start."""
+        if bool(self.gen_len.any()):
+            raise EpisodeError("replay_starts() needs every row at the start of its episode")
+        seeds = np.asarray(seeds, dtype=np.int64).reshape(-1)
+        if seeds.shape != (self.num_envs,):
+            raise ValueError(f"replay_starts needs {self.num_envs} episode seeds, got {seeds.shape[0]}")
+        rows = np.arange(self.num_envs)
+        self.caller.start(rows.tolist(), [p.given for p in self.row_prompts],
+                          [np.random.default_rng(int(s)) for s in seeds])
+        self.episode_seeds[:] = seeds
 
     # ------------------------------------------------------------------ episode starts
-    def _write_prompts(self, rows: np.ndarray, chosen) -> None:
-        self.caller.start([int(r) for r in rows], [p.given for p in chosen], self.rng)
+    def _write_prompts(self, rows: np.ndarray, chosen, seeds=None) -> None:
+        # each episode's interaction draws from a generator of its own, seeded here: a checkpoint stores the seeds
+        # and a resumed run starts the same hidden states again (replay_starts)
+        seeds = self.rng.integers(0, 2**63, size=len(rows)) if seeds is None else np.asarray(seeds, dtype=np.int64)
+        self.caller.start([int(r) for r in rows], [p.given for p in chosen],
+                          [np.random.default_rng(int(s)) for s in seeds])
+        self.episode_seeds[rows] = seeds
         super()._write_prompts(rows, chosen)
         idx = torch.as_tensor(rows, device=self.device)
         self.policy_mask[idx] = 0
@@ -185,8 +205,8 @@ class MultiTurnCore(TextGenCore):
             except ValueError as err:
                 raise InteractionError(f"interaction {self.interaction.name}.respond, row {r} (turn {conv.turn}): "
                                        f"{err}") from None
-            # the reply and at least one more policy token must fit
-            if length + len(ids) + 1 > self.max_len:
+            # the reply and at least one more policy token must fit in the episode's max_new_tokens
+            if length + len(ids) + 1 > len(self.row_prompts[r].ids) + self.max_new_tokens:
                 ended[i], reason[i] = True, "context"
                 continue
             reply_ids[i] = ids
@@ -273,7 +293,8 @@ class MultiTurnCore(TextGenCore):
         col = (self.prompt_len + self.gen_len).clamp(max=self.max_len - 1)
         stopped = torch.isin(actions, self._stop) & active
         turn_len = self.turn_len + active
-        turn_end = active & (stopped | (turn_len >= self.max_turn_tokens) | (col + 1 >= self.max_len))
+        full = col + 1 >= self.prompt_len + self.max_new_tokens  # the episode's token budget is spent
+        turn_end = active & (stopped | (turn_len >= self.max_turn_tokens) | full)
         ends_host = turn_end.cpu().numpy()  # the one host sync per step: whose turn the interaction answers
         rows = np.flatnonzero(ends_host)
         ends = None
@@ -397,7 +418,7 @@ class MultiTurnCore(TextGenCore):
         tokens = as_token_tensor(tokens, (n, steps), "tokens", self.vocab_size, self.device)
         running = torch.as_tensor(~self.finished, device=self.device)
         positions = torch.arange(steps, device=self.device)
-        room = self.max_len - (self.prompt_len + self.gen_len)  # columns left in each row's observation
+        room = self.max_new_tokens - self.gen_len  # tokens left in each row's episode
         is_stop = torch.isin(tokens, self._stop)
         first_stop = torch.where(is_stop, positions, steps).min(1).values
         lengths = torch.minimum(torch.where(first_stop < steps, first_stop + 1, steps), room)

@@ -96,7 +96,8 @@ class _Tree:
         core = self.core
         ids, mask = ids + [action], mask + [1]
         stopped = action in self.stops
-        if not (stopped or len(ids) - turn_start >= core.max_turn_tokens or len(ids) >= core.max_len):
+        budget = len(self.prompt.ids) + core.max_new_tokens
+        if not (stopped or len(ids) - turn_start >= core.max_turn_tokens or len(ids) >= budget):
             return self._v(ids, mask, segments, alive, turns, turn_start)
         segments = segments + [("assistant", turn_start, len(ids))]
         conversation = conversation_of(core.tokenizer, self.prompt, 0, ids, mask, segments, turns + 1,
@@ -113,7 +114,7 @@ class _Tree:
                 reply_ids = core.replies.ids(reply.content, reply.role, conversation.turn_ids, stopped)
             except ValueError as err:
                 raise InteractionError(f"{core.interaction.name}: {err}") from None
-            if len(ids) + len(reply_ids) + 1 > core.max_len:
+            if len(ids) + len(reply_ids) + 1 > budget:
                 value += w * (float(reply.reward) + self._score(z, conversation))
                 continue
             role = reply.content.get("role", reply.role) if isinstance(reply.content, dict) else reply.role
