@@ -60,7 +60,8 @@ import torch
 
 from lmgym.agents.common.base import Agent, AgentConfig, Rollout, masked_mean, policy_forward
 from lmgym.agents.common.config import OneOf, Range
-from lmgym.agents.common.kl import KL_ESTIMATORS, KL_PLACEMENTS, kl_estimate, penalised_returns
+from lmgym.agents.common.kl import KL_ESTIMATORS, KL_PLACEMENTS, kl_estimate, penalised_returns, penalised_rewards
+from lmgym.agents.common.turns import group_normalised, per_token, turn_returns
 
 __all__ = ["GRPOConfig", "GRPO", "group_advantages", "k3_kl", "aggregate_loss", "grpo_token_loss"]
 
@@ -95,6 +96,9 @@ class GRPOConfig(AgentConfig):
     """added to the group std"""
     leave_one_out: bool = False
     """rescale centred advantages by G/(G-1): each completion's baseline is the mean of the *other* scores (RLOO)"""
+    turn_level: bool = False
+    """multi-turn credit per turn: each turn's return from that turn on, normalised over the group's episodes
+    that have the turn, is the advantage of that turn's tokens"""
 
 
 def group_advantages(scores: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4,
@@ -141,8 +145,8 @@ def grpo_token_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, *, e
     """Per-token losses ``(n, T)``: the clipped surrogate (token or GSPO sequence ratio), plus ``beta * k_t``
     when the KL is in the loss. Returns ``(token_loss, ratio, kl)``; ``ratio`` is ``(n, T)`` for token-level
     ratios and ``(n, 1)`` for sequence-level ones; ``kl`` is None when the KL is not in the loss.
-    ``advantages`` is ``(n,)``, one per completion."""
-    adv = advantages[:, None]
+    ``advantages`` is ``(n,)``, one per completion, or ``(n, T)``, one per token (turn-level credit)."""
+    adv = advantages if advantages.dim() == 2 else advantages[:, None]
     log_ratio = logprobs - old_logprobs
     if importance_sampling_level == "sequence":
         log_ratio = masked_mean(log_ratio, mask, dim=1)[:, None]  # length-normalised sequence log-ratio
@@ -179,9 +183,19 @@ class GRPO(Agent):
 
         # 1. Group-normalised advantages from the task scores (minus the KL penalty if it is in the reward).
         kl_in_loss = cfg.kl_placement == "loss"
-        returns = penalised_returns(rollout, cfg.kl_estimator, cfg.kl_placement, self.beta)
-        advantages = group_advantages(returns, rollout.group_size, cfg.scale_rewards, cfg.advantage_eps,
-                                      cfg.leave_one_out)
+        if cfg.turn_level:  # per turn: the return from the turn on, normalised over the group's episodes with it
+            rewards = penalised_rewards(rollout, cfg.kl_estimator, cfg.kl_placement, self.beta)
+            returns, present = turn_returns(rollout, rewards)
+            turn_adv = group_normalised(returns, present, rollout.group_size, cfg.scale_rewards, cfg.advantage_eps)
+            if cfg.leave_one_out:
+                count = present.view(-1, rollout.group_size, present.shape[1]).sum(1, keepdim=True).float()
+                factor = (count / (count - 1).clamp(min=1)).expand(-1, rollout.group_size, -1)
+                turn_adv = turn_adv * factor.reshape(turn_adv.shape)
+            advantages = per_token(turn_adv, rollout)
+        else:
+            returns = penalised_returns(rollout, cfg.kl_estimator, cfg.kl_placement, self.beta)
+            advantages = group_advantages(returns, rollout.group_size, cfg.scale_rewards, cfg.advantage_eps,
+                                          cfg.leave_one_out)
         self.check_finite(scores=returns, advantages=advantages)
 
         # 2. Clipped surrogate (+ beta * KL per token when it is in the loss), aggregated as configured.
@@ -216,7 +230,7 @@ class GRPO(Agent):
                          "dapo": self.distributed.world_size}.get(cfg.loss_type, 1)
                 (loss * share / micro_divisor).backward()
                 with torch.no_grad():
-                    adv = adv[:, None]
+                    adv = adv if adv.dim() == 2 else adv[:, None]
                     low, high = ratio < 1 - cfg.epsilon_low, ratio > 1 + cfg.epsilon_high
                     clipped = ((low & (adv < 0)) | (high & (adv > 0))).float().expand_as(batch.mask)
                     log_ratio = logprobs - batch.logprobs

@@ -42,6 +42,7 @@ from lmgym.agents.common.config import OneOf, Range
 from lmgym.agents.common.kl import KL_ESTIMATORS, KL_PLACEMENTS, kl_penalty_loss, penalised_rewards
 from lmgym.agents.common.policy import trainable_copy
 from lmgym.agents.common.rollout import policy_steps
+from lmgym.agents.common.turns import per_token, turn_gae
 
 __all__ = ["PPOConfig", "PPO", "gae", "ppo_losses", "AdaptiveKLController"]
 
@@ -70,6 +71,9 @@ class PPOConfig(AgentConfig):
     """entropy bonus weight"""
     norm_adv: bool = True
     """whiten advantages over the batch"""
+    turn_level: bool = False
+    """multi-turn credit per turn: GAE over turns (a turn's reward summed, the value at its first token), every
+    token of a turn gets its turn's advantage, and the critic learns the value at each turn's first token"""
     separate_value_model: bool = False
     """critic on its own copy of the reference model instead of sharing the policy's trunk"""
     adaptive_kl: bool = False
@@ -108,8 +112,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def ppo_losses(new_logprobs, old_logprobs, advantages, new_values, old_values, returns, mask, clip_coef,
-               clip_value):
-    """Clipped surrogate and value losses (masked means over tokens), with the clip fraction and approx KL."""
+               clip_value, value_mask=None):
+    """Clipped surrogate and value losses (masked means over tokens; the value loss over ``value_mask`` when
+    given), with the clip fraction and approx KL."""
     log_ratio = new_logprobs - old_logprobs
     ratio = log_ratio.exp()
     pg_losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_coef, 1 + clip_coef))
@@ -119,7 +124,7 @@ def ppo_losses(new_logprobs, old_logprobs, advantages, new_values, old_values, r
         value_losses = torch.max((new_values - returns) ** 2, (clipped - returns) ** 2)
     else:
         value_losses = (new_values - returns) ** 2
-    value_loss = 0.5 * masked_mean(value_losses, mask)
+    value_loss = 0.5 * masked_mean(value_losses, mask if value_mask is None else value_mask)
     with torch.no_grad():
         clipfrac = masked_mean(((ratio - 1).abs() > clip_coef).float(), mask)
         approx_kl = masked_mean((ratio - 1) - log_ratio, mask)
@@ -204,8 +209,15 @@ class PPO(Agent):
         #    reward, else the score with the chosen estimator's penalty (reward) or no penalty (loss).
         beta = self.env.kl_coef
         rewards = penalised_rewards(rollout, cfg.kl_estimator, cfg.kl_placement, beta)
-        advantages = gae(rewards, old_values, mask, cfg.gamma, cfg.gae_lambda)
-        returns = advantages + old_values
+        value_mask = mask
+        if cfg.turn_level:  # GAE over turns; the critic is fitted at each turn's first token
+            turn_adv, first, present = turn_gae(rollout, rewards, old_values, cfg.gamma, cfg.gae_lambda)
+            advantages = per_token(turn_adv, rollout)
+            value_mask = torch.zeros_like(mask).scatter(1, first, present.to(mask.dtype)) * mask
+            returns = torch.zeros_like(mask).scatter(1, first, turn_adv + old_values.gather(1, first)) * value_mask
+        else:
+            advantages = gae(rewards, old_values, mask, cfg.gamma, cfg.gae_lambda)
+            returns = advantages + old_values
         if cfg.norm_adv:
             advantages = masked_whiten(advantages, mask) * mask
         self.check_finite(advantages=advantages)
@@ -222,7 +234,7 @@ class PPO(Agent):
                 logprobs, entropy, values = self.forward(batch)
                 policy_loss, value_loss, clipfrac, approx_kl = ppo_losses(
                     logprobs, batch.logprobs, advantages[micro], values, old_values[micro], returns[micro],
-                    batch.mask, cfg.clip_coef, cfg.clip_value)
+                    batch.mask, cfg.clip_coef, cfg.clip_value, value_mask=value_mask[micro])
                 entropy_mean = masked_mean(entropy, batch.mask)
                 loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy_mean
                 if kl_in_loss:
@@ -241,7 +253,7 @@ class PPO(Agent):
         metrics = {k: float(torch.stack(v).mean()) for k, v in stats.items()}
 
         # 4. Explained variance of the critic, and the adaptive KL coefficient.
-        flat_ret, flat_val = returns[mask.bool()], old_values[mask.bool()]
+        flat_ret, flat_val = returns[value_mask.bool()], old_values[value_mask.bool()]
         var = flat_ret.var()
         metrics["val/explained_variance"] = float(1 - (flat_ret - flat_val).var() / var) if var > 0 else 0.0
         if cfg.adaptive_kl:

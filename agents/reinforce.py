@@ -46,6 +46,7 @@ import torch
 from lmgym.agents.common.base import Agent, AgentConfig, Rollout, masked_mean, policy_forward
 from lmgym.agents.common.config import OneOf, Range
 from lmgym.agents.common.kl import KL_ESTIMATORS, KL_PLACEMENTS, kl_penalty_loss, penalised_rewards
+from lmgym.agents.common.turns import leave_one_out, per_token, turn_returns
 
 __all__ = ["ReinforceConfig", "Reinforce", "RLOOConfig", "RLOO", "leave_one_out_baseline"]
 
@@ -68,6 +69,9 @@ class ReinforceConfig(AgentConfig):
     """per-token KL estimator: k1 = log(pi/pi_ref), k2 = log(pi/pi_ref)^2 / 2, k3 = pi_ref/pi - 1 - log(pi_ref/pi)"""
     kl_placement: Annotated[str, OneOf(*KL_PLACEMENTS)] = "reward"
     """reward (beta * sum_t k_t subtracted from each return) or loss (a KL term in the loss)"""
+    turn_level: bool = False
+    """multi-turn credit per turn: each token weighs by its turn's return from that turn on, minus a baseline of
+    that turn (rloo: the group's other episodes with the turn; moving_average: the batch's mean of the turn)"""
 
 
 @dataclass
@@ -110,6 +114,16 @@ class Reinforce(Agent):
     def load_extra_state(self, state: dict) -> None:
         self.running_return = None if state["running_return"] is None else float(state["running_return"])
 
+    def turn_baseline(self, returns: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """The baseline of each (episode, turn) return ``(N, K)`` under ``turn_level``."""
+        kind = self.config.baseline
+        if kind == "rloo":
+            return leave_one_out(returns, present, self.env.group_size)
+        if kind == "none":
+            return torch.zeros_like(returns)
+        count = present.sum(0).clamp(min=1)
+        return ((returns * present).sum(0) / count).expand_as(returns)
+
     def baseline(self, returns: torch.Tensor) -> torch.Tensor:
         kind = self.config.baseline
         if kind == "rloo":
@@ -128,10 +142,19 @@ class Reinforce(Agent):
         # 1. Sequence returns (the environment's with k1 in the reward; else the score, minus the chosen
         #    estimator's penalty when it is in the reward) and their baseline.
         beta = self.env.kl_coef
-        returns = penalised_rewards(rollout, cfg.kl_estimator, cfg.kl_placement, beta).sum(1)
-        advantages = returns - self.baseline(returns)
-        if cfg.normalize_advantages:
-            advantages = advantages / (advantages.std() + 1e-8)
+        rewards = penalised_rewards(rollout, cfg.kl_estimator, cfg.kl_placement, beta)
+        if cfg.turn_level:  # each token weighs by its own turn's return from that turn on
+            returns, present = turn_returns(rollout, rewards)
+            advantages = (returns - self.turn_baseline(returns, present)) * present
+            if cfg.normalize_advantages:
+                advantages = advantages / (advantages[present].std() + 1e-8)
+            token_advantages = per_token(advantages, rollout)
+        else:
+            token_advantages = None
+            returns = rewards.sum(1)
+            advantages = returns - self.baseline(returns)
+            if cfg.normalize_advantages:
+                advantages = advantages / (advantages.std() + 1e-8)
         self.check_finite(returns=returns, advantages=advantages)
 
         # 2. Policy gradient on the log-likelihood of each whole completion.
@@ -145,8 +168,11 @@ class Reinforce(Agent):
                 with self.autocast():
                     logprobs, entropy, _ = policy_forward(self.policy, batch, sampling=self.sampling,
                                                           chunk_size=cfg.logprob_chunk_size)
-                sequence_logprob = (logprobs * batch.mask).sum(1)
-                policy_loss = -(advantages[micro] * sequence_logprob).mean()
+                if cfg.turn_level:  # sum_t A_turn(t) log pi(y_t): each token weighs by its turn's advantage
+                    policy_loss = -(token_advantages[micro] * logprobs * batch.mask).sum(1).mean()
+                else:
+                    sequence_logprob = (logprobs * batch.mask).sum(1)
+                    policy_loss = -(advantages[micro] * sequence_logprob).mean()
                 self.check_finite(**{"loss/policy": policy_loss})
                 loss = policy_loss
                 if kl_in_loss:

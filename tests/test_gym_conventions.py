@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from stable_baselines3.common.env_util import make_vec_env
 
-from lmgym.tasks import DIAGNOSTIC_IDS, LANGUAGE_IDS
+from lmgym.tasks import DIAGNOSTIC_IDS, LANGUAGE_IDS, MULTI_TURN_IDS
 
 from conftest import PROMPTS, ZOO_STEPS, count_good
 
@@ -24,12 +24,12 @@ def task_kwargs(env_id, tiny):
 
 # Every diagnostic id, and one language id: the language tasks share one entry point and differ only in
 # their zoo model, which takes long to build (the language-task tests check each one's env).
-COVERED = ["lmgym/TextGen-v0", *DIAGNOSTIC_IDS, "lmgym/Arithmetic-v0"]
+COVERED = ["lmgym/TextGen-v0", *DIAGNOSTIC_IDS, *MULTI_TURN_IDS, "lmgym/Arithmetic-v0"]
 
 
 def test_every_registered_entry_point_is_covered():
     lmgym_ids = [k for k in gym.registry if k.startswith("lmgym/")]
-    assert set(lmgym_ids) == {"lmgym/TextGen-v0", *DIAGNOSTIC_IDS, *LANGUAGE_IDS}
+    assert set(lmgym_ids) == {"lmgym/TextGen-v0", *DIAGNOSTIC_IDS, *MULTI_TURN_IDS, *LANGUAGE_IDS}
     entry_points = {gym.spec(k).entry_point for k in lmgym_ids}
     assert entry_points == {gym.spec(k).entry_point for k in COVERED}
 

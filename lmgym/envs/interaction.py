@@ -125,6 +125,24 @@ def _defines(obj, name: str, base: type) -> bool:
     return getattr(type(obj), name, None) is not getattr(base, name, None) and callable(getattr(obj, name, None))
 
 
+class _RowFailure(Exception):
+    """An exception of one row's interaction, carried out of the batched call with the row it happened on."""
+
+    def __init__(self, row: int, error: BaseException):
+        super().__init__(str(error))
+        self.row, self.error = row, error
+
+
+def _each_row(fn, rows, *args_per_row):
+    out = []
+    for r, *args in zip(rows, *args_per_row):
+        try:
+            out.append(fn(r, *args))
+        except Exception as err:
+            raise _RowFailure(r, err) from err
+    return out
+
+
 class _PerRow(BatchInteraction):
     """One :class:`Interaction` per row behind the batched protocol (the default)."""
 
@@ -140,16 +158,14 @@ class _PerRow(BatchInteraction):
         self.scores = _defines(self.rows[0], "score", Interaction)
 
     def start(self, rows, prompts, rngs):
-        for r, p, rng in zip(rows, prompts, rngs):
-            start = getattr(self.rows[r], "start", None)
-            if start is not None:
-                start(p, rng)
+        if callable(getattr(self.rows[0], "start", None)):
+            _each_row(lambda r, p, rng: self.rows[r].start(p, rng), rows, prompts, rngs)
 
     def respond(self, conversations):
-        return [self.rows[c.row].respond(c) for c in conversations]
+        return _each_row(lambda r, c: self.rows[r].respond(c), [c.row for c in conversations], conversations)
 
     def score(self, conversations):
-        return [self.rows[c.row].score(c) for c in conversations]
+        return _each_row(lambda r, c: self.rows[r].score(c), [c.row for c in conversations], conversations)
 
 
 class _Batched(BatchInteraction):
@@ -216,6 +232,9 @@ class Caller:
             raise self._failed(what, rows, err) from err
 
     def _failed(self, what, rows, err) -> InteractionError:
+        if isinstance(err, _RowFailure):
+            return InteractionError(f"interaction {self.interaction.name}.{what} raised on row {err.row}: "
+                                    f"{type(err.error).__name__}: {err.error}")
         return InteractionError(f"interaction {self.interaction.name}.{what} raised on row(s) {_rows(rows)}: "
                                 f"{type(err).__name__}: {err}")
 
