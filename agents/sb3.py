@@ -82,6 +82,8 @@ class LMGymVecEnv(VecEnv):
                 infos[i] = {"terminal_observation": {k: v[i].copy() for k, v in obs_np.items()},
                             "TimeLimit.truncated": bool(trunc[i] and not term[i]),
                             "score": float(info["score"][i]), "completion": info["completion"][i]}
+                if "turn_rewards" in info:  # a multi-turn episode's return holds its turn rewards too
+                    infos[i]["turn_rewards"] = float(info["turn_rewards"][i])
             obs, _ = self.venv.reset(options={"reset_mask": dones})
             obs_np = _to_numpy(obs)
         return obs_np, _to_numpy(rewards).astype(np.float32), dones, infos
@@ -190,7 +192,7 @@ def bind_sb3_model(env, model) -> None:
 
 
 def evaluate_return(model, env, n_episodes: int = 200, deterministic: bool = False) -> dict[str, float]:
-    """Mean exact return (score - kl_coef * sum KL) of an SB3 model on a single lmgym ``gymnasium.Env``.
+    """Mean exact return (score [+ turn rewards] - kl_coef * sum KL) of an SB3 model on a single lmgym ``gymnasium.Env``.
 
     The KL term is that of the policy actually run: with ``deterministic=True`` that is the greedy
     policy of ``model.predict(..., deterministic=True)``, whose log-prob of its own choice is 0, so
@@ -203,7 +205,7 @@ def evaluate_return(model, env, n_episodes: int = 200, deterministic: bool = Fal
     previous = inner.core.policy_fn
     inner.bind_policy(_policy_logprob(model, deterministic, env=inner))
     takes_masks = "action_masks" in inspect.signature(model.predict).parameters  # sb3-contrib's maskable models
-    returns, scores = [], []
+    returns, scores, turn_rewards = [], [], []
     try:
         for ep in range(n_episodes):
             obs, _ = inner.reset(seed=ep if ep == 0 else None)
@@ -216,9 +218,11 @@ def evaluate_return(model, env, n_episodes: int = 200, deterministic: bool = Fal
                 done = term or trunc
             returns.append(total)
             scores.append(info["score"])
+            turn_rewards.append(info.get("turn_rewards", 0.0))
     finally:
         inner.core.policy_fn = previous
-    return {"return": float(np.mean(returns)), "score": float(np.mean(scores)), "episodes": n_episodes}
+    return {"return": float(np.mean(returns)), "score": float(np.mean(scores)),
+            "turn_rewards": float(np.mean(turn_rewards)), "episodes": n_episodes}
 
 
 class _LMArgument:

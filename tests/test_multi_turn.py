@@ -365,3 +365,30 @@ def test_per_row_state_is_replayed_from_the_episode_seeds():
     env.reset(seed=99)
     env.core.replay_starts(seeds)
     assert [i.target for i in env.core.interaction.rows] == targets
+
+
+def test_a_batched_interaction_is_called_once_per_step_for_every_row_whose_turn_ended():
+    from lmgym.envs.interaction import BatchInteraction
+
+    calls = []
+
+    class Batched(BatchInteraction):
+        def start(self, rows, prompts, rngs):
+            self.ends = {r: 2 + r % 2 for r in rows}
+
+        def respond(self, conversations):
+            calls.append([c.row for c in conversations])
+            return [Reply(done=True) if c.turn >= self.ends[c.row] else Reply([5, 6]) for c in conversations]
+
+        def score(self, conversations):
+            return [float(c.turn) for c in conversations]
+
+    env = TextGenVectorEnv(4, model=model_of("llama"), tokenizer=word_tokenizer(WORDS), reward_fn=None,
+                           prompts=PROMPTS, interaction=Batched(), max_turns=4, max_turn_tokens=2,
+                           max_new_tokens=20, device="cpu", stop_token_ids=[0])
+    env.reset(seed=0)
+    # rows 0 and 2 stop after one token, rows 1 and 3 run to max_turn_tokens: their turns end a step apart
+    _, _, _, _, info = env.step(torch.tensor([0, 4, 0, 4]))
+    assert calls == [[0, 2]] and list(info["_turn_reward"]) == [True, False, True, False]
+    env.step(torch.tensor([4, 4, 4, 4]))
+    assert calls == [[0, 2], [1, 3]]  # one call per step, with every row whose turn just ended
