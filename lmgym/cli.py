@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lmgym.run_folders import DEFAULT_LOGDIR, agent_of, let_go, run_folder
 
-DEFAULT_BENCH = dict(tasks=["lmgym/TargetToken-v0", "lmgym/Arithmetic-v0"],
+DEFAULT_BENCH = dict(tasks=["lmgym/TargetToken-v0", "lmgym/Guess-v0", "lmgym/Arithmetic-v0"],
                      agents=["ppo", "grpo", "reinforce", "rloo", "a2c", "nlpo", "rft", "online-dpo"],
                      seeds=[0, 1], steps=20_000)
 """The default ``lmgym bench`` grid (the README states how long it took on this project's machine)."""

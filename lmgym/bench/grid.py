@@ -41,6 +41,8 @@ RECOMMENDED = {
     "lmgym/Copy-v0": {"learning_rate": 3e-3},
     "lmgym/Reverse-v0": {"learning_rate": 3e-3},
     "lmgym/Sort-v0": {"learning_rate": 3e-3},
+    "lmgym/Guess-v0": {"learning_rate": 3e-3},
+    "lmgym/Echo-v0": {"learning_rate": 3e-3},
     "lmgym/Arithmetic-v0": {"learning_rate": 3e-4},
     "lmgym/Sentiment-v0": {"learning_rate": 3e-4},
     "lmgym/Preference-v0": {"learning_rate": 3e-4},

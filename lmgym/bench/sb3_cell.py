@@ -85,7 +85,8 @@ def run_sb3(task, agent, *, budget, seconds, seed, device, logdir, overrides, en
 
     def evaluate():
         r = evaluate_return(model, single, episodes)
-        return {"score": r["score"], "return": r["return"], "kl": (r["score"] - r["return"]) / beta if beta else 0.0}
+        task = r["score"] + r["turn_rewards"]  # the return without its KL part
+        return {"score": r["score"], "return": r["return"], "kl": (task - r["return"]) / beta if beta else 0.0}
 
     start_eval = evaluate()
     curve, t0 = [], time.perf_counter()
@@ -99,17 +100,19 @@ def run_sb3(task, agent, *, budget, seconds, seed, device, logdir, overrides, en
         def _on_step(self) -> bool:
             for info in self.locals.get("infos", []):
                 if "score" in info and "episode" in info:  # the bridge's score, VecMonitor's return and length
-                    self.finished.append((info["score"], info["episode"]["r"], info["episode"]["l"]))
+                    task = info["score"] + info.get("turn_rewards", 0.0)  # the return without its KL part
+                    self.finished.append((info["score"], info["episode"]["r"], info["episode"]["l"], task))
             return seconds is None or time.perf_counter() - t0 < seconds
 
         def _on_rollout_end(self) -> None:
             if not self.finished:
                 return
-            score, ret, length = (float(np.mean(x)) for x in zip(*self.finished))
+            score, ret, length, task = (float(np.mean(x)) for x in zip(*self.finished))
             self.episodes += len(self.finished)
             self.finished = []
-            # The policy is bound to the environment, so an episode's return is score - beta * KL exactly.
-            kl = (score - ret) / beta if beta else 0.0
+            # The policy is bound to the environment, so an episode's return is score (+ turn rewards) - beta * KL
+            # exactly.
+            kl = (task - ret) / beta if beta else 0.0
             curve.append([self.num_timesteps, time.perf_counter() - t0, score, kl if beta else math.nan])
             if writer is not None:
                 for name, value in (("objective/scores", score), ("objective/kl", kl), ("objective/return", ret),
