@@ -167,7 +167,8 @@ def run(task: str, agent: str, *, steps: int | None = 20_000, seconds: float | N
 
     Returns a dict with the start and end score / KL / return, the fraction of the exact
     optimum (diagnostic tasks), wall time of training (``wall_seconds``) and of the whole
-    call including building the environment and evaluations (``elapsed_seconds``), tokens
+    call including building the environment and evaluations (``elapsed_seconds``), the process's CPU time over
+    that whole call, every thread counted (``cpu_seconds``), tokens
     per second, peak memory, the :func:`machine` it ran on and the learning curve
     ``[[env_steps, seconds, score, kl], ...]``.
 
@@ -189,7 +190,7 @@ def run(task: str, agent: str, *, steps: int | None = 20_000, seconds: float | N
         raise BenchError(f"{err} (--steps, --seconds)") from None
     if logdir is not None and Path(logdir).exists() and not Path(logdir).is_dir():
         raise BenchError(f"the log folder {logdir} is a file; choose another folder")
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     limit_torch_threads()
     overrides = {**RECOMMENDED.get(task, {}), **(overrides or {})}
     dev = resolve_device(device)
@@ -215,7 +216,8 @@ def run(task: str, agent: str, *, steps: int | None = 20_000, seconds: float | N
     result.update(task=task, agent=agent, seed=seed, device=str(dev), peak_memory_mib=_peak_memory_mib(dev),
                   memory_kind="cuda max allocated" if dev.type == "cuda" else
                   "process peak RSS during the run" if peak_reset else "process peak RSS",
-                  elapsed_seconds=time.perf_counter() - started, machine=machine(dev))
+                  elapsed_seconds=time.perf_counter() - started, machine=machine(dev),
+                  cpu_seconds=time.process_time() - cpu_started)  # all threads, environment and evaluations included
     return result
 
 
