@@ -1,6 +1,9 @@
 """Multi-turn episodes with the KV caches kept across turns, against a loop that re-encodes the history each turn.
 
-`OMP_NUM_THREADS=2 python benchmarks/multi_turn_kv.py [--device cuda] [--json out.json]`
+`OMP_NUM_THREADS=2 python benchmarks/multi_turn_kv.py [--device cuda] [--json out.json] [--readme docs/multi_turn.md]`
+
+Writes ``docs/bench/multi_turn_kv.json`` (or ``--json``); ``--readme docs/multi_turn.md`` renders the table
+between its markers there from that file (``tests/test_bench_state.py`` keeps the two equal).
 
 The same batch of episodes, about the same length after the prompt (384 tokens), split into 1, 2, 4 and 8 policy
 turns with an environment reply between each two (every segment, turn or reply, ``384 // (2 * turns - 1)``
@@ -22,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -31,6 +36,10 @@ from lmgym.envs.interaction import Interaction, Reply
 from lmgym.models import CachedLM, left_pad, tiny_model, token_logprobs
 
 VOCAB, PROMPT, TOTAL, ROWS = 512, 32, 384, 8
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "bench" / "multi_turn_kv.json"
+README_BEGIN = ("<!-- multi_turn_kv: generated from docs/bench/multi_turn_kv.json by `python "
+                "benchmarks/multi_turn_kv.py --readme docs/multi_turn.md`; do not edit by hand -->")
+README_END = "<!-- end of multi_turn_kv -->"
 
 
 class FixedReply(Interaction):
@@ -123,11 +132,37 @@ def timed(fn, *args, repeat: int = 3):
     return best, value
 
 
+def render(results: dict) -> str:
+    """The markdown table of a results file (what ``--readme`` writes between the markers)."""
+    m = results["machine"]
+    lines = [f"{m['rows']} episodes, prompt {m['prompt']} tokens, {m['model']}, {m['device']} ({m['cpu']}), torch "
+             f"{m['torch_threads']} threads; best of 3 after a warm-up.", "",
+             "| turns | tokens after the prompt | lmgym s | re-encoding s | lmgym / re-encoding |",
+             "|---|---|---|---|---|"]
+    for r in results["rows"]:
+        lines.append(f"| {r['turns']} | {r['tokens']} | {r['lmgym_s']:.3f} | {r['reencoding_s']:.3f} | "
+                     f"{r['ratio']:.3f} |")
+    return "\n".join(lines)
+
+
+def write_readme(page: Path, results: dict) -> None:
+    text = page.read_text()
+    if text.count(README_BEGIN) != 1 or text.count(README_END) != 1:
+        raise SystemExit(f"{page} needs one block between {README_BEGIN!r} and {README_END!r}")
+    before, rest = text.split(README_BEGIN)
+    page.write_text(before + README_BEGIN + "\n\n" + render(results) + "\n\n" + README_END + rest.split(README_END, 1)[1])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", default=str(RESULTS), help="where to write the results (default: %(default)s)")
+    parser.add_argument("--readme", default=None, help="render the table from --json into this page, measuring "
+                                                       "nothing")
     args = parser.parse_args()
+    if args.readme:
+        write_readme(Path(args.readme), json.loads(Path(args.json).read_text()))
+        return
     rows = []
     print(f"{ROWS} episodes, prompt {PROMPT} tokens, about {TOTAL} tokens after it (turns and replies alike), "
           f"4-layer 256-wide Llama, {args.device}, torch threads {torch.get_num_threads()}")
@@ -141,9 +176,14 @@ def main():
         rows.append({"turns": turns, "tokens": length, "lmgym_s": t_cached, "reencoding_s": t_loop,
                      "ratio": t_cached / t_loop})
         print(f"{turns:5d} | {length:19d} | {t_cached:7.3f} | {t_loop:13.3f} | {t_cached / t_loop:.3f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    results = {"machine": {"rows": ROWS, "prompt": PROMPT, "model": "a 4-layer 256-wide Llama", "device": args.device,
+                           "cpu": cpu, "torch_threads": torch.get_num_threads()}, "rows": rows}
+    Path(args.json).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -261,3 +261,19 @@ def test_readme_trl_comparison_equals_grpo_vs_trl_json():
     readme = (root / "docs/speed.md").read_text()
     block = readme.split(script.README_BEGIN, 1)[1].split(script.README_END, 1)[0]
     assert block.strip() == script.render(json.loads(script.RESULTS.read_text()))
+
+
+def test_multi_turn_kv_table_equals_its_results_file():
+    """docs/multi_turn.md's KV-reuse table is what benchmarks/multi_turn_kv.py renders from the results it wrote."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("multi_turn_kv", root / "benchmarks/multi_turn_kv.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    page = (root / "docs/multi_turn.md").read_text()
+    block = page.split(script.README_BEGIN, 1)[1].split(script.README_END, 1)[0]
+    results = json.loads(script.RESULTS.read_text())
+    assert block.strip() == script.render(results)
+    ratios = [r["ratio"] for r in results["rows"]]
+    assert [r["turns"] for r in results["rows"]] == [1, 2, 4, 8] and ratios == sorted(ratios, reverse=True)
