@@ -168,3 +168,15 @@ def test_multi_turn_refuses_data_parallel_launches(monkeypatch):
     monkeypatch.setattr(distributed.DataParallel, "from_environment", staticmethod(lambda device: Active()))
     with pytest.raises(ConfigError, match="multi-turn environments train in one process"):
         make("ppo")
+
+
+def test_an_agent_with_its_own_sampler_is_refused_not_silently_resampled():
+    from lmgym.agents.common.config import ConfigError
+    from lmgym.agents.scale.vllm import use_engine
+
+    agent = make("grpo")
+    agent.sample = lambda query_ids, query_mask: None  # e.g. an engine installed on the instance
+    with pytest.raises(ConfigError, match="multi-turn episodes cannot use"):
+        agent.collect()
+    with pytest.raises(ValueError, match="use_engine does not apply"):
+        use_engine(make("grpo"), engine=None)

@@ -24,6 +24,16 @@ def collect_turns(agent) -> Rollout:
     """One batch of multi-turn episodes of ``agent``'s environment, sampled by its policy (KV-cached across turns)."""
     from lmgym.agents.common.update import TrainingError
 
+    from lmgym.agents.common.base import Agent
+    from lmgym.agents.common.config import ConfigError
+
+    own_sampler = "sample" in vars(agent) or type(agent).sample is not Agent.sample
+    if own_sampler and type(agent).turn_mask is Agent.turn_mask:
+        # never a silent switch to another sampler: the rollout would not be the distribution the agent means
+        raise ConfigError(f"{type(agent).__name__} samples with its own sample() (a generation engine, or a "
+                          "restricted distribution), which multi-turn episodes cannot use: they are sampled turn "
+                          "by turn with the policy's KV cache. Restrict that sampling with turn_mask(), or train "
+                          "on a single-turn environment")
     env = agent.env
     obs = env.observation()
     query_ids, query_mask = to_left_padded(obs["input_ids"], obs["attention_mask"], env.max_prompt_tokens)

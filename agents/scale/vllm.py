@@ -137,6 +137,10 @@ class EngineSampler:
 
 def use_engine(agent, engine: GenerationEngine, *, importance_sampling_cap: float = 2.0) -> EngineSampler:
     """Make ``agent`` sample its rollouts with ``engine`` (see the module docstring); returns the sampler."""
+    if getattr(agent.env, "multi_turn", False):
+        raise ValueError("an engine samples whole continuations; a multi-turn environment is sampled turn by turn "
+                         "with the policy's KV cache (lmgym.agents.common.turn_rollout), so use_engine does not "
+                         "apply to it")
     sampler = EngineSampler(agent, engine, importance_sampling_cap)
     agent.sample = sampler
     return sampler
