@@ -18,6 +18,8 @@ import torch
 import lmgym  # noqa: F401
 from lmgym.agents import AGENTS
 
+pytestmark = pytest.mark.compat  # also run on the oldest declared torch and transformers (.ci/run)
+
 ONLINE = ["ppo", "a2c", "grpo", "reinforce", "rloo", "rft", "online-dpo", "nlpo"]
 GROUPED = {"grpo", "rloo", "rft", "online-dpo"}
 # Absurd but finite, and inconsistent with each other (so no difference of two of them cancels): a masked loss
