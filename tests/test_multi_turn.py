@@ -53,8 +53,19 @@ class Scripted(Interaction):
 PROMPTS = [[3, 4], [5], [6, 7, 8], [9, 2], [11, 12, 13, 14], [15]]
 
 
+def sliding_model():
+    """A Mistral whose layers attend to the last 4 positions only: its KV cache counts columns, so the environment
+    must keep each row's cache contiguous (a turn or reply is then fed by a re-prefill)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    return tf.MistralForCausalLM(tf.MistralConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2,
+                                                  num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
+                                                  max_position_embeddings=64, sliding_window=4))
+
+
 def make_env(kind: str, n: int = 4, **kw):
-    model = model_of(kind)
+    model = sliding_model() if kind == "mistral-sliding" else model_of(kind)
     return TextGenVectorEnv(n, model=model, tokenizer=word_tokenizer(WORDS), reward_fn=None, prompts=PROMPTS,
                             interaction=Scripted, max_turns=MAX_TURNS, max_turn_tokens=MAX_TURN_TOKENS,
                             max_new_tokens=40, kl_coef=BETA, device="cpu", stop_token_ids=[0], **kw)
@@ -156,7 +167,7 @@ def step_first_episodes(env, prompts):
     raise AssertionError("episodes did not end")
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2", "mistral-sliding"])
 def test_per_token_stepping_matches_a_float64_reference(kind):
     env = make_env(kind)
     prompts = [PROMPTS[i] for i in (0, 2, 3, 4)]
@@ -182,7 +193,7 @@ def test_per_token_stepping_matches_a_float64_reference(kind):
     assert len(ends) >= 3 and max(ends) >= 3  # rows ended in different turns, some after 3 or more
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2", "mistral-sliding"])
 def test_submitting_whole_turns_gives_what_stepping_gives(kind):
     prompts = [PROMPTS[i] for i in (0, 2, 3, 4)]
     records = step_first_episodes(make_env(kind), prompts)
@@ -392,3 +403,34 @@ def test_a_batched_interaction_is_called_once_per_step_for_every_row_whose_turn_
     assert calls == [[0, 2]] and list(info["_turn_reward"]) == [True, False, True, False]
     env.step(torch.tensor([4, 4, 4, 4]))
     assert calls == [[0, 2], [1, 3]]  # one call per step, with every row whose turn just ended
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral-sliding"])
+def test_the_turn_sampler_keeps_waiting_rows_exact(kind):
+    """Rows whose turn ended wait while the others go on; their next turn's log-probs are those of a plain forward
+    over their whole history (with a sliding window too, whose rows must stay contiguous)."""
+    from lmgym.models.sampling import Sampling
+    from lmgym.models.turn_sampler import TurnSampler
+
+    model = sliding_model() if kind == "mistral-sliding" else model_of(kind)
+    prompts = [[3, 4], [5], [6, 7, 8]]
+    sampler = TurnSampler(model, prompts, max_sequence_length=64, sampling=Sampling(), stop_token_ids=[0],
+                          pad_token_id=0, generator=torch.Generator().manual_seed(0))
+    histories = [list(p) for p in prompts]
+    running = torch.ones(3, dtype=torch.bool)
+    for turn in range(3):
+        room = torch.tensor([1 + (turn + r) % 3 for r in range(3)])  # rows end their turns at different tokens
+        tokens, logprobs, lengths = sampler.sample_turn(running, 4, room)
+        with torch.no_grad():
+            for r in range(3):
+                k = int(lengths[r])
+                seq = histories[r] + tokens[r, :k].tolist()
+                logp = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0].float(), dim=-1)
+                want = [float(logp[len(histories[r]) - 1 + j, seq[len(histories[r]) + j]]) for j in range(k)]
+                np.testing.assert_allclose(logprobs[r, :k].tolist(), want, atol=2e-5)
+                histories[r] = seq
+        reply = torch.tensor([[9, 10], [11, 0], [12, 13]])
+        counts = torch.tensor([2, 1, 0])
+        sampler.feed(reply, counts)
+        for r in range(3):
+            histories[r] += reply[r, :int(counts[r])].tolist()

@@ -73,6 +73,10 @@ class TurnResult:
     """why each row that ended with this turn was truncated ("" when terminated or not ended)"""
     all_done: bool
     """every row's episode has ended: the rows have restarted on new prompts"""
+    episode: dict
+    """the episode-end entries per-token ``step`` puts in ``info`` for the rows that ended with this turn (``score``,
+    ``turns``, ``turn_rewards``, ``truncation``, ``episode_length``, ``completion``, ``episode_kl``), each with its
+    ``_<key>`` mask"""
 
 
 class _TurnEnds:
@@ -132,12 +136,39 @@ class MultiTurnCore(TextGenCore):
         self.episode_seeds[:] = seeds
 
     # ------------------------------------------------------------------ episode starts
-    def _write_prompts(self, rows: np.ndarray, chosen, seeds=None) -> None:
-        # each episode's interaction draws from a generator of its own, seeded here: a checkpoint stores the seeds
-        # and a resumed run starts the same hidden states again (replay_starts)
-        seeds = self.rng.integers(0, 2**63, size=len(rows)) if seeds is None else np.asarray(seeds, dtype=np.int64)
+    def _start_interactions(self, rows: np.ndarray, chosen) -> np.ndarray:
+        """Start the interactions of new episodes in ``rows``; returns their episode seeds. Each episode's interaction
+        draws from a generator of its own, seeded here: a checkpoint stores the seeds and a resumed run starts the
+        same hidden states again (:meth:`replay_starts`)."""
+        seeds = self.rng.integers(0, 2**63, size=len(rows))
         self.caller.start([int(r) for r in rows], [p.given for p in chosen],
                           [np.random.default_rng(int(s)) for s in seeds])
+        return seeds
+
+    def _prepare_restart(self, rows: np.ndarray):
+        """The new episodes of ``rows``, drawn and with their interactions started, before any state changes: a
+        ``start`` that raises leaves the prompt stream and every row as they were."""
+        rng_state = self.rng.bit_generator.state
+        draw_state = (self.draw.episodes.copy(), {k: list(v) for k, v in self.draw._group_prompts.items()})
+        try:
+            chosen = self.draw.draw(self.rng, rows, self.shard)
+            return chosen, self._start_interactions(rows, chosen)
+        except BaseException:
+            self.rng.bit_generator.state = rng_state
+            self.draw.episodes, self.draw._group_prompts = draw_state
+            raise
+
+    def _restart_rows(self, rows: np.ndarray, prepared=None) -> None:
+        chosen, seeds = prepared if prepared is not None else self._prepare_restart(rows)
+        if len(rows) == self.num_envs:
+            self.ref.start([p.ids for p in chosen])
+        else:
+            self.ref.restart_rows(torch.as_tensor(rows, device=self.device), [p.ids for p in chosen])
+        self._write_prompts(rows, chosen, seeds)
+
+    def _write_prompts(self, rows: np.ndarray, chosen, seeds=None) -> None:
+        if seeds is None:  # reset(): the interactions start here
+            seeds = self._start_interactions(rows, chosen)
         self.episode_seeds[rows] = seeds
         super()._write_prompts(rows, chosen)
         idx = torch.as_tensor(rows, device=self.device)
@@ -311,6 +342,7 @@ class MultiTurnCore(TextGenCore):
                 masks.append(pmask[i][:totals[i]] + [1])
                 starts.append(self._turn_start_col(r))
             ends = self._end_turns(rows, histories, masks, starts, stops)
+        prepared = self._prepare_restart(restarting) if restarting.size else None
 
         # commit: the policy's token
         self.tokens[self.rows, col] = torch.where(active, actions, self.tokens[self.rows, col])
@@ -340,21 +372,22 @@ class MultiTurnCore(TextGenCore):
             mask = np.zeros(n, dtype=bool)
             mask[rows] = True
             info.update(turn_reward=turn_reward, _turn_reward=mask)
-            # the ended episodes' totals, before the commit below counts their last turn
-            info.update(self._episode_end_info(rows[ends.ended], ends.scores[ends.ended],
-                                               ends.reason[ends.ended], kl_known=pol_lp is not None,
-                                               last_turn_reward=ends.turn_reward[ends.ended]))
         if not (done | self.pending_reset).all():
             self.ref.append(actions, live=active if restarting.size else None)
         if ends is not None:
             self._commit_turn_ends(ends, [len(h) for h in histories])
+            info.update(self._episode_end_info(rows[ends.ended], ends.scores[ends.ended], ends.reason[ends.ended],
+                                               kl_known=pol_lp is not None))
         if restarting.size:
-            self._restart_rows(restarting)
+            self._restart_rows(restarting, prepared)
         self.pending_reset = done
         self._fresh = False
         return self.observation(), rewards, terminated, truncated, info
 
-    def _episode_end_info(self, rows: np.ndarray, scores, reasons, kl_known: bool, last_turn_reward) -> dict:
+    def _episode_end_info(self, rows: np.ndarray, scores, reasons, kl_known: bool) -> dict:
+        """The ``info`` entries of the episodes of ``rows`` that just ended (their last turn committed), with
+        Gymnasium's ``_<key>`` masks: ``score``, ``turns``, ``turn_rewards``, ``truncation``, ``episode_length``
+        (policy tokens), ``completion`` (every token after the prompt, decoded) and, when known, ``episode_kl``."""
         n = self.num_envs
         mask = np.zeros(n, dtype=bool)
         mask[rows] = True
@@ -373,8 +406,8 @@ class MultiTurnCore(TextGenCore):
             ids = self.tokens[r, self.prompt_len[r]:self.prompt_len[r] + self.gen_len[r]].tolist()
             completions.append(self.tokenizer.decode(ids, skip_special_tokens=True))
         put("score", scores, np.nan, np.float64)
-        put("turns", self.turns[rows] + 1, 0, np.int64)
-        put("turn_rewards", self.turn_rewards[rows] + last_turn_reward, 0.0, np.float64)
+        put("turns", self.turns[rows], 0, np.int64)
+        put("turn_rewards", self.turn_rewards[rows], 0.0, np.float64)
         put("truncation", reasons, "", object)
         put("episode_length", lengths, 0, np.int64)  # policy tokens
         put("completion", completions, None, object)
@@ -449,6 +482,10 @@ class MultiTurnCore(TextGenCore):
             histories = [h[:t] + tk[:c] for h, t, tk, c in zip(hist, totals, turn, counts)]
             masks = [m[:t] + [1] * c for m, t, c in zip(pmask, totals, counts)]
             ends = self._end_turns(rows, histories, masks, totals, stops) if rows.size else None
+            will_end = self.finished.copy()
+            if ends is not None:
+                will_end[rows] |= ends.ended
+            prepared = self._prepare_restart(np.arange(n)) if will_end.all() else None  # the next batch's episodes
         except BaseException:
             self.ref.restore(saved)
             raise
@@ -487,12 +524,15 @@ class MultiTurnCore(TextGenCore):
             self._commit_turn_ends(ends, [t + c for t, c in zip(totals, counts)])
         self.finished |= ended
         all_done = bool(self.finished.all())
+        finished_now = np.flatnonzero(ended)
+        episode = self._episode_end_info(finished_now, scores[finished_now], reasons[finished_now],
+                                         kl_known=pol_lp is not None)
         result = TurnResult(rewards=rewards, mask=inside.float(), ref_logprobs=ref_lp, logprobs=pol_lp, kl=kl,
                             terminated=terminated, truncated=truncated, lengths=lengths, replies=replies,
                             turn_rewards=turn_rewards, done=ended, scores=scores, truncation=reasons,
-                            all_done=all_done)
+                            all_done=all_done, episode=episode)
         if all_done:
-            self._restart_rows(np.arange(n))
+            self._restart_rows(np.arange(n), prepared)
             self._fresh = True
         else:
             self._fresh = False

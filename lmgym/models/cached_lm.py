@@ -59,6 +59,7 @@ class CachedLM:
         self.lengths: torch.Tensor | None = None  # (batch,) tokens fed per row = next position id
         self.next_logprobs: torch.Tensor | None = None
         self._editable = True  # whether the cache layout allows per-column edits (known after the first prefill)
+        self._holes = True  # whether masked columns inside a live row are harmless (not for sliding windows)
 
     @property
     def device(self) -> torch.device:
@@ -83,6 +84,7 @@ class CachedLM:
         """Forget everything and prefill one prompt per row."""
         self.cache, self.ids, self.mask, self.lengths, self.next_logprobs = self._prefill(prompts)
         self._editable = kv_cache.editable(self.cache, self.model.config)
+        self._holes = self._editable and kv_cache.takes_holes(self.cache)
         if not self._editable:
             fast_paths.fall_back("cache column edits", f"{model_name(self.model)}'s KV cache "
                                  f"({kv_cache.describe(self.cache)}) cannot be edited per column")
@@ -128,14 +130,19 @@ class CachedLM:
             self.mask, self.ids = self.mask[:, drop:], self.ids[:, drop:]
 
     @torch.no_grad()
-    def append(self, tokens: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
+    def append(self, tokens: torch.Tensor, live: torch.Tensor | None = None, hold: bool = False) -> torch.Tensor:
         """Feed one token per row; returns (and stores) the next-token log-probs ``(batch, vocab)``.
 
         ``live`` (bool ``(batch,)``) marks the rows that take their token; the others get a masked
         placeholder column at position 0 (their own position may already be the last one the model has) and
-        keep their state and next-token log-probs: rows about to be restarted, or rows waiting while the
-        others finish a turn.
+        keep their state and next-token log-probs: rows about to be restarted, or, with ``hold=True``, rows that
+        wait while the others finish a turn and go on afterwards (a cache whose rows must stay contiguous, a
+        sliding window, then feeds the live rows by a re-prefill: exact, slower).
         """
+        if hold and live is not None and not self._holes:
+            counts = live.long()
+            self._extend_by_prefill(tokens[:, None], counts, None)
+            return self.next_logprobs
         if self.mask.shape[1] >= 2 * self.max_sequence_length:
             self._compact()
         column = self.mask.new_ones(self.mask.shape[0], 1) if live is None else live[:, None].to(self.mask.dtype)
@@ -165,7 +172,7 @@ class CachedLM:
         counts = counts.to(self.lengths.device, torch.long)
         if width == 0 or not bool((counts > 0).any()):
             return torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
-        if not self._editable:  # recurrent / chunked caches cannot take holes: re-prefill the rows (exact, slower)
+        if not self._holes:  # recurrent, chunked or sliding caches cannot take holes: re-prefill (exact, slower)
             return self._extend_by_prefill(tokens, counts, sampling)
         if self.mask.shape[1] + width >= 2 * self.max_sequence_length:
             self._compact()
@@ -191,25 +198,31 @@ class CachedLM:
         return torch.where(inside, lp, 0.0)
 
     def _extend_by_prefill(self, tokens, counts, sampling):
-        sequences = self.sequences()
-        before = [len(s) for s in sequences]
+        """:meth:`extend` for caches that cannot take masked columns inside a row: every row's sequence with its
+        chunk, prefilled afresh in one forward whose logits also score the chunks. Exact; it encodes the history
+        again, which is why :meth:`extend` avoids it where the cache allows."""
+        if not self._holes and self._editable:
+            fast_paths.fall_back("multi-turn cache reuse", f"{model_name(self.model)}'s KV cache "
+                                 f"({kv_cache.describe(self.cache)}) has sliding windows, which count columns, so its "
+                                 "rows must stay contiguous")
         chunks = [row[:k] for row, k in zip(tokens.tolist(), counts.tolist())]
-        self.start([s + c for s, c in zip(sequences, chunks)])
-        # score the chunks with a fresh forward of each whole sequence (exact; only for caches without holes)
-        ids, mask = left_pad([s + c for s, c in zip(sequences, chunks)], 0, self.device)
+        sequences = [s + c for s, c in zip(self.sequences(), chunks)]
+        ids, mask = left_pad(sequences, 0, self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-        out = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
+        out = self._forward(ids, mask, positions, None, last_only=False)
+        self.cache, self.ids, self.mask, self.lengths = cache_of(out), ids, mask, mask.sum(1)
+        self.next_logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        scored = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
         width = ids.shape[1]
-        for r, (b, c) in enumerate(zip(before, chunks)):
-            if not c:
+        for r, chunk in enumerate(chunks):
+            if not chunk:
                 continue
-            start = width - len(c) - 1  # the column that predicts the chunk's first token
-            row_logits = logits[r, start:start + len(c)]
-            row_tokens = torch.as_tensor(c, device=logits.device)
-            out[r, :len(c)] = (token_logprobs(row_logits, row_tokens) if sampling is None
-                               else sampling.token_log_probs(row_logits[None], row_tokens[None])[0])
-        return out
+            start = width - len(chunk) - 1  # the column that predicts the chunk's first token
+            row_logits = out.logits[r, start:start + len(chunk)]
+            row_tokens = torch.as_tensor(chunk, device=out.logits.device)
+            scored[r, :len(chunk)] = (token_logprobs(row_logits, row_tokens) if sampling is None
+                                      else sampling.token_log_probs(row_logits[None], row_tokens[None])[0])
+        return scored
 
     def snapshot(self):
         """The state to :meth:`restore` if what follows fails (the cache's tensors are never edited in place by

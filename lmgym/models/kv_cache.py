@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["editable", "describe", "grow_left", "drop_left", "write_right"]
+__all__ = ["editable", "takes_holes", "describe", "grow_left", "drop_left", "write_right"]
 
 
 def _layer_kinds():
@@ -50,6 +50,15 @@ def editable(cache, config) -> bool:
         return False  # chunk boundaries are counted from each row's first real column: not movable
     kinds = _layer_kinds()
     return all(type(layer) in kinds for layer in cache.layers)
+
+
+def takes_holes(cache) -> bool:
+    """True when masked columns *inside* a live row's block change nothing (full attention only).
+
+    A sliding-window layer keeps, and its mask counts, columns rather than positions, so masked columns in
+    the middle of a row (a row that waited while others took tokens, or took no reply) would push real tokens
+    out of its window: such caches must keep each row contiguous."""
+    return not any(_is_sliding(layer) for layer in getattr(cache, "layers", ()))
 
 
 def describe(cache) -> str:

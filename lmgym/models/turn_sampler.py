@@ -60,7 +60,7 @@ class TurnSampler:
             tokens.append(tok)
             logprobs.append(torch.where(in_turn, lp, 0.0))
             for lm in self.models:
-                lm.append(tok, live=in_turn)
+                lm.append(tok, live=in_turn, hold=True)  # rows whose turn ended wait, and go on next turn
             lengths = lengths + in_turn
             in_turn = in_turn & ~torch.isin(tok, self.stop) & (lengths < room)
             if t + 1 < max_tokens and (t + 1) % self.check_every == 0 and not bool(in_turn.any()):

@@ -23,6 +23,7 @@ PATHS = {
     "logits_to_keep": "the output layer runs at every position, not only where a token is predicted",
     "cache column edits": "a reset re-prefills every row of the batch instead of writing the new prompt's columns",
     "fused AdamW": "AdamW runs as a chain of elementwise kernels",
+    "multi-turn cache reuse": "each turn and each reply of a multi-turn episode re-encodes the whole history",
 }
 """each fast path and what falling back from it costs"""
 
