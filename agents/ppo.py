@@ -42,7 +42,7 @@ from lmgym.agents.common.config import OneOf, Range
 from lmgym.agents.common.kl import KL_ESTIMATORS, KL_PLACEMENTS, kl_penalty_loss, penalised_rewards
 from lmgym.agents.common.policy import trainable_copy
 from lmgym.agents.common.rollout import policy_steps
-from lmgym.agents.common.turns import per_token, turn_gae
+from lmgym.agents.common.turns import at_turn_starts, per_token, turn_gae
 
 __all__ = ["PPOConfig", "PPO", "gae", "ppo_losses", "AdaptiveKLController"]
 
@@ -72,8 +72,9 @@ class PPOConfig(AgentConfig):
     norm_adv: bool = True
     """whiten advantages over the batch"""
     turn_level: bool = False
-    """multi-turn credit per turn: GAE over turns (a turn's reward summed, the value at its first token), every
-    token of a turn gets its turn's advantage, and the critic learns the value at each turn's first token"""
+    """multi-turn credit per turn: GAE over turns (a turn's reward summed, the value at its first token, gamma and
+    gae_lambda per turn), every token of a turn gets its turn's advantage, and the critic learns the value at each
+    turn's first token"""
     separate_value_model: bool = False
     """critic on its own copy of the reference model instead of sharing the policy's trunk"""
     adaptive_kl: bool = False
@@ -213,8 +214,9 @@ class PPO(Agent):
         if cfg.turn_level:  # GAE over turns; the critic is fitted at each turn's first token
             turn_adv, first, present = turn_gae(rollout, rewards, old_values, cfg.gamma, cfg.gae_lambda)
             advantages = per_token(turn_adv, rollout)
-            value_mask = torch.zeros_like(mask).scatter(1, first, present.to(mask.dtype)) * mask
-            returns = torch.zeros_like(mask).scatter(1, first, turn_adv + old_values.gather(1, first)) * value_mask
+            steps = mask.shape[1]
+            value_mask = at_turn_starts(present.to(mask.dtype), first, present, steps)
+            returns = at_turn_starts(turn_adv + old_values.gather(1, first), first, present, steps)
         else:
             advantages = gae(rewards, old_values, mask, cfg.gamma, cfg.gae_lambda)
             returns = advantages + old_values

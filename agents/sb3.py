@@ -192,7 +192,8 @@ def bind_sb3_model(env, model) -> None:
 
 
 def evaluate_return(model, env, n_episodes: int = 200, deterministic: bool = False) -> dict[str, float]:
-    """Mean exact return (score [+ turn rewards] - kl_coef * sum KL) of an SB3 model on a single lmgym ``gymnasium.Env``.
+    """Mean exact return (score [+ turn rewards] - kl_coef * sum KL) of an SB3 model on a single lmgym
+    ``gymnasium.Env``.
 
     The KL term is that of the policy actually run: with ``deterministic=True`` that is the greedy
     policy of ``model.predict(..., deterministic=True)``, whose log-prob of its own choice is 0, so

@@ -215,6 +215,9 @@ def test_submitting_whole_turns_gives_what_stepping_gives(kind):
             taken[r] += k
             got[r]["rewards"] += result.rewards[r, :k].tolist()
             got[r]["refs"] += result.ref_logprobs[r, :k].tolist()
+            assert result.mask[r].tolist() == [1.0] * k + [0.0] * (MAX_TURN_TOKENS - k)
+            # a done only at the turn's last token, and only where the episode ended
+            assert not (result.terminated[r, :max(k - 1, 0)].any() or result.truncated[r, :max(k - 1, 0)].any())
             if result.done[r]:
                 got[r].update(terminated=bool(result.terminated[r, k - 1]), truncated=bool(result.truncated[r, k - 1]),
                               score=result.scores[r])
@@ -222,6 +225,7 @@ def test_submitting_whole_turns_gives_what_stepping_gives(kind):
             break
     assert result.all_done
     for r in range(n):
+        assert len(got[r]["rewards"]) == len(records[r]["rewards"])  # the same policy tokens, the same turn ends
         np.testing.assert_allclose(got[r]["rewards"], records[r]["rewards"], atol=2e-5)
         np.testing.assert_allclose(got[r]["refs"], records[r]["refs"], atol=2e-5)
         assert (got[r]["terminated"], got[r]["truncated"]) == (records[r]["terminated"], records[r]["truncated"])
@@ -304,7 +308,7 @@ def test_an_interaction_that_raises_names_itself_and_the_row_and_changes_nothing
     env = small_env(Raising)
     env.reset(seed=0)
     before = {k: v.clone() for k, v in env.observation().items()}
-    ref_before = env.core.ref.lengths.clone()
+    ref_before, next_before = env.core.ref.lengths.clone(), env.core.ref.next_logprobs.clone()
     with pytest.raises(InteractionError, match=r"Raising\.respond raised on row 2: KeyError"):
         env.step(torch.tensor([4, 4, 4]), torch.full((3,), -1.0))
     for k, v in env.observation().items():
@@ -315,6 +319,7 @@ def test_an_interaction_that_raises_names_itself_and_the_row_and_changes_nothing
     for k, v in env.observation().items():
         assert torch.equal(v, before[k])
     assert torch.equal(env.core.ref.lengths, ref_before)  # the reference's cache was put back too
+    assert torch.equal(env.core.ref.next_logprobs, next_before)
 
 
 @pytest.mark.parametrize("value, message", [
@@ -361,8 +366,10 @@ def test_the_interaction_must_be_a_factory_and_scoring_must_be_said_once():
     with pytest.raises(TypeError, match="factory"):
         small_env(Raising())
     with pytest.raises(ValueError, match="pass reward_fn=None"):
-        TextGenVectorEnv(3, model=model_of("llama"), tokenizer=word_tokenizer(WORDS), reward_fn=lambda p, c: [0] * len(c),
-                         prompts=PROMPTS, interaction=Raising, device="cpu")
+        TextGenVectorEnv(3, model=model_of("llama"), tokenizer=word_tokenizer(WORDS),
+                         reward_fn=lambda p, c: [0] * len(c), prompts=PROMPTS, interaction=Raising, device="cpu")
+    with pytest.raises(TypeError, match=r"factory called with no arguments.*raised TypeError"):
+        small_env(lambda conversation: Reply([5]))  # a respond function instead of a factory
 
 
 def test_per_row_state_is_replayed_from_the_episode_seeds():
@@ -434,3 +441,63 @@ def test_the_turn_sampler_keeps_waiting_rows_exact(kind):
         sampler.feed(reply, counts)
         for r in range(3):
             histories[r] += reply[r, :int(counts[r])].tolist()
+
+
+class FailingStart(Interaction):
+    """Its second episode on row 1 cannot start (a broken data set row, say)."""
+
+    starts = {}
+
+    def start(self, prompt, rng):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == 2 and FailingStart.fail:
+            raise RuntimeError("no such puzzle")
+
+    def respond(self, conversation):
+        return Reply(done=True) if conversation.row == 1 else Reply([5])
+
+    def score(self, conversation):
+        return 0.0
+
+
+def test_an_interaction_whose_start_raises_on_a_restart_changes_nothing():
+    FailingStart.fail = True
+    env = small_env(FailingStart)
+    env.reset(seed=0)
+    env.step(torch.tensor([4, 4, 4]))  # row 1's episode ends; it restarts at the next step
+    before = {k: v.clone() for k, v in env.observation().items()}
+    lengths, rng = env.core.ref.lengths.clone(), env.core.rng.bit_generator.state
+    with pytest.raises(InteractionError, match=r"FailingStart\.start raised on row 1: RuntimeError: no such puzzle"):
+        env.step(torch.tensor([4, 4, 4]))
+    for k, v in env.observation().items():
+        assert torch.equal(v, before[k])
+    assert torch.equal(env.core.ref.lengths, lengths) and env.core.rng.bit_generator.state == rng
+    FailingStart.fail = False  # fixed: the same step now runs
+    _, _, term, trunc, _ = env.step(torch.tensor([4, 4, 4]))
+    assert env.observation()["attention_mask"][0].sum() == before["attention_mask"][0].sum() + 2
+
+
+def test_a_reply_the_chat_template_refuses_is_one_clear_error():
+    from tests.test_multi_turn_render import bpe_tokenizer
+
+    class ToolReply(Interaction):
+        def respond(self, conversation):
+            return Reply("42", role="tool")
+
+        def score(self, conversation):
+            return 0.0
+
+    tok = bpe_tokenizer("qwen2")
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool role') }}"
+                         "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    from lmgym.models import tiny_model
+
+    model, _ = tiny_model(len(tok), hidden_size=16, num_layers=1, num_heads=2, max_positions=256, tokenizer=tok)
+    env = TextGenVectorEnv(1, model=model, tokenizer=tok, reward_fn=None, prompts=[[{"role": "user", "content": "hi"}]],
+                           interaction=ToolReply, max_turns=3, max_turn_tokens=4, max_new_tokens=64, device="cpu",
+                           stop_token_ids=[tok.eos_token_id])
+    env.reset(seed=0)
+    with pytest.raises(InteractionError, match=r"ToolReply\.respond, row 0 \(turn 1\): its reply cannot be appended: "
+                                               r"TemplateError: no tool role"):
+        env.submit_turns(torch.tensor([[tok.eos_token_id]]))

@@ -69,12 +69,22 @@ def corrupted(rollout):
     return out
 
 
-@pytest.mark.parametrize("name", ONLINE)
-def test_environment_tokens_change_no_loss_and_no_gradient(name, monkeypatch):
+VARIANTS = [(name, {}) for name in ONLINE] + [
+    ("ppo", {"turn_level": True}), ("ppo", {"kl_placement": "loss", "kl_estimator": "k3"}),
+    ("grpo", {"turn_level": True}), ("grpo", {"loss_type": "bnpo"}), ("grpo", {"loss_type": "dr_grpo"}),
+    ("grpo", {"loss_type": "dapo", "kl_placement": "reward"}), ("grpo", {"leave_one_out": True, "turn_level": True}),
+    ("grpo", {"importance_sampling_level": "sequence"}), ("reinforce", {"turn_level": True}),
+    ("rloo", {"turn_level": True, "kl_placement": "loss"}), ("a2c", {"advantage": "n_step", "n_steps": 2}),
+]
+
+
+@pytest.mark.parametrize("name, options", VARIANTS, ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in o.items())}"
+                                                         for n, o in VARIANTS])
+def test_environment_tokens_change_no_loss_and_no_gradient(name, options, monkeypatch):
     import importlib
 
-    rollout = make(name).collect()
-    plain, absurd = make(name), make(name)  # equal weights and random streams (minibatch order)
+    rollout = make(name, **options).collect()
+    plain, absurd = make(name, **options), make(name, **options)  # equal weights and random streams
     assert bool(env_positions(rollout).any())  # the batch does hold environment tokens
     module = importlib.import_module(type(absurd).__module__)
     targets = [m for m in {module, importlib.import_module("lmgym.agents.ppo"),

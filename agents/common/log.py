@@ -24,7 +24,7 @@ class Logging:
         kl = rollout.kl.sum(1)
         return {"objective/scores": float(rollout.scores.mean()), "objective/kl": float(kl.mean()),
                 "objective/return": float(rollout.returns.mean()), "objective/kl_coef": float(self.env.kl_coef),
-                "charts/episode_length": float(rollout.lengths.float().mean()),
+                "charts/episode_length": float(rollout.mask.sum(1).mean()),  # policy tokens (replies are no steps)
                 "charts/episodes": float(self.episodes)}
 
     def hold_logdir(self) -> None:

@@ -19,9 +19,9 @@ class Rollout:
     query_mask: torch.Tensor
     """1 for prompt tokens"""
     tokens: torch.Tensor
-    """sampled continuations ``(N, T)``"""
+    """sampled continuations ``(N, T)`` (multi-turn: every token after the prompt, the replies included)"""
     mask: torch.Tensor
-    """1.0 for tokens inside the episode"""
+    """1.0 for the policy's tokens inside the episode (multi-turn: 0 on the environment's replies)"""
     logprobs: torch.Tensor
     """log pi_old of each token, from sampling"""
     ref_logprobs: torch.Tensor
@@ -29,11 +29,11 @@ class Rollout:
     rewards: torch.Tensor
     """per-token rewards from the environment (KL penalty + score on the last step)"""
     scores: torch.Tensor
-    """task score of each episode"""
+    """task score of each episode (multi-turn: plus its turn rewards, the episode's return without the KL)"""
     kl: torch.Tensor
     """per-token KL estimate log pi_old - log pi_ref"""
     lengths: torch.Tensor
-    """tokens per episode"""
+    """tokens per episode, up to its last (multi-turn: the replies included; :attr:`steps` counts the policy's)"""
     group_size: int = 1
     """G consecutive episodes share one prompt (a selection keeps it: its prompts still repeat)"""
     prompts: list[str] = field(default_factory=list)

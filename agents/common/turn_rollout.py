@@ -52,7 +52,7 @@ def collect_turns(agent) -> Rollout:
                  for k in ("mask", "logprobs", "ref_logprobs", "rewards", "kl", "task_rewards")}
     turn_index = torch.full((n, width), -1, dtype=torch.long, device=device)
     offset = torch.zeros(n, dtype=torch.long, device=device)  # tokens written after each row's prompt
-    room = torch.full((n,), width, dtype=torch.long, device=device)  # an episode's budget: max_new_tokens
+    budget = torch.full((n,), width, dtype=torch.long, device=device)  # an episode's tokens: max_new_tokens
     running = torch.ones(n, dtype=torch.bool, device=device)
     scores = torch.zeros(n, dtype=torch.float32, device=device)
     turns = torch.zeros(n, dtype=torch.long, device=device)
@@ -60,7 +60,7 @@ def collect_turns(agent) -> Rollout:
     turn = 0
     while True:
         with agent.autocast():
-            turn_tokens, turn_logprobs, lengths = sampler.sample_turn(running, env.max_turn_tokens, room - offset)
+            turn_tokens, turn_logprobs, lengths = sampler.sample_turn(running, env.max_turn_tokens, budget - offset)
         if not bool(torch.isfinite(turn_logprobs).all()):
             raise TrainingError(f"the policy's log-probs are not finite at iteration {agent.iteration}: its weights "
                                 f"are non-finite or too large{agent._last_good()}.")
@@ -68,9 +68,8 @@ def collect_turns(agent) -> Rollout:
         if not torch.equal(result.lengths, lengths):
             raise RuntimeError("the environment ended a turn elsewhere than the sampler did (stop tokens or limits "
                                "differ); this is a bug in lmgym")
-        for name in ("rewards",):
-            if not bool(torch.isfinite(getattr(result, name)).all()):
-                raise TrainingError(f"the environment returned non-finite {name} at iteration {agent.iteration}")
+        if not bool(torch.isfinite(result.rewards).all()):
+            raise TrainingError(f"the environment returned non-finite rewards at iteration {agent.iteration}")
         # the turn's tokens, at each row's offset
         steps = turn_tokens.shape[1]
         inside = torch.arange(steps, device=device) < lengths[:, None]
@@ -117,7 +116,8 @@ def collect_turns(agent) -> Rollout:
     inside_episode = columns[:used] < offset[:, None]
     completions = env.tokenizer.batch_decode([row[:k] for row, k in zip(tokens.tolist(), offset.tolist())],
                                              skip_special_tokens=True)
-    return Rollout(query_ids=query_ids, query_mask=query_mask, tokens=torch.where(inside_episode, tokens[:, :used], pad),
+    return Rollout(query_ids=query_ids, query_mask=query_mask,
+                   tokens=torch.where(inside_episode, tokens[:, :used], pad),
                    mask=per_token["mask"][:, :used], logprobs=per_token["logprobs"][:, :used],
                    ref_logprobs=per_token["ref_logprobs"][:, :used], rewards=per_token["rewards"][:, :used],
                    scores=scores, kl=per_token["kl"][:, :used], lengths=offset, group_size=env.group_size,

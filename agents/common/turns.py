@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["turn_starts", "turn_returns", "per_token", "group_normalised", "leave_one_out", "turn_gae"]
+__all__ = ["turn_starts", "turn_returns", "at_turn_starts", "per_token", "group_normalised", "leave_one_out",
+           "turn_gae"]
 
 
 def _turn_index(rollout) -> torch.Tensor:
@@ -21,7 +22,8 @@ def _turn_index(rollout) -> torch.Tensor:
 
 
 def turn_starts(rollout):
-    """``(first, present)``, both ``(N, K)``: the position of each turn's first token, and which turns exist."""
+    """``(first, present)``, both ``(N, K)``: the position of each turn's first token, and which turns exist (a
+    turn a row does not have points at its last column: read it only where ``present``)."""
     index = _turn_index(rollout)
     n, steps = index.shape
     turns = max(int(index.max()) + 1, 1)
@@ -37,6 +39,14 @@ def turn_returns(rollout, rewards: torch.Tensor):
     first, present = turn_starts(rollout)
     to_go = rewards.flip(1).cumsum(1).flip(1)
     return torch.where(present, to_go.gather(1, first), 0.0), present
+
+
+def at_turn_starts(values: torch.Tensor, first: torch.Tensor, present: torch.Tensor, steps: int) -> torch.Tensor:
+    """``values`` ``(N, K)`` written at each present turn's first token of an ``(N, steps)`` tensor, 0 elsewhere
+    (absent turns go to a spare column that is then cut off, so they never collide with a real turn)."""
+    where = torch.where(present, first, steps)
+    out = torch.zeros((values.shape[0], steps + 1), dtype=values.dtype, device=values.device)
+    return out.scatter(1, where, torch.where(present, values, 0.0))[:, :steps]
 
 
 def per_token(values: torch.Tensor, rollout) -> torch.Tensor:
@@ -71,12 +81,13 @@ def leave_one_out(returns: torch.Tensor, present: torch.Tensor, group_size: int)
 
 def turn_gae(rollout, rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float):
     """GAE over turns: ``delta_k = R_k + gamma * V_{k+1} - V_k`` with ``R_k`` the turn's summed rewards and ``V_k``
-    the value at its first token. Returns ``(advantages, first, present)``, advantages ``(N, K)``."""
+    the value at its first token; gamma and lambda apply per turn. Returns ``(advantages, first, present)``,
+    advantages ``(N, K)``."""
     first, present = turn_starts(rollout)
-    g_from, _ = turn_returns(rollout, rewards)
-    after = torch.cat([g_from[:, 1:], torch.zeros_like(g_from[:, :1])], dim=1)
-    turn_reward = torch.where(present, g_from - torch.where(torch.cat([present[:, 1:], torch.zeros_like(
-        present[:, :1])], dim=1), after, 0.0), 0.0)
+    from_turn, _ = turn_returns(rollout, rewards)
+    # R_k = G_k - G_{k+1}: what turn k itself earned (G of a turn that does not exist is 0)
+    next_from = torch.cat([from_turn[:, 1:], torch.zeros_like(from_turn[:, :1])], dim=1)
+    turn_reward = torch.where(present, from_turn - next_from, 0.0)
     v = torch.where(present, values.gather(1, first), 0.0)
     advantages = torch.zeros_like(v)
     next_value = torch.zeros_like(v[:, 0])

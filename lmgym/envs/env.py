@@ -137,7 +137,7 @@ class TextGenEnv(CoreView, gym.Env):
       (default CPU, since observations are numpy).
     - ``trust_remote_code``: allow model code from the checkpoint (off by default).
     - ``render_mode``: ``"ansi"`` returns the prompt and completion as text.
-    - ``interaction``: makes the episode multi-turn (DESIGN.md, "Conversations"; :mod:`lmgym.envs.multi_turn`): an
+    - ``interaction``: makes the episode multi-turn (docs/multi_turn.md; :mod:`lmgym.envs.multi_turn`): an
       :class:`lmgym.envs.interaction.Interaction` class (or factory), whose ``respond(conversation)`` answers each
       policy turn with a :class:`~lmgym.envs.interaction.Reply` (a message or token ids, a turn reward, whether the
       episode ends). A policy turn ends at a stop token or after ``max_turn_tokens``; the reply's tokens appear in

@@ -1,6 +1,6 @@
 """What speaks between the policy's turns in a multi-turn episode: the interaction protocol.
 
-A multi-turn episode (DESIGN.md, "Conversations") alternates policy turns and environment turns. After each
+A multi-turn episode (docs/multi_turn.md) alternates policy turns and environment turns. After each
 policy turn the environment hands the conversation so far to an *interaction*, which answers with a
 :class:`Reply`: a message (text, a chat message, or token ids) that is appended as tokens, a turn reward, and
 whether the episode ends. The simplest interaction is a class with one method::
@@ -16,7 +16,9 @@ whether the episode ends. The simplest interaction is a class with one method::
 
 The environment builds one instance per row (it calls the class, or any factory, ``num_envs`` times), so an
 instance holds one episode's state. ``start`` gets a generator of the episode's own, seeded from the
-environment's (so ``reset(seed=...)`` fixes what it draws, and a resumed run draws it again identically). An interaction that answers many rows at once (a batched model call)
+environment's (so ``reset(seed=...)`` fixes what it draws, and a resumed run draws it again identically).
+``start`` may be called again for an episode (restoring a checkpoint starts it anew from its seed), so it should
+only set state. An interaction that answers many rows at once (a batched model call)
 subclasses :class:`BatchInteraction` instead and gets every row whose turn just ended in one call.
 
 ``respond`` should depend only on the conversation and on what ``start`` drew: a step that fails (another
@@ -148,7 +150,13 @@ class _PerRow(BatchInteraction):
 
     def __init__(self, factory, num_envs: int):
         self.factory = factory
-        self.rows = [factory() for _ in range(num_envs)]
+        try:
+            self.rows = [factory() for _ in range(num_envs)]
+        except Exception as err:
+            raise TypeError(f"interaction must be a factory called with no arguments that makes one row's "
+                            f"interaction (pass the Interaction class, or lambda: MyInteraction(...)); calling "
+                            f"{getattr(factory, '__qualname__', factory)!r}() raised {type(err).__name__}: "
+                            f"{err}") from None
         for obj in self.rows[:1]:
             if not callable(getattr(obj, "respond", None)):
                 raise TypeError(f"the interaction factory made a {type(obj).__name__}, which has no respond(); an "
@@ -282,8 +290,8 @@ class Caller:
         if reply.done:
             return reply
         content = reply.content
-        ok = (isinstance(content, str) or (isinstance(content, Mapping) and "content" in content)
-              or _is_id_list(content))
+        ok = (isinstance(content, str) or _is_id_list(content)
+              or (isinstance(content, Mapping) and isinstance(content.get("content"), str)))
         if not ok:
             raise InteractionError(f"{where} replied with {_short(content)}; a reply is text, a chat message "
                                    "{'role': ..., 'content': ...}, or a non-empty list of token ids (or "

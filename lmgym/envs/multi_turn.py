@@ -1,4 +1,4 @@
-"""The multi-turn MDP of DESIGN.md ("Conversations"): policy turns and environment turns in one token-level episode.
+"""The multi-turn MDP (docs/multi_turn.md): policy turns and environment turns in one token-level episode.
 
 An episode is a prompt, then policy turns and environment replies in alternation. A policy turn ends at a
 stop token or after ``max_turn_tokens``; the interaction (:mod:`lmgym.envs.interaction`) then sees the
@@ -181,7 +181,7 @@ class MultiTurnCore(TextGenCore):
             self.segments[r] = []
 
     def observation(self) -> dict[str, torch.Tensor]:
-        """``input_ids`` / ``attention_mask`` as single-turn, and ``policy_mask``: 1 where the policy chose the token."""
+        """``input_ids`` / ``attention_mask`` as single-turn, and ``policy_mask``: 1 where the policy chose a token."""
         obs = super().observation()
         obs["policy_mask"] = self.policy_mask.clone()
         return obs
@@ -233,9 +233,10 @@ class MultiTurnCore(TextGenCore):
                 continue
             try:
                 ids = self.replies.ids(rep.content, rep.role, conv.turn_ids, conv.stopped)
-            except ValueError as err:
+            except Exception as err:  # the template's own refusals (jinja raise_exception) included
                 raise InteractionError(f"interaction {self.interaction.name}.respond, row {r} (turn {conv.turn}): "
-                                       f"{err}") from None
+                                       f"its reply cannot be appended: {type(err).__name__}: "
+                                       f"{' '.join(str(err).split())}") from None
             # the reply and at least one more policy token must fit in the episode's max_new_tokens
             if length + len(ids) + 1 > len(self.row_prompts[r].ids) + self.max_new_tokens:
                 ended[i], reason[i] = True, "context"

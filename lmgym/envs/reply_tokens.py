@@ -65,8 +65,8 @@ class ReplyTokens:
             return ids
         message = dict(content) if isinstance(content, Mapping) else {"role": role, "content": content}
         if not self.templated:
-            text = message["content"]
-            ids = self.tokenizer.encode(text if not turn_ids else " " + text, add_special_tokens=False)
+            # plain text follows the policy's turn as a new word (a byte-level BPE would glue it to the last one)
+            ids = self.tokenizer.encode(" " + message["content"], add_special_tokens=False)
         else:
             closing = self.closing_text()
             if stopped:

@@ -45,7 +45,7 @@ class CoreView:
 
     @property
     def multi_turn(self) -> bool:
-        """Whether an interaction answers between policy turns (DESIGN.md, "Conversations")."""
+        """Whether an interaction answers between policy turns (docs/multi_turn.md)."""
         return getattr(self.core, "interaction", None) is not None
 
     @property

@@ -122,7 +122,7 @@ _DOC = """{title}
 
     ## Description
 
-    {description} A multi-turn episode (DESIGN.md, "Conversations"): the environment's replies are
+    {description} A multi-turn episode (docs/multi_turn.md): the environment's replies are
     forced tokens (no action, no reward, no KL), marked 0 in ``policy_mask``. The reference model pi_ref is a
     fixed tiny random LM and ``env.unwrapped.optimal_return`` is the exact optimum of the KL-regularised
     objective, by soft dynamic programming over histories with the expectation over the environment's replies.
