@@ -109,7 +109,7 @@ class TextGenCore:
                                                 trust_remote_code=trust_remote_code)
         self.model.requires_grad_(False)
         self.vocab_size = int(self.model.config.vocab_size)
-        self.reward_fn = RewardFunction(reward_fn)
+        self.reward_fn = self._reward_function(reward_fn)
         self.prompts = PromptSource(prompts, self.tokenizer, max_prompt_tokens=max_prompt_tokens)
         self.num_envs, self.group_size = num_envs, group_size
         self.max_new_tokens = max_new_tokens
@@ -154,6 +154,10 @@ class TextGenCore:
         self.rng = np.random.default_rng()
         self.shard = (0, 1)
         """``(k, K)``: these rows are the k-th of K equal shares of a data-parallel batch (see :meth:`set_shard`)"""
+
+    def _reward_function(self, reward_fn) -> RewardFunction | None:
+        """The task score's source (a multi-turn environment's interaction may score instead, and give None)."""
+        return RewardFunction(reward_fn)
 
     def set_shard(self, index: int, count: int) -> None:
         """Make this environment the ``index``-th of ``count`` equal shares of one batch of ``count * num_envs`` rows.

@@ -79,14 +79,25 @@ class TurnResult:
     ``_<key>`` mask"""
 
 
+@dataclass
 class _TurnEnds:
     """The outcome of the turns that ended this step, computed before any state changes (so a failure changes
     nothing): one entry per row in ``rows``."""
 
-    def __init__(self, rows, extra, turn_reward, ended, terminated, reason, replies, roles, scores):
-        self.rows, self.extra, self.turn_reward = rows, extra, turn_reward
-        self.ended, self.terminated, self.reason, self.scores = ended, terminated, reason, scores
-        self.replies, self.roles = replies, roles
+    rows: np.ndarray
+    extra: np.ndarray
+    """what the turn's last token gets besides its KL part: the turn reward, plus the score where the episode ended"""
+    turn_reward: np.ndarray
+    ended: np.ndarray
+    terminated: np.ndarray
+    """ended by the interaction (the others that ended reached a limit)"""
+    reason: np.ndarray
+    """why a limit ended the episode ("max_turns", "context"), "" otherwise"""
+    replies: list
+    """the ids to append after each turn (empty where the episode ended)"""
+    roles: list
+    scores: np.ndarray
+    """the task score where the episode ended, NaN elsewhere"""
 
 
 class MultiTurnCore(TextGenCore):
@@ -103,9 +114,7 @@ class MultiTurnCore(TextGenCore):
         if not self.interaction.scores and reward_fn is None:
             raise ValueError(f"interaction {self.interaction.name} has no score(): pass reward_fn=fn(prompts, "
                              "completions) to score the conversations, or define score(conversation)")
-        super().__init__(reward_fn=reward_fn if reward_fn is not None else _unused_reward, **kwargs)
-        if self.interaction.scores:
-            self.reward_fn = None
+        super().__init__(reward_fn=reward_fn, **kwargs)
         self.max_turns = checks.integer(max_turns, "max_turns", low=1)
         self.max_turn_tokens = checks.integer(max_turn_tokens if max_turn_tokens is not None else self.max_new_tokens,
                                               "max_turn_tokens", low=1)
@@ -136,6 +145,9 @@ class MultiTurnCore(TextGenCore):
         self.episode_seeds[:] = seeds
 
     # ------------------------------------------------------------------ episode starts
+    def _reward_function(self, reward_fn):
+        return None if self.interaction.scores else super()._reward_function(reward_fn)
+
     def _start_interactions(self, rows: np.ndarray, chosen) -> np.ndarray:
         """Start the interactions of new episodes in ``rows``; returns their episode seeds. Each episode's interaction
         draws from a generator of its own, seeded here: a checkpoint stores the seeds and a resumed run starts the
@@ -248,7 +260,8 @@ class MultiTurnCore(TextGenCore):
             scores[finished] = self._score_conversations([conversations[i] for i in finished],
                                                          [len(self.row_prompts[rows[i]].ids) for i in finished])
         extra = turn_reward + np.where(ended, np.nan_to_num(scores), 0.0)
-        return _TurnEnds(rows, extra, turn_reward, ended, terminated, reason, reply_ids, roles, scores)
+        return _TurnEnds(rows=rows, extra=extra, turn_reward=turn_reward, ended=ended, terminated=terminated,
+                         reason=reason, replies=reply_ids, roles=roles, scores=scores)
 
     def _score_conversations(self, conversations: list[Conversation], prompt_lengths: list[int]) -> np.ndarray:
         if self.reward_fn is None:
@@ -567,8 +580,3 @@ def conversation_of(tokenizer, prompt, row: int, ids: list[int], mask: list[int]
         messages.append({"role": role, "content": tokenizer.decode(ids[start:end], skip_special_tokens=True)})
     return Conversation(row=row, prompt=given, messages=messages, ids=list(ids), policy_mask=list(mask), turn=turn,
                         turn_ids=list(turn_ids), stopped=stopped)
-
-
-def _unused_reward(prompts, completions):  # the interaction scores; the core never calls this
-    raise AssertionError("unreachable")
-
