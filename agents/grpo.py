@@ -141,9 +141,10 @@ def aggregate_loss(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str,
 
 def grpo_token_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, *, epsilon_low: float,
                     epsilon_high: float, beta: float, kl_estimator: str = "k3", kl_in_loss: bool = True,
-                    importance_sampling_level: str = "token"):
+                    importance_sampling_level: str = "token", is_weights: torch.Tensor | None = None):
     """Per-token losses ``(n, T)``: the clipped surrogate (token or GSPO sequence ratio), plus ``beta * k_t``
-    when the KL is in the loss. Returns ``(token_loss, ratio, kl)``; ``ratio`` is ``(n, T)`` for token-level
+    when the KL is in the loss; ``is_weights`` ``(n, T)`` weigh each token's surrogate (an off-policy correction).
+    Returns ``(token_loss, ratio, kl)``; ``ratio`` is ``(n, T)`` for token-level
     ratios and ``(n, 1)`` for sequence-level ones; ``kl`` is None when the KL is not in the loss.
     ``advantages`` is ``(n,)``, one per completion, or ``(n, T)``, one per token (turn-level credit)."""
     adv = advantages if advantages.dim() == 2 else advantages[:, None]
@@ -155,6 +156,8 @@ def grpo_token_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, *, e
                          f"got {importance_sampling_level!r}")
     ratio = log_ratio.exp()
     surrogate = torch.min(ratio * adv, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * adv)
+    if is_weights is not None:  # an off-policy correction weighs each token's surrogate (lmgym.agents.common.off_policy)
+        surrogate = surrogate * is_weights
     if not kl_in_loss:
         return -surrogate.expand_as(logprobs), ratio, None
     kl = kl_estimate(logprobs, ref_logprobs, kl_estimator)
@@ -166,6 +169,7 @@ class GRPO(Agent):
 
     config_class = GRPOConfig
     name = "grpo"
+    corrects_off_policy = True
 
     def setup(self) -> None:
         if self.env.group_size < 2:
@@ -180,6 +184,9 @@ class GRPO(Agent):
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         cfg = self.config
+
+        # 0. Off-policy correction: pi_prox recomputed and the behaviour weights, when configured.
+        off_policy = self.correct_off_policy(rollout)
 
         # 1. Group-normalised advantages from the task scores (minus the KL penalty if it is in the reward).
         kl_in_loss = cfg.kl_placement == "loss"
@@ -215,9 +222,10 @@ class GRPO(Agent):
                                                           chunk_size=cfg.logprob_chunk_size)
                 adv = advantages[micro]
                 token_loss, ratio, kl = grpo_token_loss(
-                    logprobs, batch.logprobs, batch.ref_logprobs, adv, batch.mask, epsilon_low=cfg.epsilon_low,
+                    logprobs, batch.old_logprobs, batch.ref_logprobs, adv, batch.mask, epsilon_low=cfg.epsilon_low,
                     epsilon_high=cfg.epsilon_high, beta=self.beta, kl_estimator=cfg.kl_estimator,
-                    kl_in_loss=kl_in_loss, importance_sampling_level=cfg.importance_sampling_level)
+                    kl_in_loss=kl_in_loss, importance_sampling_level=cfg.importance_sampling_level,
+                    is_weights=batch.is_weights)
                 if batch.sampling_weights is not None:  # engine-drawn tokens: truncated IS (lmgym.agents.scale.vllm)
                     token_loss = token_loss * batch.sampling_weights
                 loss = aggregate_loss(token_loss, batch.mask, cfg.loss_type, self.env.max_new_tokens,
@@ -233,7 +241,7 @@ class GRPO(Agent):
                     adv = adv if adv.dim() == 2 else adv[:, None]
                     low, high = ratio < 1 - cfg.epsilon_low, ratio > 1 + cfg.epsilon_high
                     clipped = ((low & (adv < 0)) | (high & (adv > 0))).float().expand_as(batch.mask)
-                    log_ratio = logprobs - batch.logprobs
+                    log_ratio = logprobs - batch.old_logprobs
                     minibatch_loss = loss * cfg.gradient_accumulation_steps if micro_divisor == 1 else loss
                     logged = [("loss/policy", minibatch_loss),  # averaged over micro-batches below
                               ("policy/clipfrac", masked_mean(clipped, batch.mask)),
@@ -244,4 +252,4 @@ class GRPO(Agent):
                     for key, value in logged:
                         stats[key].append(value.detach())
             stats["loss/grad_norm"].append(torch.tensor(self.optimizer_step()))
-        return {k: float(torch.stack(v).mean()) for k, v in stats.items()}
+        return {k: float(torch.stack(v).mean()) for k, v in stats.items()} | off_policy

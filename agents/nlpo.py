@@ -145,7 +145,8 @@ class NLPO(PPO):
     # ------------------------------------------------------------------ PPO with the masked distribution
     def sample(self, query_ids, query_mask):
         cfg = self.config
-        return sample_in_nucleus(self.policy, self.masking_policy, query_ids, query_mask, self.env.max_new_tokens,
+        return sample_in_nucleus(self.sampler_policy, self.masking_policy, query_ids, query_mask,
+                                 self.env.max_new_tokens,
                                  sampling=self.sampling, mask_top_p=cfg.mask_top_p,
                                  min_tokens_to_keep=cfg.min_tokens_to_keep, never_mask=self.never_mask,
                                  stop_token_ids=self.env.stop_token_ids,

@@ -113,12 +113,15 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def ppo_losses(new_logprobs, old_logprobs, advantages, new_values, old_values, returns, mask, clip_coef,
-               clip_value, value_mask=None):
+               clip_value, value_mask=None, is_weights=None):
     """Clipped surrogate and value losses (masked means over tokens; the value loss over ``value_mask`` when
-    given), with the clip fraction and approx KL."""
+    given), with the clip fraction and approx KL. ``is_weights`` (``(n, T)``, no gradient) weigh each token's
+    surrogate: an off-policy correction (:mod:`lmgym.agents.common.off_policy`)."""
     log_ratio = new_logprobs - old_logprobs
     ratio = log_ratio.exp()
     pg_losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_coef, 1 + clip_coef))
+    if is_weights is not None:
+        pg_losses = pg_losses * is_weights
     policy_loss = masked_mean(pg_losses, mask)
     if clip_value > 0:
         clipped = old_values + (new_values - old_values).clamp(-clip_value, clip_value)
@@ -162,6 +165,7 @@ class PPO(Agent):
 
     config_class = PPOConfig
     name = "ppo"
+    corrects_off_policy = True
 
     def setup(self) -> None:
         hidden = self.policy.config.hidden_size
@@ -201,6 +205,9 @@ class PPO(Agent):
     def update(self, rollout: Rollout) -> dict[str, float]:
         cfg, mask = self.config, rollout.mask
 
+        # 0. Off-policy correction: pi_prox recomputed and the behaviour weights, when configured.
+        off_policy = self.correct_off_policy(rollout)
+
         # 1. Values of the states visited, under the current critic.
         with torch.no_grad():  # each process values its share of the rows (lmgym.agents.scale.distributed)
             old_values = self.in_parts(lambda rows: self.forward(rows)[2], rollout) * mask
@@ -235,8 +242,8 @@ class PPO(Agent):
                 batch = rollout.select(micro)
                 logprobs, entropy, values = self.forward(batch)
                 policy_loss, value_loss, clipfrac, approx_kl = ppo_losses(
-                    logprobs, batch.logprobs, advantages[micro], values, old_values[micro], returns[micro],
-                    batch.mask, cfg.clip_coef, cfg.clip_value, value_mask=value_mask[micro])
+                    logprobs, batch.old_logprobs, advantages[micro], values, old_values[micro], returns[micro],
+                    batch.mask, cfg.clip_coef, cfg.clip_value, value_mask=value_mask[micro], is_weights=batch.is_weights)
                 entropy_mean = masked_mean(entropy, batch.mask)
                 loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy_mean
                 if kl_in_loss:
@@ -252,7 +259,7 @@ class PPO(Agent):
                                    ("objective/entropy", entropy_mean)):
                     stats[key].append(value.detach())
             stats["loss/grad_norm"].append(torch.tensor(self.optimizer_step()))
-        metrics = {k: float(torch.stack(v).mean()) for k, v in stats.items()}
+        metrics = {k: float(torch.stack(v).mean()) for k, v in stats.items()} | off_policy
 
         # 4. Explained variance of the critic, and the adaptive KL coefficient.
         flat_ret, flat_val = returns[value_mask.bool()], old_values[value_mask.bool()]

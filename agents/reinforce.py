@@ -93,6 +93,7 @@ class Reinforce(Agent):
 
     config_class = ReinforceConfig
     name = "reinforce"
+    corrects_off_policy = True
 
     def setup(self) -> None:
         if self.config.baseline == "rloo" and self.env.group_size < 2:
@@ -139,6 +140,10 @@ class Reinforce(Agent):
     def update(self, rollout: Rollout) -> dict[str, float]:
         cfg = self.config
 
+        # 0. Off-policy correction: pi_prox recomputed and the behaviour weights, when configured.
+        off_policy = self.correct_off_policy(rollout)
+        weights = rollout.mask if rollout.is_weights is None else rollout.is_weights  # w_t on each policy token
+
         # 1. Sequence returns (the environment's with k1 in the reward; else the score, minus the chosen
         #    estimator's penalty when it is in the reward) and their baseline.
         beta = self.env.kl_coef
@@ -168,10 +173,11 @@ class Reinforce(Agent):
                 with self.autocast():
                     logprobs, entropy, _ = policy_forward(self.policy, batch, sampling=self.sampling,
                                                           chunk_size=cfg.logprob_chunk_size)
+                w = weights[micro]
                 if cfg.turn_level:  # sum_t A_turn(t) log pi(y_t): each token weighs by its turn's advantage
-                    policy_loss = -(token_advantages[micro] * logprobs * batch.mask).sum(1).mean()
+                    policy_loss = -(token_advantages[micro] * logprobs * w).sum(1).mean()
                 else:
-                    sequence_logprob = (logprobs * batch.mask).sum(1)
+                    sequence_logprob = (logprobs * w).sum(1)
                     policy_loss = -(advantages[micro] * sequence_logprob).mean()
                 self.check_finite(**{"loss/policy": policy_loss})
                 loss = policy_loss
@@ -185,7 +191,7 @@ class Reinforce(Agent):
                 stats["loss/policy"].append(policy_loss.detach())
                 stats["objective/entropy"].append(masked_mean(entropy, batch.mask).detach())
             stats["loss/grad_norm"].append(torch.tensor(self.optimizer_step()))
-        metrics = {k: float(torch.stack(v).mean()) for k, v in stats.items()}
+        metrics = {k: float(torch.stack(v).mean()) for k, v in stats.items()} | off_policy
         metrics["objective/advantage_std"] = float(advantages.std())
         return metrics
 

@@ -37,6 +37,7 @@ from lmgym.utils import fast_paths
 from lmgym.utils.heap import returning_large_frees
 from lmgym.models import resolve_device, sample_continuations, to_left_padded
 from lmgym.models.sampling import Sampling
+from lmgym.models.precision import RolloutPrecision, as_autocast_dtype, compute_copy, refresh_compute_copy
 
 __all__ = ["AgentConfig", "Agent", "Rollout", "Callback", "TrainingError", "CheckpointError", "ConfigError",
            "ValueHead", "policy_forward", "masked_mean", "masked_whiten"]
@@ -73,6 +74,8 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
 
     config_class = AgentConfig
     name = "agent"
+    corrects_off_policy = False
+    """whether :meth:`update` applies ``off_policy_correction`` (calls :meth:`correct_off_policy` and weighs its loss)"""
 
     def __init__(self, env, config: AgentConfig | None = None, *, policy=None, peft_config=None,
                  logdir: str | os.PathLike | None = None, device=None, weights_only: bool = False, **overrides):
@@ -80,6 +83,9 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
             raise TypeError(f"{type(self).__name__} needs an lmgym TextGenVectorEnv (gym.make_vec('lmgym/...')), "
                             f"got {type(env).__name__}")
         self.config = self.make_config(config, overrides)
+        if self.config.off_policy_correction != "none" and not self.corrects_off_policy:
+            raise ConfigError(f"{type(self).__name__} has no off-policy correction (off_policy_correction="
+                              f"{self.config.off_policy_correction!r}); PPO, GRPO, REINFORCE and RLOO have them")
         self.env = env
         self.weights_only = weights_only
         self.device = resolve_device(device) if device is not None else env.device
@@ -116,6 +122,7 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
             sharding.shard_policy(self.policy)
         # one fused kernel per step instead of a chain of elementwise ops per parameter (same update up to
         # float rounding); not with FSDP (the fused kernel cannot take sharded tensors) nor on other devices
+        self._setup_rollout_precision()
         fused = self.device.type in ("cpu", "cuda") and not self.sharded
         if not fused:
             fast_paths.fall_back("fused AdamW", "the policy is FSDP-sharded" if self.sharded
@@ -208,8 +215,43 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
         return active() if active is not None else contextlib.nullcontext()
 
     def autocast(self):
+        """The update's forwards: bfloat16 autocast on CUDA when ``bf16`` is set (see :meth:`rollout_context` for
+        the rollout's)."""
         enabled = self.config.bf16 and self.device.type == "cuda"
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _setup_rollout_precision(self) -> None:
+        """Sample in the precision the environment scores the reference in (:mod:`lmgym.models.precision`).
+
+        The autocast of the rollout's forwards (``rollout_autocast``) is set on the environment too, and a
+        policy whose float32 master weights differ from the reference's dtype samples with a compute copy in
+        that dtype, so the KL term is 0 up to rounding while the policy equals the reference.
+        """
+        choice = self.config.rollout_autocast
+        if choice == "auto":
+            current = self.env.precision.autocast
+            autocast = current if current is not None else (
+                torch.bfloat16 if self.config.bf16 and self.device.type == "cuda" else None)
+        else:
+            autocast = as_autocast_dtype(choice)
+        self.env.set_autocast(autocast)
+        self.rollout_precision = RolloutPrecision(weights=self.env.precision.weights, autocast=autocast)
+        """the precision transform of the rollout's forwards, the policy's sampling and the reference's scoring"""
+        if self.sharded or hasattr(self.policy, "active"):
+            # a LoRA policy runs on the reference's own weights; an FSDP-sharded one cannot be copied whole
+            self.sampler_policy = self.policy
+        else:
+            self.sampler_policy = compute_copy(self.policy, self.rollout_precision.weights)
+        """the module that samples: the policy, or its compute copy in the reference's dtype (refreshed from the
+        master weights before each rollout)"""
+
+    def rollout_context(self):
+        """The context of the rollout's forwards: the autocast of :attr:`rollout_precision` (if any)."""
+        return self.rollout_precision.context(self.device)
+
+    def sync_sampler(self) -> None:
+        """Bring the sampler's compute copy up to the policy's current weights (a no-op when it is the policy)."""
+        refresh_compute_copy(self.sampler_policy, self.policy)
 
     @torch.no_grad()
     def collect(self) -> Rollout:
@@ -225,8 +267,9 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
             return collect_turns(self)
         obs = self.env.observation()
         query_ids, query_mask = to_left_padded(obs["input_ids"], obs["attention_mask"], self.env.max_prompt_tokens)
+        self.sync_sampler()
         self.policy.eval()
-        with self.autocast():
+        with self.rollout_context():
             tokens, logprobs = self.sample(query_ids, query_mask)
         self.policy.train()
         if not bool(torch.isfinite(logprobs).all()):
@@ -242,14 +285,15 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
                        scores=result.scores, kl=result.kl, lengths=result.lengths, group_size=self.env.group_size,
                        prompts=result.prompts, completions=result.completions,
                        # set by an engine sampler (lmgym.agents.scale.vllm) for the rollout it just drew
-                       sampling_weights=self.__dict__.pop("pending_sampling_weights", None))
+                       sampling_weights=self.__dict__.pop("pending_sampling_weights", None),
+                       policy_version=self.optimizer_steps)
 
     def sample(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Continuations of the left-padded prompts and the log-probs of their tokens under the distribution
         sampled from: the policy's under :attr:`sampling`. An algorithm that samples from another
         distribution (NLPO's masked nucleus) overrides this; its log-probs are the ones the environment sees."""
         return sample_continuations(
-            self.policy, query_ids, query_mask, self.env.max_new_tokens, stop_token_ids=self.env.stop_token_ids,
+            self.sampler_policy, query_ids, query_mask, self.env.max_new_tokens, stop_token_ids=self.env.stop_token_ids,
             pad_token_id=self.env.tokenizer.pad_token_id, temperature=self.sampling.temperature,
             top_k=self.sampling.top_k, top_p=self.sampling.top_p, generator=self.generator,
             **self.sampling_share())

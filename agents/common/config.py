@@ -22,6 +22,8 @@ import typing
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+from lmgym.agents.common.off_policy import CORRECTIONS
+
 __all__ = ["ConfigError", "Range", "OneOf", "check_config", "config_problems", "AgentConfig"]
 
 
@@ -206,6 +208,19 @@ class AgentConfig:
     """sample from the smallest set of most probable tokens reaching this probability, in (0, 1] (1: all)"""
     bf16: bool = True
     """bfloat16 autocast for forward passes on a CUDA device (ignored on the CPU); weights stay float32"""
+    rollout_autocast: Annotated[str, OneOf("auto", "off", "bfloat16", "float16")] = "auto"
+    """autocast of the rollout's forwards, the policy's sampling and the environment's reference alike (auto: the
+    environment's setting, else bfloat16 on CUDA when bf16 is set, else off); bfloat16 speeds up a CPU with
+    AVX512-BF16 or AMX"""
+    off_policy_correction: Annotated[str, OneOf(*CORRECTIONS)] = "none"
+    """weighting of tokens another distribution sampled (a stale policy, another precision): none, tis_token,
+    tis_sequence, mis_token, mis_sequence, decoupled (lmgym.agents.common.off_policy)"""
+    is_cap: Annotated[float, Range(ge=1)] = 2.0
+    """C: the truncation of the tis_* importance weights"""
+    is_band_low: Annotated[float, Range(gt=0, le=1)] = 0.5
+    """mis_*: tokens (sequences) whose importance ratio is below this are dropped"""
+    is_band_high: Annotated[float, Range(ge=1)] = 2.0
+    """mis_*: tokens (sequences) whose importance ratio is above this are dropped"""
     disable_dropout: bool = True
     """set every dropout probability of the trained model(s) to 0, so rollouts, ratios and values agree"""
     logprob_chunk_size: Annotated[int, Range(ge=0)] = 0

@@ -23,7 +23,8 @@ class Rollout:
     mask: torch.Tensor
     """1.0 for the policy's tokens inside the episode (multi-turn: 0 on the environment's replies)"""
     logprobs: torch.Tensor
-    """log pi_old of each token, from sampling"""
+    """log mu of each token: the distribution that actually sampled it (the behaviour policy), as the environment's KL
+    used it"""
     ref_logprobs: torch.Tensor
     """log pi_ref of each token"""
     rewards: torch.Tensor
@@ -45,11 +46,23 @@ class Rollout:
     sampling_weights: torch.Tensor | None = None
     """per-token truncated importance weights min(pi_old / mu, cap) when another sampler mu (a vLLM engine) drew
     the tokens (:mod:`lmgym.agents.scale.vllm`); None when the policy sampled them itself"""
+    proximal_logprobs: torch.Tensor | None = None
+    """log pi_prox of each token: the trainer's weights at the start of the update, recomputed when an off-policy
+    correction is on (:mod:`lmgym.agents.common.off_policy`); None: pi_old is :attr:`logprobs`"""
+    is_weights: torch.Tensor | None = None
+    """per-token weights of the off-policy correction (None: no correction)"""
+    policy_version: int = 0
+    """the optimizer steps the sampling weights had taken (an asynchronous collector's rollout lags behind)"""
     task_rewards: torch.Tensor | None = None
     """multi-turn: per-token rewards without the KL part, each turn reward on its turn's last token and the score
     on the episode's last (None for single-turn episodes: the score alone, on the last token)"""
     turn_index: torch.Tensor | None = None
     """multi-turn: the policy turn (0, 1, ...) each token belongs to, -1 on the environment's tokens and padding"""
+
+    @property
+    def old_logprobs(self) -> torch.Tensor:
+        """log pi_old, the clipped surrogate's anchor: the proximal policy's when recomputed, else the sampler's."""
+        return self.logprobs if self.proximal_logprobs is None else self.proximal_logprobs
 
     @property
     def returns(self) -> torch.Tensor:

@@ -41,9 +41,10 @@ def collect_turns(agent) -> Rollout:
     prompts = [row[m.bool()].tolist() for row, m in zip(query_ids.cpu(), query_mask.cpu())]
     prompt_texts = list(env.prompts)  # the rows restart on new prompts once every episode has ended
     mask_model, mask_fn = agent.turn_mask()
+    agent.sync_sampler()
     agent.policy.eval()
-    with agent.autocast():
-        sampler = TurnSampler(agent.policy, prompts, max_sequence_length=env.max_length, sampling=agent.sampling,
+    with agent.rollout_context():
+        sampler = TurnSampler(agent.sampler_policy, prompts, max_sequence_length=env.max_length, sampling=agent.sampling,
                               stop_token_ids=env.stop_token_ids, pad_token_id=env.tokenizer.pad_token_id,
                               generator=agent.generator, mask_model=mask_model, mask_fn=mask_fn)
     pad = env.tokenizer.pad_token_id
@@ -59,7 +60,7 @@ def collect_turns(agent) -> Rollout:
     columns = torch.arange(width, device=device)
     turn = 0
     while True:
-        with agent.autocast():
+        with agent.rollout_context():
             turn_tokens, turn_logprobs, lengths = sampler.sample_turn(running, env.max_turn_tokens, budget - offset)
         if not bool(torch.isfinite(turn_logprobs).all()):
             raise TrainingError(f"the policy's log-probs are not finite at iteration {agent.iteration}: its weights "
@@ -104,7 +105,7 @@ def collect_turns(agent) -> Rollout:
             rcols = offset[:, None] + torch.arange(reply.shape[1], device=device)
             rrows = torch.arange(n, device=device)[:, None].expand_as(rcols)
             tokens[rrows[within], rcols[within]] = reply[within]
-            with agent.autocast():
+            with agent.rollout_context():
                 sampler.feed(reply, counts)
             offset = offset + counts
         running = running & ~done
@@ -122,4 +123,5 @@ def collect_turns(agent) -> Rollout:
                    ref_logprobs=per_token["ref_logprobs"][:, :used], rewards=per_token["rewards"][:, :used],
                    scores=scores, kl=per_token["kl"][:, :used], lengths=offset, group_size=env.group_size,
                    prompts=prompt_texts, completions=completions,
-                   task_rewards=per_token["task_rewards"][:, :used], turn_index=turn_index[:, :used])
+                   task_rewards=per_token["task_rewards"][:, :used], turn_index=turn_index[:, :used],
+                   policy_version=agent.optimizer_steps)

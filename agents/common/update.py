@@ -10,6 +10,8 @@ import torch
 
 from lmgym.agents.common import checkpoint as checkpoints
 from lmgym.agents.common.config import ConfigError
+from lmgym.agents.common.forward import policy_forward
+from lmgym.agents.common.off_policy import correction_weights
 from lmgym.agents.common.rollout import Rollout
 from lmgym.agents.scale import sharding
 
@@ -67,6 +69,50 @@ class UpdateSteps:
             return fn(rollout)
         share = torch.arange(len(rollout), device=self.device).chunk(self.distributed.world_size)
         return self.distributed.gather_rows(fn(rollout.select(share[self.distributed.rank])))
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps taken so far: AdamW's own count, so a resumed run continues it with no state of its own."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                state = self.optimizer.state.get(p)
+                if state and "step" in state:
+                    return int(state["step"])
+        return 0
+
+    def correct_off_policy(self, rollout: "Rollout") -> dict[str, float]:
+        """Fill ``rollout.proximal_logprobs`` and ``rollout.is_weights`` for the configured off-policy correction
+        (:mod:`lmgym.agents.common.off_policy`); returns its metrics. With ``"none"``: nothing to do.
+
+        ``log pi_prox`` is one forward of the current weights, without gradients, in the trainer's precision.
+        """
+        cfg = self.config
+        metrics = {"off_policy/lag": float(self.optimizer_steps - rollout.policy_version)}
+        if cfg.off_policy_correction == "none":
+            return metrics
+        with torch.no_grad():
+            proximal = self.in_parts(self.token_logprobs, rollout)
+        rollout.proximal_logprobs = proximal
+        rollout.is_weights = correction_weights(proximal, rollout.logprobs, rollout.mask, cfg.off_policy_correction,
+                                                cap=cfg.is_cap, band=(cfg.is_band_low, cfg.is_band_high))
+        inside = rollout.mask > 0
+        log_rho = (proximal - rollout.logprobs)[inside]
+        metrics.update({"off_policy/log_rho_mean": float(log_rho.mean()) if log_rho.numel() else 0.0,
+                        "off_policy/log_rho_abs_max": float(log_rho.abs().max()) if log_rho.numel() else 0.0,
+                        "off_policy/weight_mean": float(rollout.is_weights[inside].mean()) if log_rho.numel() else 1.0,
+                        "off_policy/zero_weight_frac": float((rollout.is_weights[inside] == 0).float().mean())
+                        if log_rho.numel() else 0.0})
+        return metrics
+
+    def token_logprobs(self, batch: "Rollout") -> torch.Tensor:
+        """log pi_theta ``(N, T)`` of the batch's tokens under the current weights, as the update computes them (the
+        agent's ``forward`` where it has one, e.g. NLPO's masked distribution)."""
+        forward = getattr(self, "forward", None)
+        if forward is not None:
+            return forward(batch)[0]
+        with self.autocast():
+            return policy_forward(self.policy, batch, sampling=self.sampling,
+                                  chunk_size=self.config.logprob_chunk_size)[0]
 
     def _last_good(self) -> str:
         return (f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint

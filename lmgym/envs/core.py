@@ -41,6 +41,7 @@ from lmgym.envs.prompt_draw import PromptDraw
 from lmgym.envs.prompts import Prompt, PromptSource
 from lmgym.rewards.functions import RewardFunction
 from lmgym.models.sampling import Sampling
+from lmgym.models.precision import RolloutPrecision, as_autocast_dtype
 
 __all__ = ["TextGenCore", "SequenceResult", "EpisodeError"]
 
@@ -186,6 +187,16 @@ class TextGenCore:
         if not isinstance(sampling, Sampling):
             raise TypeError(f"sampling must be an lmgym.models.sampling.Sampling, got {type(sampling).__name__}")
         self.sampling = sampling
+
+    @property
+    def precision(self) -> RolloutPrecision:
+        """The precision the reference's forwards run in: its weights' dtype and the autocast set (if any)."""
+        return self.ref.precision
+
+    def set_autocast(self, dtype) -> None:
+        """Run the reference's forwards under ``torch.autocast`` to ``dtype`` (``"bfloat16"``, ``"float16"``), or
+        not (None). An agent sampling under the same autocast sees a KL of 0 (up to rounding) at iteration 0."""
+        self.ref.precision = RolloutPrecision(weights=self.ref.precision.weights, autocast=as_autocast_dtype(dtype))
 
     def _ref_next_logprobs(self) -> torch.Tensor:
         """log pi_ref of every next token, transformed as the agent samples."""

@@ -91,6 +91,20 @@ class CoreView:
     def sampling(self, value) -> None:
         self.core.set_sampling(value)
 
+    @property
+    def precision(self):
+        """The :class:`lmgym.models.precision.RolloutPrecision` of the reference's forwards (weights dtype, autocast).
+
+        A policy whose log-probs reach the KL term should compute them in the same precision (lmgym's agents
+        sample with a compute copy in :attr:`precision`'s weights dtype, under its autocast), so that the KL is 0
+        up to rounding while the policy equals the reference, whatever dtype the reference was loaded in.
+        """
+        return self.core.precision
+
+    def set_autocast(self, dtype) -> None:
+        """Run the reference's forwards under ``torch.autocast`` to ``"bfloat16"`` / ``"float16"``, or not (None)."""
+        self.core.set_autocast(dtype)
+
     def bind_policy(self, fn) -> None:
         """Bind ``fn(observation, actions) -> log pi`` (batched torch tensors) so the KL term is exact
         when no log-probs are handed over with the actions; ``None`` unbinds."""

@@ -17,6 +17,7 @@ import torch
 from lmgym.models import kv_cache
 from lmgym.models.hf_api import accepts_logits_to_keep, cache_keyword, cache_of, model_name
 from lmgym.models.padding import left_pad
+from lmgym.models.precision import RolloutPrecision
 from lmgym.utils import fast_paths
 
 __all__ = ["CachedLM", "token_logprobs", "sample_continuations"]
@@ -53,6 +54,8 @@ class CachedLM:
         self.max_sequence_length = max_sequence_length
         self._keep_last = accepts_logits_to_keep(model, report=True)
         self._cache_keyword = cache_keyword(model, required=True)  # asked once: append runs at every token
+        self.precision = RolloutPrecision(weights=next(model.parameters()).dtype)
+        """the precision transform of every forward (:mod:`lmgym.models.precision`); the environment sets its autocast"""
         self.cache = None
         self.mask: torch.Tensor | None = None  # (batch, cache columns) 1 where a column is a real token
         self.ids: torch.Tensor | None = None  # (batch, cache columns) the token in each column
@@ -70,7 +73,8 @@ class CachedLM:
                       **{self._cache_keyword: cache})
         if last_only and self._keep_last:
             kwargs["logits_to_keep"] = 1
-        return self.model(**kwargs)
+        with self.precision.context(self.device):
+            return self.model(**kwargs)
 
     @torch.no_grad()
     def _prefill(self, prompts: list[list[int]]):
