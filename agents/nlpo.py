@@ -97,6 +97,8 @@ class NLPO(PPO):
 
     config_class = NLPOConfig
     name = "nlpo"
+    samples_asynchronously = False
+    samples_asynchronously_reason = "its masking policy, which the sampler reads, is refreshed during updates"
 
     def setup(self) -> None:
         super().setup()
@@ -150,7 +152,7 @@ class NLPO(PPO):
                                  sampling=self.sampling, mask_top_p=cfg.mask_top_p,
                                  min_tokens_to_keep=cfg.min_tokens_to_keep, never_mask=self.never_mask,
                                  stop_token_ids=self.env.stop_token_ids,
-                                 pad_token_id=self.env.tokenizer.pad_token_id, generator=self.generator,
+                                 pad_token_id=self.env.tokenizer.pad_token_id, generator=self.sampling_generator,
                                  **self.sampling_share())
 
     def turn_mask(self):

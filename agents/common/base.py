@@ -76,6 +76,10 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
     name = "agent"
     corrects_off_policy = False
     """whether :meth:`update` applies ``off_policy_correction`` (calls :meth:`correct_off_policy` and weighs its loss)"""
+    samples_asynchronously = True
+    """whether the asynchronous collector may sample for this agent (its sampling reads nothing the update changes)"""
+    samples_asynchronously_reason = ""
+    """why not, when not"""
 
     def __init__(self, env, config: AgentConfig | None = None, *, policy=None, peft_config=None,
                  logdir: str | os.PathLike | None = None, device=None, weights_only: bool = False, **overrides):
@@ -114,6 +118,12 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
         # reference itself (see lmgym.agents.common.policy and lmgym.agents.common.lora)
         self.policy = build_policy(env, self.config, self.device, policy=policy, peft_config=peft_config)
         self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        # sampling draws from the same generator as the minibatch order, except while a collector thread samples
+        # concurrently with the update (async_collect with max_lag >= 1): each thread then has its own
+        concurrent = self.config.async_collect and self.config.max_lag > 0
+        self.sampling_generator = torch.Generator(device=self.device).manual_seed(self.config.seed + 1) \
+            if concurrent else self.generator
+        self._collector = None
         self.setup()
         # FSDP when the launch asks for it (lmgym.agents.scale.sharding): the policy's weights, gradients and AdamW
         # moments are then split over the processes (with LoRA: the base, which is the env's reference model).
@@ -123,6 +133,7 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
         # one fused kernel per step instead of a chain of elementwise ops per parameter (same update up to
         # float rounding); not with FSDP (the fused kernel cannot take sharded tensors) nor on other devices
         self._setup_rollout_precision()
+        self._check_async()
         fused = self.device.type in ("cpu", "cuda") and not self.sharded
         if not fused:
             fast_paths.fall_back("fused AdamW", "the policy is FSDP-sharded" if self.sharded
@@ -240,10 +251,13 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
         if self.sharded or hasattr(self.policy, "active"):
             # a LoRA policy runs on the reference's own weights; an FSDP-sharded one cannot be copied whole
             self.sampler_policy = self.policy
-        else:
-            self.sampler_policy = compute_copy(self.policy, self.rollout_precision.weights)
+        else:  # the asynchronous collector's thread samples with a module of its own: the update changes the policy
+            self.sampler_policy = compute_copy(self.policy, self.rollout_precision.weights,
+                                               always=self.config.async_collect)
         """the module that samples: the policy, or its compute copy in the reference's dtype (refreshed from the
         master weights before each rollout)"""
+        self.sampler_version = 0
+        """the iteration whose weights the sampler holds"""
 
     def rollout_context(self):
         """The context of the rollout's forwards: the autocast of :attr:`rollout_precision` (if any)."""
@@ -252,12 +266,18 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
     def sync_sampler(self) -> None:
         """Bring the sampler's compute copy up to the policy's current weights (a no-op when it is the policy)."""
         refresh_compute_copy(self.sampler_policy, self.policy)
+        self.sampler_version = self.iteration
 
-    @torch.no_grad()
     def collect(self) -> Rollout:
         """Sample one continuation per env with the policy (KV-cached) and score the batch in one call; on a
         multi-turn environment, one turn per running row at a time until every episode has ended
         (:func:`lmgym.agents.common.turn_rollout.collect_turns`)."""
+        self.sync_sampler()
+        return self._collect_rollout()
+
+    @torch.no_grad()
+    def _collect_rollout(self) -> Rollout:
+        """:meth:`collect` with the sampler's weights as they are (the asynchronous collector loads its own)."""
         if not self._env_started:
             self.env.reset(seed=self.config.seed)
             self._env_started = True
@@ -267,11 +287,11 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
             return collect_turns(self)
         obs = self.env.observation()
         query_ids, query_mask = to_left_padded(obs["input_ids"], obs["attention_mask"], self.env.max_prompt_tokens)
-        self.sync_sampler()
-        self.policy.eval()
+        self.sampler_policy.eval()
         with self.rollout_context():
             tokens, logprobs = self.sample(query_ids, query_mask)
-        self.policy.train()
+        if self.sampler_policy is self.policy:
+            self.policy.train()
         if not bool(torch.isfinite(logprobs).all()):
             raise TrainingError(f"the policy's log-probs are not finite at iteration {self.iteration}: its weights "
                                 f"are non-finite or too large{self._last_good()}.")
@@ -286,7 +306,7 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
                        prompts=result.prompts, completions=result.completions,
                        # set by an engine sampler (lmgym.agents.scale.vllm) for the rollout it just drew
                        sampling_weights=self.__dict__.pop("pending_sampling_weights", None),
-                       policy_version=self.optimizer_steps)
+                       policy_version=self.sampler_version)
 
     def sample(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Continuations of the left-padded prompts and the log-probs of their tokens under the distribution
@@ -295,7 +315,7 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
         return sample_continuations(
             self.sampler_policy, query_ids, query_mask, self.env.max_new_tokens, stop_token_ids=self.env.stop_token_ids,
             pad_token_id=self.env.tokenizer.pad_token_id, temperature=self.sampling.temperature,
-            top_k=self.sampling.top_k, top_p=self.sampling.top_p, generator=self.generator,
+            top_k=self.sampling.top_k, top_p=self.sampling.top_p, generator=self.sampling_generator,
             **self.sampling_share())
 
     def turn_mask(self):
@@ -313,10 +333,41 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
                 "all_finished": self.distributed.all_finished}
 
     def training_batch(self):
-        """The data one iteration of :meth:`learn` trains on: a fresh rollout. An offline algorithm (DPO on a
+        """The data one iteration of :meth:`learn` trains on: a fresh rollout (with ``async_collect``, the one the
+        collector's thread sampled, :mod:`lmgym.agents.common.collector`). An offline algorithm (DPO on a
         preference file) returns its next batch instead: anything with ``lengths`` (tokens per row, counted as
         steps) and ``len()``, that its :meth:`update` and :meth:`rollout_metrics` read."""
-        return self.collect()
+        if not self.config.async_collect:
+            return self.collect()
+        if self._collector is None:
+            from lmgym.agents.common.collector import AsyncCollector
+
+            self._collector = AsyncCollector(self)
+        return self._collector.next()
+
+    def stop_collector(self) -> None:
+        """Stop the asynchronous collector, if one runs: rollouts sampled but not trained on are dropped and the
+        environment and sampling generator rewound, so they are sampled again when training goes on."""
+        if self._collector is not None:
+            collector, self._collector = self._collector, None
+            collector.stop()
+
+    def _check_async(self) -> None:
+        cfg = self.config
+        if not cfg.async_collect:
+            return
+        reason = None
+        if self.distributed.active:
+            reason = "data-parallel processes sample in lockstep"
+        elif hasattr(self.policy, "active"):
+            reason = "a LoRA policy shares its base weights with the reference the environment scores with"
+        elif type(self).training_batch is not Agent.training_batch:
+            reason = f"{type(self).__name__} trains on batches of its own, not on rollouts"
+        elif not self.samples_asynchronously:
+            reason = self.samples_asynchronously_reason
+        if reason is not None:
+            raise ConfigError(f"async_collect: {type(self).__name__} cannot sample in a background thread: {reason}; "
+                              "set async_collect=False")
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         """One training update on a rollout; returns metrics to log. Algorithms implement this."""
@@ -377,12 +428,16 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
                 if self.config.checkpoint_every and self.iteration % self.config.checkpoint_every == 0:
                     self.checkpoint()
                     saved_at = self.iteration
+                if self._collector is not None:  # the collector's thread may sample with these weights now
+                    self._collector.publish()
                 stop = any(self._call(cb, metrics) is False for cb in callbacks)
                 if self.distributed.any(stop):  # one process's callback (a time budget) stops them all
                     break
+            self.stop_collector()  # what it sampled ahead is rewound before the final checkpoint
             if self.logdir is not None and saved_at != self.iteration:  # not just written by checkpoint_every
                 self.checkpoint()
         finally:
+            self.stop_collector()
             # the bar ends at the steps trained: the last iteration may overshoot the budget (episodes are not
             # cut), a callback (a time budget) may stop short of it
             bar.total = bar.n

@@ -185,6 +185,8 @@ def save(agent, path: str | os.PathLike, *, overwrite: bool = False, env: dict |
         for name, weights in modules.items():
             save_file({k: v.contiguous().cpu() for k, v in weights.items()}, tmp / f"{name}.safetensors")
         rng = {"torch_cpu": torch.get_rng_state(), "generator": agent.generator.get_state().cpu()}
+        if agent.sampling_generator is not agent.generator:  # an asynchronous collector's own (max_lag >= 1)
+            rng["sampling_generator"] = agent.sampling_generator.get_state().cpu()
         optimizer = agent.optimizer.state_dict() if optimizer_state is None else optimizer_state
         torch.save({"optimizer": optimizer, "rng": rng}, tmp / TRAINER)
         state = agent.state()
@@ -487,7 +489,10 @@ def _check_trainer_state(agent, path: Path) -> dict:
         trainer = _dict(trainer, "the trainer state", "a dict")
         _check_optimizer_state(agent.optimizer, trainer.get("optimizer"))
         rng = _dict(trainer.get("rng"), "rng", "a dict")
-        for key, scratch in (("torch_cpu", torch.Generator()), ("generator", torch.Generator(device=agent.device))):
+        keys = [("torch_cpu", torch.Generator()), ("generator", torch.Generator(device=agent.device))]
+        if agent.sampling_generator is not agent.generator and "sampling_generator" in rng:
+            keys.append(("sampling_generator", torch.Generator(device=agent.device)))
+        for key, scratch in keys:
             value = rng.get(key)
             if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
                 raise _Problem(f"rng.{key} must be a uint8 tensor, got {type(value).__name__}")
@@ -626,6 +631,9 @@ def _restore_training_state(agent, path: Path, state: dict, trainer: dict, chang
             group["lr"] = cfg.learning_rate
     torch.set_rng_state(trainer["rng"]["torch_cpu"])
     agent.generator.set_state(trainer["rng"]["generator"])
+    if agent.sampling_generator is not agent.generator and "sampling_generator" in trainer["rng"]:
+        # (a checkpoint of a synchronous run has none: its resumed asynchronous sampler starts from its seed)
+        agent.sampling_generator.set_state(trainer["rng"]["sampling_generator"])
     agent.global_step, agent.iteration, agent.episodes = state["global_step"], state["iteration"], state["episodes"]
 
     # The environment's beta: the checkpoint's (possibly adapted) value continues the run, unless this

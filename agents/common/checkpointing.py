@@ -118,6 +118,7 @@ class Checkpointing:
         if self.logdir is None:
             return None
         self.hold_logdir()
+        self.stop_collector()  # nothing in flight: the environment and generators are those of the next rollout
         payload = self._checkpoint_payload()  # every process takes part
 
         def write() -> Path:  # on process 0 only

@@ -212,6 +212,11 @@ class AgentConfig:
     """autocast of the rollout's forwards, the policy's sampling and the environment's reference alike (auto: the
     environment's setting, else bfloat16 on CUDA when bf16 is set, else off); bfloat16 speeds up a CPU with
     AVX512-BF16 or AMX"""
+    async_collect: bool = False
+    """sample the next rollouts in a background thread while the update runs (lmgym.agents.common.collector)"""
+    max_lag: Annotated[int, Range(ge=0)] = 1
+    """async_collect: each rollout is sampled with the weights of exactly this many updates before the one that trains
+    on it (0: the synchronous loop, identical results)"""
     off_policy_correction: Annotated[str, OneOf(*CORRECTIONS)] = "none"
     """weighting of tokens another distribution sampled (a stale policy, another precision): none, tis_token,
     tis_sequence, mis_token, mis_sequence, decoupled (lmgym.agents.common.off_policy)"""

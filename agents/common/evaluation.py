@@ -27,9 +27,10 @@ class Evaluation:
         result then also holds ``samples``, ``(prompt, completion, score)`` per episode.
         """
         seed = self.config.seed + 10_000 if seed is None else seed
-        saved_generator, saved_started = self.generator, self._env_started
+        self.stop_collector()  # the environment is the evaluation's now; the collector's thread resumes after it
+        saved_generators, saved_started = (self.generator, self.sampling_generator), self._env_started
         env_state = self._env_snapshot() if self._env_started else None
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.generator = self.sampling_generator = torch.Generator(device=self.device).manual_seed(seed)
         samples = []
         try:
             if prompts is None:
@@ -45,7 +46,7 @@ class Evaluation:
                 finally:
                     self._shard_sampling, self.env.core.shard = True, saved_shard
         finally:
-            self.generator = saved_generator
+            self.generator, self.sampling_generator = saved_generators
             self._env_started = saved_started
             if env_state is not None:
                 self._env_restore(env_state)

@@ -41,12 +41,11 @@ def collect_turns(agent) -> Rollout:
     prompts = [row[m.bool()].tolist() for row, m in zip(query_ids.cpu(), query_mask.cpu())]
     prompt_texts = list(env.prompts)  # the rows restart on new prompts once every episode has ended
     mask_model, mask_fn = agent.turn_mask()
-    agent.sync_sampler()
-    agent.policy.eval()
+    agent.sampler_policy.eval()
     with agent.rollout_context():
         sampler = TurnSampler(agent.sampler_policy, prompts, max_sequence_length=env.max_length, sampling=agent.sampling,
                               stop_token_ids=env.stop_token_ids, pad_token_id=env.tokenizer.pad_token_id,
-                              generator=agent.generator, mask_model=mask_model, mask_fn=mask_fn)
+                              generator=agent.sampling_generator, mask_model=mask_model, mask_fn=mask_fn)
     pad = env.tokenizer.pad_token_id
     tokens = torch.full((n, width), pad, dtype=torch.long, device=device)
     per_token = {k: torch.zeros((n, width), dtype=torch.float32, device=device)
@@ -112,7 +111,8 @@ def collect_turns(agent) -> Rollout:
         turn += 1
         if result.all_done:
             break
-    agent.policy.train()
+    if agent.sampler_policy is agent.policy:
+        agent.policy.train()
     used = max(int(offset.max()), 1)
     inside_episode = columns[:used] < offset[:, None]
     completions = env.tokenizer.batch_decode([row[:k] for row, k in zip(tokens.tolist(), offset.tolist())],
@@ -124,4 +124,4 @@ def collect_turns(agent) -> Rollout:
                    scores=scores, kl=per_token["kl"][:, :used], lengths=offset, group_size=env.group_size,
                    prompts=prompt_texts, completions=completions,
                    task_rewards=per_token["task_rewards"][:, :used], turn_index=turn_index[:, :used],
-                   policy_version=agent.optimizer_steps)
+                   policy_version=agent.sampler_version)

@@ -70,16 +70,6 @@ class UpdateSteps:
         share = torch.arange(len(rollout), device=self.device).chunk(self.distributed.world_size)
         return self.distributed.gather_rows(fn(rollout.select(share[self.distributed.rank])))
 
-    @property
-    def optimizer_steps(self) -> int:
-        """Optimizer steps taken so far: AdamW's own count, so a resumed run continues it with no state of its own."""
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                state = self.optimizer.state.get(p)
-                if state and "step" in state:
-                    return int(state["step"])
-        return 0
-
     def correct_off_policy(self, rollout: "Rollout") -> dict[str, float]:
         """Fill ``rollout.proximal_logprobs`` and ``rollout.is_weights`` for the configured off-policy correction
         (:mod:`lmgym.agents.common.off_policy`); returns its metrics. With ``"none"``: nothing to do.
@@ -87,7 +77,7 @@ class UpdateSteps:
         ``log pi_prox`` is one forward of the current weights, without gradients, in the trainer's precision.
         """
         cfg = self.config
-        metrics = {"off_policy/lag": float(self.optimizer_steps - rollout.policy_version)}
+        metrics = {"off_policy/lag": float(self.iteration - rollout.policy_version)}
         if cfg.off_policy_correction == "none":
             return metrics
         with torch.no_grad():

@@ -68,9 +68,10 @@ def _floating_dtype(module: torch.nn.Module) -> torch.dtype:
     return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 
-def compute_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """``module`` itself when its weights are already ``dtype``; else a frozen eval-mode copy cast to ``dtype``."""
-    if _floating_dtype(module) == dtype:
+def compute_copy(module: torch.nn.Module, dtype: torch.dtype, *, always: bool = False) -> torch.nn.Module:
+    """``module`` itself when its weights are already ``dtype`` (unless ``always``); else a frozen eval-mode copy
+    cast to ``dtype``."""
+    if _floating_dtype(module) == dtype and not always:
         return module
     clone = copy.deepcopy(module).to(dtype).eval().requires_grad_(False)
     return clone

@@ -1,0 +1,122 @@
+"""The asynchronous collector (issue 24, item 1): lag 0 is the synchronous loop, lag k is exactly k, resume is exact."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from lmgym.agents import GRPO, NLPO, PPO, Reinforce
+from lmgym.agents.common.config import ConfigError
+
+STEPS = 3 * 16 * 3  # about 3 iterations of 16 TargetToken episodes
+
+
+def make(cls, task="lmgym/TargetToken-v0", **overrides):
+    torch.manual_seed(123)  # whatever the global RNG holds, the run depends only on the seed
+    venv = gym.make_vec(task, num_envs=16, group_size=4, device="cpu")
+    return cls(venv, seed=0, learning_rate=1e-2, **overrides)
+
+
+def weights(agent):
+    return {f"{m}.{k}": v.clone() for m, module in agent.trainable_modules().items()
+            for k, v in module.state_dict().items()}
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+@pytest.mark.parametrize("cls,task", [(GRPO, "lmgym/TargetToken-v0"), (PPO, "lmgym/TargetToken-v0"),
+                                      (Reinforce, "lmgym/Guess-v0")])
+def test_max_lag_0_is_the_synchronous_loop(cls, task):
+    three = [lambda agent, metrics: agent.iteration < 3]  # stop after exactly 3 iterations
+    sync = make(cls, task).learn(10**6, progress=False, callbacks=three)
+    pipelined = make(cls, task, async_collect=True, max_lag=0).learn(10**6, progress=False, callbacks=three)
+    assert sync.iteration == pipelined.iteration == 3
+    assert_same_weights(sync, pipelined)
+
+
+def test_lag_is_exact_and_the_run_reproducible():
+    lags = []
+    agent = make(GRPO, async_collect=True, max_lag=2)
+    agent.learn(6 * 16 * 3, progress=False, callbacks=[lambda a, m: lags.append(m["off_policy/lag"])])
+    assert lags[:4] == [0.0, 1.0, 2.0, 2.0]  # the pipeline fills, then every rollout is exactly 2 updates old
+    again = make(GRPO, async_collect=True, max_lag=2).learn(6 * 16 * 3, progress=False)
+    assert_same_weights(agent, again)
+
+
+def test_what_was_sampled_ahead_is_redone_never_lost_or_counted_twice():
+    """Prompts do not depend on the policy: after learn() the environment must stand exactly where the synchronous
+    loop's does, the rollouts the thread sampled ahead rewound."""
+    sync = make(GRPO).learn(STEPS, progress=False)
+    pipelined = make(GRPO, async_collect=True, max_lag=2).learn(STEPS, progress=False)
+    assert pipelined._collector is None
+    assert pipelined.episodes == sync.episodes and pipelined.iteration == sync.iteration
+    assert pipelined.env.core.rng.bit_generator.state == sync.env.core.rng.bit_generator.state
+    assert pipelined.env.prompts == sync.env.prompts
+    # learning on continues from there, and a second learn() call works the same way
+    pipelined.learn(2 * STEPS, progress=False)
+    assert pipelined.episodes == 16 * pipelined.iteration
+
+
+def test_resume_is_exact_with_the_collector(tmp_path):
+    settings = dict(async_collect=True, max_lag=1, checkpoint_every=2)
+    straight = make(GRPO, **settings).learn(6 * 16 * 3, progress=False)
+    first = make(GRPO, logdir=tmp_path / "run", **settings)
+    first.learn(2 * 16 * 3, progress=False)
+    assert first.iteration >= 2
+    torch.manual_seed(999)
+    resumed = make(GRPO, **settings).load(tmp_path / "run" / "checkpoints" / "iter-000002")
+    resumed.learn(6 * 16 * 3, progress=False)
+    assert resumed.iteration == straight.iteration and resumed.global_step == straight.global_step
+    assert_same_weights(straight, resumed)
+
+
+def test_evaluation_pauses_the_collector():
+    agent = make(GRPO, async_collect=True, max_lag=1)
+    seen = []
+
+    def evaluate(a, metrics):
+        seen.append(a.evaluate(num_batches=1)["episodes"])
+
+    agent.learn(STEPS, progress=False, callbacks=[evaluate])
+    assert seen and all(n == 16 for n in seen)
+    assert agent.episodes == 16 * agent.iteration
+
+
+def test_collector_refusals():
+    with pytest.raises(ConfigError, match="masking policy"):
+        make(NLPO, async_collect=True)
+    agent = make(GRPO, async_collect=True, max_lag=1)
+    assert agent.sampler_policy is not agent.policy  # the thread samples with weights of its own
+
+
+def test_a_failure_in_the_thread_reaches_the_training_loop():
+    agent = make(GRPO, async_collect=True, max_lag=1)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("sampler broke")
+
+    agent.sample = broken
+    with pytest.raises(RuntimeError, match="sampler broke"):
+        agent.learn(STEPS, progress=False)
+    assert agent._collector is None
+
+
+def test_rollout_policy_versions_are_recorded():
+    agent = make(GRPO, async_collect=True, max_lag=1)
+    versions = []
+    original = agent.update
+
+    def spy(rollout):
+        versions.append((agent.iteration, rollout.policy_version))
+        return original(rollout)
+
+    agent.update = spy
+    agent.learn(STEPS, progress=False)
+    assert versions[0] == (0, 0)
+    assert all(v == it - 1 for it, v in versions[1:])
+    assert np.all(np.diff([v for _, v in versions]) >= 0)
