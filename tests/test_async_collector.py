@@ -88,6 +88,7 @@ def test_evaluation_pauses_the_collector():
 
 
 def test_collector_refusals():
+
     with pytest.raises(ConfigError, match="masking policy"):
         make(NLPO, async_collect=True)
     agent = make(GRPO, async_collect=True, max_lag=1)
@@ -120,3 +121,29 @@ def test_rollout_policy_versions_are_recorded():
     assert versions[0] == (0, 0)
     assert all(v == it - 1 for it, v in versions[1:])
     assert np.all(np.diff([v for _, v in versions]) >= 0)
+
+
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_both_backends_stop_and_resume_like_the_synchronous_loop(backend):
+    """max_lag 0 with a stop in the middle (an evaluation, then more training): still the synchronous run."""
+    def run(**settings):
+        agent = make(GRPO, **settings)
+        agent.learn(10**6, progress=False, callbacks=[lambda a, m: a.iteration < 2])
+        agent.evaluate(num_batches=1)
+        agent.learn(10**6, progress=False, callbacks=[lambda a, m: a.iteration < 4])
+        return agent
+
+    sync, pipelined = run(), run(async_collect=True, max_lag=0, async_backend=backend)
+    assert sync.iteration == pipelined.iteration == 4
+    assert_same_weights(sync, pipelined)
+    assert pipelined.env.core.rng.bit_generator.state == sync.env.core.rng.bit_generator.state
+
+
+def test_the_process_backend_is_refused_off_the_cpu():
+    from types import SimpleNamespace
+
+    from lmgym.agents.common.collector import make_collector
+
+    stub = SimpleNamespace(config=SimpleNamespace(async_backend="process"), device=torch.device("cuda"))
+    with pytest.raises(ValueError, match="cannot use cuda"):
+        make_collector(stub)

@@ -69,7 +69,7 @@ def hand_surrogate(current, old, weights, advantages, lengths, low, high):
     for i, n in enumerate(lengths):
         a = float(advantages[i])
         for t in range(n):
-            r = math.exp(float(current[i, t]) - float(old[i, t]))
+            r = math.exp(float(current.detach()[i, t]) - float(old[i, t]))
             w = weights[i][t]
             unclipped, clipped = r * a, min(max(r, 1 - low), 1 + high) * a
             loss += -w * min(unclipped, clipped) / n / len(lengths)
@@ -114,7 +114,7 @@ def test_ppo_loss_and_gradient_by_hand(correction):
     for i, n in enumerate(lengths):  # PPO: a mean over all tokens of max(-A r, -A clip(r))
         a = float(advantages[i])
         for t in range(n):
-            r = math.exp(float(current[i, t]) - float(old[i, t]))
+            r = math.exp(float(current.detach()[i, t]) - float(old[i, t]))
             unclipped, clipped = -a * r, -a * min(max(r, 0.8), 1.2)
             expected_loss += hand_w[i][t] * max(unclipped, clipped) / tokens
             if unclipped >= clipped:

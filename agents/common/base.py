@@ -340,9 +340,9 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
         if not self.config.async_collect:
             return self.collect()
         if self._collector is None:
-            from lmgym.agents.common.collector import AsyncCollector
+            from lmgym.agents.common.collector import make_collector
 
-            self._collector = AsyncCollector(self)
+            self._collector = make_collector(self)
         return self._collector.next()
 
     def stop_collector(self) -> None:

@@ -1,84 +1,141 @@
-"""The asynchronous collector: the next rollouts are sampled in a background thread while the update runs.
+"""The asynchronous collector: the next rollouts are sampled while the update runs.
 
 Pipelines such as PipelineRL, AReaL and verl's fully asynchronous mode keep generation busy while the
-trainer steps: the samples then come from weights some updates old. Here one thread samples and the
-training loop updates; on a 2-core CPU each can have a core (``torch.set_num_threads(1)``), and on a GPU
-the two overlap on the device.
+trainer steps: the samples then come from weights some updates old. Here a sampler runs beside the training
+loop, in one of two ways (``async_backend``):
+
+- ``"process"`` (the default on the CPU): a forked process with its own copy of the environment and of the
+  sampler, on its own core (torch threads 1). Small models spend most of their time in Python, which two
+  threads of one process cannot run at once; two processes can.
+- ``"thread"`` (the default on CUDA, where a forked process cannot use the device): a thread of the training
+  process. Large models spend their time in torch kernels, which release the interpreter.
 
 **Which weights sample which rollout.** Rollout ``r`` is the one the update of iteration ``r`` trains on.
 It is sampled with the weights of iteration ``v(r) = max(r - max_lag, start, boundary(r))``, exactly, never
-newer even when newer ones are ready, so a run is reproducible whatever the threads' timing:
+newer even when newer ones are ready, so a run is reproducible whatever the timing:
 
 - ``start``: the iteration ``learn`` started (or resumed) at, whose weights are published first;
 - ``boundary(r)``: the last checkpoint iteration ``<= r`` (``checkpoint_every``). A checkpoint's rollout is
-  sampled with the checkpoint's own weights, so the pipeline holds nothing in flight when a checkpoint is
-  written and a resumed run continues exactly as the uninterrupted one.
+  sampled with the checkpoint's own weights, so nothing is in flight when a checkpoint is written and a
+  resumed run continues exactly as the uninterrupted one.
 
 So ``max_lag=0`` is the synchronous loop itself (sampling waits for each update; same generator, same results),
 and ``max_lag=k`` trains on samples exactly ``k`` updates old once the pipeline is full.
 
-**Weight publication.** After each update the training loop publishes its weights: a copy in the
-sampler's precision (:mod:`lmgym.models.precision`) kept until the sampler has taken it. At most
-``max_lag + 1`` such copies exist at once.
+**Weight publication.** After each update the training loop publishes its weights (a copy in the sampler's
+dtype, :mod:`lmgym.models.precision`) and the environment's ``kl_coef`` (an adaptive controller moves it);
+the sampler takes the version each rollout needs and drops older ones, so at most ``max_lag + 1`` are held.
 
 **Nothing lost or counted twice.** Before each rollout the sampler records the state it starts from (the
 environment's prompts and RNG, the sampling generator). When the collector stops (the end of ``learn``, an
-evaluation, a checkpoint written outside the schedule), rollouts sampled but not yet trained on are dropped and
-that state is put back, so they are sampled again, by the same rule, when collection resumes.
+evaluation, a checkpoint), rollouts sampled but not yet trained on are dropped and the training process's
+environment and generator are set to that state, so they are sampled again, by the same rule, when
+collection resumes.
 """
 
 from __future__ import annotations
 
 import collections
+import ctypes
+import io
+import multiprocessing
+import os
+import pickle
+import queue
+import signal
 import threading
+import traceback
 
 import torch
 
-__all__ = ["AsyncCollector"]
+__all__ = ["AsyncCollector", "make_collector"]
+
+
+def make_collector(agent) -> "AsyncCollector":
+    """The collector of ``agent.config.async_backend`` (``"auto"``: a process on the CPU, a thread elsewhere)."""
+    backend = agent.config.async_backend
+    if backend == "auto":
+        backend = "process" if agent.device.type == "cpu" else "thread"
+    if backend == "process" and agent.device.type != "cpu":
+        raise ValueError(f"async_backend='process' forks the training process, which cannot use {agent.device} "
+                         "in the child; use async_backend='thread'")
+    return ProcessCollector(agent) if backend == "process" else ThreadCollector(agent)
 
 
 class AsyncCollector:
-    """Rollouts of ``agent`` sampled in a background thread, at most ``agent.config.max_lag`` updates behind.
+    """Rollouts of ``agent`` sampled beside the training loop, exactly ``agent.config.max_lag`` updates behind.
 
     The training loop calls :meth:`next` for each iteration's rollout and :meth:`publish` after each update;
-    :meth:`stop` ends the thread and rewinds what was sampled but not trained on.
+    :meth:`stop` ends the sampler and rewinds what was sampled but not trained on.
     """
 
     def __init__(self, agent):
         self.agent = agent
         self.max_lag = agent.config.max_lag
         self.start_iteration = agent.iteration
-        self.next_rollout = agent.iteration  # index of the next rollout the thread samples
+        self.every = agent.config.checkpoint_every
+
+    def weights_version(self, rollout: int) -> int:
+        """``v(r)``: the iteration whose weights sample rollout ``r`` (see the module docstring)."""
+        boundary = rollout - rollout % self.every if self.every else self.start_iteration
+        return max(rollout - self.max_lag, self.start_iteration, boundary)
+
+    def published_weights(self) -> tuple[int, dict[str, torch.Tensor], float]:
+        """``(iteration, weights in the sampler's dtype, kl_coef)``: what :meth:`publish` hands to the sampler."""
+        sampler = self.agent.sampler_policy
+        dtype = next((p.dtype for p in sampler.parameters() if p.is_floating_point()), torch.float32)
+        with torch.no_grad():
+            weights = {name: v.detach().to(dtype if v.is_floating_point() else v.dtype, copy=True)
+                       for name, v in self.agent.policy.state_dict().items()}
+        return self.agent.iteration, weights, float(self.agent.env.kl_coef)
+
+
+def load_weights(agent, version: int, weights: dict, kl_coef: float) -> None:
+    """Put a published version into the agent's sampler (the sampling side)."""
+    if agent.sampler_version != version:
+        with torch.no_grad():
+            agent.sampler_policy.load_state_dict(weights, strict=True)
+        agent.sampler_version = version
+    agent.env.kl_coef = kl_coef
+
+
+def start_state(agent) -> dict:
+    """What the next rollout starts from: the environment's prompts and RNG, the sampling generator (plain data)."""
+    return {"env": agent._env_snapshot() if agent._env_started else None,
+            "generator": agent.sampling_generator.get_state().tolist(), "started": agent._env_started}
+
+
+def restore_state(agent, state: dict) -> None:
+    if state["env"] is not None:
+        agent._env_restore(state["env"])
+    agent._env_started = state["started"]
+    if state["generator"] is not None:
+        agent.sampling_generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+
+
+class ThreadCollector(AsyncCollector):
+    """The sampler in a thread of the training process."""
+
+    def __init__(self, agent):
+        super().__init__(agent)
+        self.next_rollout = agent.iteration
         self.condition = threading.Condition()
-        self.published: dict[int, dict[str, torch.Tensor]] = {}  # iteration -> weights in the sampler's dtype
+        self.published: dict[int, tuple] = {}
         self.ready: collections.deque = collections.deque()  # (rollout, state before it was sampled)
-        self.in_flight_state = None  # the state the rollout being sampled started from
+        self.in_flight_state = None
         self.error: BaseException | None = None
         self.stopping = False
         self.publish()
         self.thread = threading.Thread(target=self._run, name="lmgym-collector", daemon=True)
         self.thread.start()
 
-    # ------------------------------------------------------------------ the training loop's side
-    def weights_version(self, rollout: int) -> int:
-        """``v(r)``: the iteration whose weights sample rollout ``r`` (see the module docstring)."""
-        every = self.agent.config.checkpoint_every
-        boundary = rollout - rollout % every if every else self.start_iteration
-        return max(rollout - self.max_lag, self.start_iteration, boundary)
-
     def publish(self) -> None:
-        """Offer the policy's current weights (of iteration ``agent.iteration``) to the sampler: a copy in the
-        sampler's dtype, dropped once a later version has been taken."""
-        dtype = _dtype(self.agent.sampler_policy)
-        with torch.no_grad():
-            weights = {name: v.detach().to(dtype if v.is_floating_point() else v.dtype, copy=True)
-                       for name, v in self.agent.policy.state_dict().items()}
+        version, weights, kl_coef = self.published_weights()
         with self.condition:
-            self.published[self.agent.iteration] = weights
+            self.published[version] = (weights, kl_coef)
             self.condition.notify_all()
 
     def next(self):
-        """The rollout of the current iteration (waits for the thread to sample it)."""
         with self.condition:
             while not self.ready and self.error is None:
                 self.condition.wait()
@@ -89,36 +146,31 @@ class AsyncCollector:
         return rollout
 
     def stop(self) -> None:
-        """End the thread; put back the state of the oldest rollout sampled but not trained on, so it is redone."""
         with self.condition:
             self.stopping = True
             self.condition.notify_all()
         self.thread.join()
         rewind = self.ready[0][1] if self.ready else self.in_flight_state
         if rewind is not None:
-            self._restore(rewind)
+            restore_state(self.agent, rewind)
         self.ready.clear()
         self.published.clear()
 
-    # ------------------------------------------------------------------ the sampling thread
     def _run(self) -> None:
         agent = self.agent
         try:
             while True:
                 with self.condition:
                     version = self.weights_version(self.next_rollout)
-                    # wait for the weights this rollout must use, and for room: at most max_lag + 1 rollouts ahead
-                    while not self.stopping and (version not in self.published
-                                                 or len(self.ready) > self.max_lag):
+                    while not self.stopping and version not in self.published:
                         self.condition.wait()
                     if self.stopping:
-                        self.in_flight_state = None
                         return
-                    weights = self.published[version]
+                    weights, kl_coef = self.published[version]
                     for old in [v for v in self.published if v < version]:
                         del self.published[old]
-                    self.in_flight_state = self._state()
-                self._load(weights, version)
+                    load_weights(agent, version, weights, kl_coef)
+                    self.in_flight_state = start_state(agent)
                 rollout = agent._collect_rollout()
                 with self.condition:
                     self.ready.append((rollout, self.in_flight_state))
@@ -130,26 +182,154 @@ class AsyncCollector:
                 self.error = err
                 self.condition.notify_all()
 
-    def _load(self, weights: dict[str, torch.Tensor], version: int) -> None:
-        sampler = self.agent.sampler_policy
-        if self.agent.sampler_version != version:
-            with torch.no_grad():
-                sampler.load_state_dict(weights, strict=True)
-            self.agent.sampler_version = version
 
-    def _state(self) -> dict:
-        """What the next rollout starts from: the environment's prompts and RNG, the sampling generator."""
+class CollectorError(RuntimeError):
+    """The sampling process failed; its traceback is in the message."""
+
+
+class ProcessCollector(AsyncCollector):
+    """The sampler in a forked process with its own copy of the environment and the sampler (CPU only).
+
+    Messages are pickled by value (no shared-memory handles, which would die with the process): weights
+    to the child, rollouts and the states they started from back. Both queues have a feeder thread, so
+    neither side waits for the other to read.
+    """
+
+    def __init__(self, agent):
+        super().__init__(agent)
+        context = multiprocessing.get_context("fork")
+        self.commands = context.Queue()
+        self.results = context.Queue()
+        self.states: dict[int, dict] = {}  # rollout index -> the state it started from (sampled, not trained on)
+        self.consumed = agent.iteration  # the next rollout index the training loop takes
+        self.publish()
+        self.process = context.Process(target=self._child, name="lmgym-collector", daemon=True)
+        self.process.start()
+
+    def publish(self) -> None:
+        self.commands.put(_dumps(("weights", *self.published_weights(), self._shared_generator())))
+
+    def _shared_generator(self) -> list | None:
+        """With max_lag 0 sampling and the update draw from one generator, in turn: its state goes with each
+        message, so the two processes draw exactly the sequence the synchronous loop draws."""
         agent = self.agent
-        return {"env": agent._env_snapshot() if agent._env_started else None,
-                "generator": agent.sampling_generator.get_state(), "started": agent._env_started}
+        return agent.generator.get_state().tolist() if agent.sampling_generator is agent.generator else None
 
-    def _restore(self, state: dict) -> None:
-        agent = self.agent
-        if state["env"] is not None:
-            agent._env_restore(state["env"])
-        agent._env_started = state["started"]
-        agent.sampling_generator.set_state(state["generator"])
+    def next(self):
+        while True:
+            kind, *payload = self._receive()
+            if kind == "start":
+                index, state = payload
+                self.states[index] = state
+            elif kind == "rollout":
+                index, rollout, generator = payload
+                if generator is not None:
+                    self.agent.generator.set_state(torch.tensor(generator, dtype=torch.uint8))
+                if index != self.consumed:
+                    raise CollectorError(f"the sampling process sent rollout {index}, expected {self.consumed}")
+                self.states.pop(index, None)
+                self.consumed += 1
+                return rollout
+
+    def stop(self) -> None:
+        self.commands.put(_dumps(("stop",)))
+        while True:  # read what the child still sends until it says it stopped (or died)
+            try:
+                kind, *payload = self._receive()
+            except CollectorError:
+                break
+            if kind == "start":
+                self.states[payload[0]] = payload[1]
+            elif kind == "stopped":  # the state the child's next rollout would start from
+                index, state = payload
+                self.states[index] = state
+                break
+        self.process.join(timeout=60)
+        if self.process.is_alive():
+            self.process.kill()
+        self.commands.cancel_join_thread()  # weights the child never read: nothing to wait for
+        pending = [i for i in self.states if i >= self.consumed]
+        if pending:
+            restore_state(self.agent, self.states[min(pending)])
+        self.states.clear()
+
+    def _receive(self):
+        while True:
+            try:
+                message = _loads(self.results.get(timeout=0.5))
+            except queue.Empty:
+                if not self.process.is_alive():
+                    raise CollectorError(f"the sampling process exited (code {self.process.exitcode}) without a "
+                                         "word") from None
+                continue
+            if message[0] == "error":
+                raise CollectorError(f"the sampling process failed:\n{message[1]}")
+            return message
+
+    # ------------------------------------------------------------------ the child process
+    def _child(self) -> None:
+        try:
+            _die_with_parent()
+            torch.set_num_threads(1)  # one core for sampling, the other for the update
+            agent, published, index = self.agent, {}, self.consumed
+            while True:
+                version = self.weights_version(index)
+                while version not in published:
+                    if self._command(published, block=True, index=index):
+                        return
+                while not self.commands.empty():  # a stop waiting? (and newer weights)
+                    if self._command(published, block=False, index=index):
+                        return
+                for old in [v for v in published if v < version]:
+                    del published[old]
+                *message, generator = published[version]
+                load_weights(agent, version, *message)
+                if generator is not None:
+                    agent.generator.set_state(torch.tensor(generator, dtype=torch.uint8))
+                self.results.put(_dumps(("start", index, start_state(agent))))
+                rollout = agent._collect_rollout()
+                self.results.put(_dumps(("rollout", index, rollout, self._shared_generator())))
+                index += 1
+        except BaseException:
+            self.results.put(_dumps(("error", traceback.format_exc())))
+        finally:
+            self.results.close()
+            self.results.join_thread()  # everything sent reaches the parent before the process ends
+            os._exit(0)  # no atexit handlers of the parent's (its locks, writers) run in the child
+
+    def _command(self, published: dict, block: bool, index: int) -> bool:
+        """Read one command: store published weights; on a stop, send the state rollout ``index`` would start
+        from (the training process takes it up) and return True."""
+        try:
+            message = _loads(self.commands.get(block=block))
+        except queue.Empty:
+            return False
+        if message[0] == "stop":
+            state = start_state(self.agent)
+            if self._shared_generator() is not None:
+                state["generator"] = None  # the training process's own is ahead: its update drew from it since
+            self.results.put(_dumps(("stopped", index, state)))
+            return True
+        published[message[1]] = message[2:]
+        return False
 
 
-def _dtype(module: torch.nn.Module) -> torch.dtype:
-    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+def _dumps(message) -> bytes:
+    """Pickle by value: tensors as their bytes, never as shared-memory handles."""
+    buffer = io.BytesIO()
+    pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(message)
+    return buffer.getvalue()
+
+
+def _loads(data: bytes):
+    return pickle.loads(data)  # messages between the training process and its own child, never a user's file
+
+
+def _die_with_parent() -> None:
+    """Linux: end this process when its parent dies, so it never outlives the run (or holds its folder's lock)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    if os.getppid() == 1:
+        os._exit(0)

@@ -217,6 +217,9 @@ class AgentConfig:
     max_lag: Annotated[int, Range(ge=0)] = 1
     """async_collect: each rollout is sampled with the weights of exactly this many updates before the one that trains
     on it (0: the synchronous loop, identical results)"""
+    async_backend: Annotated[str, OneOf("auto", "process", "thread")] = "auto"
+    """async_collect: sample in a forked process (CPU: Python-bound small models run truly in parallel) or a thread of
+    this one (CUDA); auto: process on the CPU, thread elsewhere"""
     off_policy_correction: Annotated[str, OneOf(*CORRECTIONS)] = "none"
     """weighting of tokens another distribution sampled (a stale policy, another precision): none, tis_token,
     tis_sequence, mis_token, mis_sequence, decoupled (lmgym.agents.common.off_policy)"""

@@ -1,0 +1,127 @@
+"""Which off-policy correction at which lag? Each correction x lag against the exact optimum, and the bf16 sampler.
+
+    OMP_NUM_THREADS=1 python benchmarks/off_policy_verdict.py                  # the grid, writes docs/bench/off_policy.json
+    python benchmarks/off_policy_verdict.py --page docs/off_policy.md           # render the table into the page only
+
+For PPO and GRPO on ``lmgym/TargetToken-v0`` (kl_coef 0.05), every correction of
+:mod:`lmgym.agents.common.off_policy` is trained with the asynchronous collector at ``max_lag`` 1, 2, 4
+and 8 (each rollout exactly that many updates old), under the budgets of ``benchmarks/kl_placement.py``,
+then evaluated on fresh episodes: the fraction of the exact optimum is the evaluated ``score - beta * KL``
+over V*. Lag 0 is the synchronous loop, where every correction equals ``none`` up to rounding
+(``tests/test_off_policy.py``), so it is run once. The bf16-sampler rows sample (and score the reference)
+under CPU bfloat16 autocast while the trainer computes in float32 (``rollout_autocast="bfloat16"``, lag 0).
+Each cell is the mean ± std over ``--seeds``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "bench" / "off_policy.json"
+BEGIN = ("<!-- off_policy_verdict: generated from docs/bench/off_policy.json by `python "
+         "benchmarks/off_policy_verdict.py --page docs/off_policy.md`; do not edit by hand -->")
+END = "<!-- end of off_policy_verdict -->"
+BUDGETS = {"ppo": 15_000, "grpo": 30_000}
+LAGS = [1, 2, 4, 8]
+
+
+def cells(args) -> list[dict]:
+    from lmgym.agents.common.off_policy import CORRECTIONS
+
+    out = []
+    for agent in args.agents:
+        out.append({"agent": agent, "setting": "lag 0", "max_lag": 0, "correction": "none", "autocast": "off"})
+        for lag in args.lags:
+            for correction in CORRECTIONS:
+                out.append({"agent": agent, "setting": f"lag {lag}", "max_lag": lag, "correction": correction,
+                            "autocast": "off"})
+        for correction in CORRECTIONS:
+            out.append({"agent": agent, "setting": "bf16 sampler", "max_lag": 0, "correction": correction,
+                        "autocast": "bfloat16"})
+    return out
+
+
+def measure(args) -> dict:
+    from lmgym.bench.grid import run
+
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    rows = []
+    for cell in cells(args):
+        fractions = []
+        for seed in args.seeds:
+            overrides = {"kl_coef": args.kl_coef, "off_policy_correction": cell["correction"],
+                         "rollout_autocast": cell["autocast"]}
+            if cell["max_lag"]:
+                overrides.update(async_collect=True, max_lag=cell["max_lag"])
+            result = run(args.task, cell["agent"], steps=BUDGETS[cell["agent"]], seed=seed, device="cpu",
+                         progress=False, eval_batches=args.eval_batches, overrides=overrides)
+            fractions.append(result["fraction_of_optimum"])
+        rows.append({**cell, "fractions": fractions})
+        print(f"{cell} {np.mean(fractions):.3f} ± {np.std(fractions):.3f}", file=sys.stderr, flush=True)
+    return {"command": " ".join(["python", "benchmarks/off_policy_verdict.py"] + sys.argv[1:]),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"), "task": args.task,
+            "kl_coef": args.kl_coef, "seeds": args.seeds, "budgets": {a: BUDGETS[a] for a in args.agents},
+            "eval_episodes": args.eval_batches * 64, "seconds": round(time.perf_counter() - started), "rows": rows}
+
+
+def render(results: dict) -> str:
+    """The markdown tables of a results file (what ``--page`` writes between the markers)."""
+    from lmgym.agents.common.off_policy import CORRECTIONS
+
+    lines = [f"`{results['command']}` (OMP_NUM_THREADS={results['omp_num_threads']}, torch threads 1, CPU), "
+             f"{results['seconds']} s. {results['task']}, kl_coef {results['kl_coef']}; seeds {results['seeds']}; "
+             "budgets (environment steps) " + ", ".join(f"{a} {b:,}" for a, b in results["budgets"].items())
+             + f"; evaluated on {results['eval_episodes']} fresh episodes. Cells: fraction of the exact optimum, "
+             "mean ± std over seeds.", ""]
+    for agent in results["budgets"]:
+        rows = [r for r in results["rows"] if r["agent"] == agent]
+        settings = list(dict.fromkeys(r["setting"] for r in rows))
+        lines += [f"**{agent}**", "", "| setting | " + " | ".join(CORRECTIONS) + " |",
+                  "|---|" + "---|" * len(CORRECTIONS)]
+        for setting in settings:
+            by = {r["correction"]: r["fractions"] for r in rows if r["setting"] == setting}
+            row = [f"{np.mean(by[c]):.3f} ± {np.std(by[c]):.3f}" if c in by else "= none" for c in CORRECTIONS]
+            lines.append(f"| {setting} | " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def write_page(page: Path, results: dict) -> None:
+    text = page.read_text()
+    if text.count(BEGIN) != 1 or text.count(END) != 1:
+        raise SystemExit(f"{page} needs one block between {BEGIN!r} and {END!r}")
+    before, rest = text.split(BEGIN)
+    page.write_text(before + BEGIN + "\n\n" + render(results) + "\n\n" + END + rest.split(END, 1)[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="lmgym/TargetToken-v0")
+    parser.add_argument("--agents", nargs="+", default=["ppo", "grpo"], choices=sorted(BUDGETS))
+    parser.add_argument("--lags", nargs="+", type=int, default=LAGS)
+    parser.add_argument("--kl-coef", type=float, default=0.05)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--eval-batches", type=int, default=8)
+    parser.add_argument("--json", default=str(RESULTS), help="where the results go (default: %(default)s)")
+    parser.add_argument("--page", help="render the table from --json into this page, measuring nothing")
+    args = parser.parse_args()
+    if args.page:
+        write_page(Path(args.page), json.loads(Path(args.json).read_text()))
+        return
+    results = measure(args)
+    Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    print(render(results))
+
+
+if __name__ == "__main__":
+    main()
