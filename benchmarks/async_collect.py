@@ -46,17 +46,22 @@ def make_agent(args, **overrides) -> GRPO:
     return GRPO(venv, seed=0, learning_rate=args.learning_rate, **overrides)
 
 
-def seconds_per_iteration(args, threads: int, **overrides) -> float:
+def seconds_per_iteration(args, threads: int, **overrides) -> tuple[float, float, float]:
+    """Seconds per timed iteration, and of them the mean seconds waiting for the rollout and updating."""
     torch.set_num_threads(threads)
     agent = make_agent(args, **overrides)
-    marks = []
+    marks, rollout, update = [], [], []
 
     def clock(a, metrics):
         marks.append(time.perf_counter())
+        rollout.append(metrics["time/rollout_s"])
+        update.append(metrics["time/update_s"])
         return a.iteration < args.warmup + args.iterations
 
     agent.learn(10**12, progress=False, callbacks=[clock])
-    return (marks[-1] - marks[args.warmup - 1]) / args.iterations
+    timed = slice(args.warmup, None)
+    return ((marks[-1] - marks[args.warmup - 1]) / args.iterations, sum(rollout[timed]) / args.iterations,
+            sum(update[timed]) / args.iterations)
 
 
 def fraction_of_optimum(args, threads: int, **overrides) -> float:
@@ -68,13 +73,13 @@ def fraction_of_optimum(args, threads: int, **overrides) -> float:
 
 def render(results: dict) -> str:
     """The markdown table of the results file (every task measured)."""
-    lines = ["| task | setting | torch threads | s / iteration | ratio to sync | fraction of optimum |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| task | setting | torch threads | s / iteration | of which waiting for the rollout / updating | "
+             "ratio to sync | fraction of optimum |", "|---|---|---|---|---|---|---|"]
     for task, entry in results.items():
         for row in entry["results"]:
             fraction = "-" if row["fraction_of_optimum"] is None else f"{row['fraction_of_optimum']:.3f}"
             lines.append(f"| {task} | {row['setting']} | {row['torch_threads']} | {row['seconds_per_iteration']:.3f} "
-                         f"| {row['ratio']:.3f} | {fraction} |")
+                         f"| {row['rollout_wait_s']:.3f} / {row['update_s']:.3f} | {row['ratio']:.3f} | {fraction} |")
     commands = "; ".join(f"`{entry['command']}` ({entry['episodes']} episodes per iteration, {entry['iterations']} "
                          "timed iterations)" for entry in results.values())
     return "\n".join(lines) + f"\n\nMeasured by {commands}, on {next(iter(results.values()))['cpu']}."
@@ -108,12 +113,13 @@ def main() -> None:
     print("| setting | s / iteration | ratio to sync | fraction of optimum |")
     print("|---|---|---|---|")
     for name, threads, overrides in rows:
-        seconds = seconds_per_iteration(args, threads, **overrides)
+        seconds, rollout_s, update_s = seconds_per_iteration(args, threads, **overrides)
         baseline = seconds if baseline is None else baseline
         fraction = None
         if args.fraction_steps and args.task in ("lmgym/TargetToken-v0", "lmgym/Guess-v0"):
             fraction = fraction_of_optimum(args, threads, **overrides)
         results.append({"setting": name, "torch_threads": threads, "seconds_per_iteration": seconds,
+                        "rollout_wait_s": rollout_s, "update_s": update_s,
                         "ratio": seconds / baseline, "fraction_of_optimum": fraction})
         frac = "-" if fraction is None else f"{fraction:.3f}"
         print(f"| {name}, {threads} thread(s) | {seconds:.4f} | {seconds / baseline:.3f} | {frac} |", flush=True)

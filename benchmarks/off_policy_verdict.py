@@ -25,11 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmgym.bench.page import markers, write_block
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "bench" / "off_policy.json"
-BEGIN = ("<!-- off_policy_verdict: generated from docs/bench/off_policy.json by `python "
-         "benchmarks/off_policy_verdict.py --page docs/off_policy.md`; do not edit by hand -->")
-END = "<!-- end of off_policy_verdict -->"
+BEGIN, END = markers("off_policy_verdict", "docs/bench/off_policy.json",
+                     "python benchmarks/off_policy_verdict.py --page docs/off_policy.md")
 BUDGETS = {"ppo": 15_000, "grpo": 30_000}
 LAGS = [1, 2, 4, 8]
 
@@ -50,6 +51,50 @@ def cells(args) -> list[dict]:
     return out
 
 
+def exact_bias(args) -> list[dict]:
+    """Relative bias and cosine of each correction's expected first gradient step against grad J, by enumeration
+    (:mod:`lmgym.bench.off_policy_exact`), along each agent's own synchronous training run: the policy after
+    ``--bias-iteration`` iterations, sampled by itself ``lag`` iterations earlier, or by itself under bf16 autocast."""
+    import copy
+
+    import gymnasium as gym
+
+    from lmgym.agents import GRPO, PPO
+    from lmgym.agents.common.off_policy import CORRECTIONS
+    from lmgym.bench.off_policy_exact import Enumeration, expected_gradient, relative_bias, true_gradient
+
+    rows = []
+    for name in args.agents:
+        venv = gym.make_vec(args.task, num_envs=64, group_size=8 if name == "grpo" else 1, device="cpu",
+                            kl_coef=args.kl_coef)
+        agent = (GRPO if name == "grpo" else PPO)(venv, seed=0, learning_rate=3e-3)
+        history = [copy.deepcopy(agent.policy.state_dict())]
+        agent.learn(10**9, progress=False, callbacks=[
+            lambda a, m: history.append(copy.deepcopy(a.policy.state_dict())) or a.iteration < args.bias_iteration])
+        reference = copy.deepcopy(venv.reference_model).double().eval()
+
+        def model(state, dtype=torch.float64):
+            m = copy.deepcopy(agent.policy).to(dtype)
+            m.load_state_dict(state)
+            return m.eval()
+
+        enum = Enumeration(venv)
+        policy = model(history[-1]).requires_grad_(True)
+        truth = true_gradient(enum, policy, reference)
+        eps_high = 0.28 if name == "grpo" else 0.2
+        behaviours = [(f"lag {k}", model(history[-1 - k]), None) for k in [0] + list(args.lags)]
+        behaviours.append(("bf16 sampler", model(history[-1], torch.float32), torch.bfloat16))
+        for setting, behaviour, autocast in behaviours:
+            for correction in CORRECTIONS:
+                g = expected_gradient(enum, policy, behaviour, reference, form=name, correction=correction,
+                                      eps_high=eps_high, behaviour_autocast=autocast)
+                bias, cosine = relative_bias(g, truth)
+                rows.append({"agent": name, "setting": setting, "correction": correction, "bias": bias,
+                             "cosine": cosine})
+                print(rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
 def measure(args) -> dict:
     from lmgym.bench.grid import run
 
@@ -68,7 +113,9 @@ def measure(args) -> dict:
             fractions.append(result["fraction_of_optimum"])
         rows.append({**cell, "fractions": fractions})
         print(f"{cell} {np.mean(fractions):.3f} ± {np.std(fractions):.3f}", file=sys.stderr, flush=True)
+    bias = exact_bias(args)
     return {"command": " ".join(["python", "benchmarks/off_policy_verdict.py"] + sys.argv[1:]),
+            "bias_iteration": args.bias_iteration, "bias": bias,
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"), "task": args.task,
             "kl_coef": args.kl_coef, "seeds": args.seeds, "budgets": {a: BUDGETS[a] for a in args.agents},
             "eval_episodes": args.eval_batches * 64, "seconds": round(time.perf_counter() - started), "rows": rows}
@@ -93,15 +140,20 @@ def render(results: dict) -> str:
             row = [f"{np.mean(by[c]):.3f} ± {np.std(by[c]):.3f}" if c in by else "= none" for c in CORRECTIONS]
             lines.append(f"| {setting} | " + " | ".join(row) + " |")
         lines.append("")
+    lines += [f"**Bias of the expected first gradient step** (exact enumeration, float64; policy after "
+              f"{results['bias_iteration']} iterations of each agent's synchronous run): relative error "
+              "||g - grad J|| / ||grad J|| (cosine to grad J in brackets).", ""]
+    for agent in results["budgets"]:
+        rows = [r for r in results["bias"] if r["agent"] == agent]
+        settings = list(dict.fromkeys(r["setting"] for r in rows))
+        lines += [f"**{agent}** ({'sequence advantage, infinite group' if agent == 'grpo' else 'exact critic of mu'})",
+                  "", "| sampled by | " + " | ".join(CORRECTIONS) + " |", "|---|" + "---|" * len(CORRECTIONS)]
+        for setting in settings:
+            by = {r["correction"]: r for r in rows if r["setting"] == setting}
+            lines.append(f"| {setting} | " + " | ".join(f"{by[c]['bias']:.3f} ({by[c]['cosine']:.3f})"
+                                                        for c in CORRECTIONS) + " |")
+        lines.append("")
     return "\n".join(lines).rstrip()
-
-
-def write_page(page: Path, results: dict) -> None:
-    text = page.read_text()
-    if text.count(BEGIN) != 1 or text.count(END) != 1:
-        raise SystemExit(f"{page} needs one block between {BEGIN!r} and {END!r}")
-    before, rest = text.split(BEGIN)
-    page.write_text(before + BEGIN + "\n\n" + render(results) + "\n\n" + END + rest.split(END, 1)[1])
 
 
 def main() -> None:
@@ -112,11 +164,12 @@ def main() -> None:
     parser.add_argument("--kl-coef", type=float, default=0.05)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--eval-batches", type=int, default=8)
+    parser.add_argument("--bias-iteration", type=int, default=16, help="iterations before the gradients are taken")
     parser.add_argument("--json", default=str(RESULTS), help="where the results go (default: %(default)s)")
     parser.add_argument("--page", help="render the table from --json into this page, measuring nothing")
     args = parser.parse_args()
     if args.page:
-        write_page(Path(args.page), json.loads(Path(args.json).read_text()))
+        write_block(args.page, BEGIN, END, render(json.loads(Path(args.json).read_text())))
         return
     results = measure(args)
     Path(args.json).write_text(json.dumps(results, indent=1) + "\n")

@@ -289,3 +289,18 @@ def test_the_recorded_guess_runs_reach_90_percent_of_the_optimum_within_60_cpu_s
     for r in runs:
         assert r["cpu_seconds"] <= 60, (r["agent"], r["seed"], r["cpu_seconds"])
         assert r["fraction_of_optimum"] >= 0.9, (r["agent"], r["seed"], r["fraction_of_optimum"])
+
+
+@pytest.mark.parametrize("script", ["iteration0_kl", "bf16_rollout", "async_collect", "off_policy_verdict"])
+def test_off_policy_tables_equal_their_results_files(script):
+    """docs/off_policy.md's tables are what each benchmark renders from the results file it wrote."""
+    import importlib.util
+
+    from lmgym.bench.page import read_block
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(script, root / "benchmarks" / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = json.loads(module.RESULTS.read_text())
+    assert read_block(root / "docs" / "off_policy.md", module.BEGIN, module.END) == module.render(results).strip()
