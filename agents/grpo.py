@@ -156,7 +156,7 @@ def grpo_token_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, *, e
                          f"got {importance_sampling_level!r}")
     ratio = log_ratio.exp()
     surrogate = torch.min(ratio * adv, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * adv)
-    if is_weights is not None:  # an off-policy correction weighs each token's surrogate (lmgym.agents.common.off_policy)
+    if is_weights is not None:  # an off-policy correction weighs each token's surrogate (agents.common.off_policy)
         surrogate = surrogate * is_weights
     if not kl_in_loss:
         return -surrogate.expand_as(logprobs), ratio, None

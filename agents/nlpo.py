@@ -97,8 +97,6 @@ class NLPO(PPO):
 
     config_class = NLPOConfig
     name = "nlpo"
-    samples_asynchronously = False
-    samples_asynchronously_reason = "its masking policy, which the sampler reads, is refreshed during updates"
 
     def setup(self) -> None:
         super().setup()
@@ -106,11 +104,17 @@ class NLPO(PPO):
             raise ConfigError("NLPO's mask needs the full logits in the update: set logprob_chunk_size=0 "
                               "(or mask_top_p=1)")
         self.masking_policy = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        # the asynchronous collector samples with a copy of its own: updates refresh the masking policy
+        self.sampler_masking_policy = (copy.deepcopy(self.masking_policy) if self.config.async_collect
+                                       else self.masking_policy)
         tokenizer = self.env.tokenizer
         special = [i for i in getattr(tokenizer, "all_special_ids", []) if 0 <= i < self.env.core.vocab_size]
         self.never_mask = torch.as_tensor(sorted(set(self.env.stop_token_ids) | set(special)), dtype=torch.long,
                                           device=self.device)
         """token ids the mask never removes: the stop tokens and the tokenizer's special tokens"""
+
+    def sampler_modules(self):
+        return {**super().sampler_modules(), "masking_policy": (self.masking_policy, self.sampler_masking_policy)}
 
     def trainable_modules(self):
         # Not trained, but part of the run's state: a resumed run must mask with the same weights.
@@ -147,7 +151,7 @@ class NLPO(PPO):
     # ------------------------------------------------------------------ PPO with the masked distribution
     def sample(self, query_ids, query_mask):
         cfg = self.config
-        return sample_in_nucleus(self.sampler_policy, self.masking_policy, query_ids, query_mask,
+        return sample_in_nucleus(self.sampler_policy, self.sampler_masking_policy, query_ids, query_mask,
                                  self.env.max_new_tokens,
                                  sampling=self.sampling, mask_top_p=cfg.mask_top_p,
                                  min_tokens_to_keep=cfg.min_tokens_to_keep, never_mask=self.never_mask,
@@ -165,7 +169,7 @@ class NLPO(PPO):
             return nucleus_mask(mask_logits.float() / self.sampling.temperature, cfg.mask_top_p,
                                 min_tokens_to_keep=cfg.min_tokens_to_keep, never_mask=self.never_mask)
 
-        return self.masking_policy, nucleus
+        return self.sampler_masking_policy, nucleus
 
     def forward(self, batch: Rollout):
         """Masked log-probs and entropy of the current policy, and the critic's values, on a batch."""

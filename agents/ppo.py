@@ -243,7 +243,8 @@ class PPO(Agent):
                 logprobs, entropy, values = self.forward(batch)
                 policy_loss, value_loss, clipfrac, approx_kl = ppo_losses(
                     logprobs, batch.old_logprobs, advantages[micro], values, old_values[micro], returns[micro],
-                    batch.mask, cfg.clip_coef, cfg.clip_value, value_mask=value_mask[micro], is_weights=batch.is_weights)
+                    batch.mask, cfg.clip_coef, cfg.clip_value, value_mask=value_mask[micro],
+                    is_weights=batch.is_weights)
                 entropy_mean = masked_mean(entropy, batch.mask)
                 loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy_mean
                 if kl_in_loss:

@@ -1,6 +1,6 @@
 """The KL to the reference at iteration 0, when the policy is still the reference, for each reference precision.
 
-    OMP_NUM_THREADS=2 python benchmarks/iteration0_kl.py                    # measure, write docs/bench/iteration0_kl.json
+    OMP_NUM_THREADS=2 python benchmarks/iteration0_kl.py           # measure, write docs/bench/iteration0_kl.json
     python benchmarks/iteration0_kl.py --page docs/off_policy.md             # render the table only
 
 One GRPO rollout (64 episodes) on TargetToken and on the multi-turn Guess-v0, with the environment's reference

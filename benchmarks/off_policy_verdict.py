@@ -1,6 +1,6 @@
 """Which off-policy correction at which lag? Each correction x lag against the exact optimum, and the bf16 sampler.
 
-    OMP_NUM_THREADS=1 python benchmarks/off_policy_verdict.py                  # the grid, writes docs/bench/off_policy.json
+    OMP_NUM_THREADS=1 python benchmarks/off_policy_verdict.py        # the grid, writes docs/bench/off_policy.json
     python benchmarks/off_policy_verdict.py --page docs/off_policy.md           # render the table into the page only
 
 For PPO and GRPO on ``lmgym/TargetToken-v0`` (kl_coef 0.05), every correction of

@@ -29,22 +29,26 @@ def assert_same_weights(a, b):
         assert torch.equal(wa[key], wb[key]), key
 
 
-@pytest.mark.parametrize("cls,task", [(GRPO, "lmgym/TargetToken-v0"), (PPO, "lmgym/TargetToken-v0"),
-                                      (Reinforce, "lmgym/Guess-v0")])
-def test_max_lag_0_is_the_synchronous_loop(cls, task):
+@pytest.mark.parametrize("cls,task,extra", [(GRPO, "lmgym/TargetToken-v0", {}), (PPO, "lmgym/TargetToken-v0", {}),
+                                            (Reinforce, "lmgym/Guess-v0", {}),
+                                            (NLPO, "lmgym/TargetToken-v0", {"mask_top_p": 0.9,
+                                                                            "mask_update_every": 1})])
+def test_max_lag_0_is_the_synchronous_loop(cls, task, extra):
     three = [lambda agent, metrics: agent.iteration < 3]  # stop after exactly 3 iterations
-    sync = make(cls, task).learn(10**6, progress=False, callbacks=three)
-    pipelined = make(cls, task, async_collect=True, max_lag=0).learn(10**6, progress=False, callbacks=three)
+    sync = make(cls, task, **extra).learn(10**6, progress=False, callbacks=three)
+    pipelined = make(cls, task, async_collect=True, max_lag=0, **extra).learn(10**6, progress=False,
+                                                                            callbacks=three)
     assert sync.iteration == pipelined.iteration == 3
     assert_same_weights(sync, pipelined)
 
 
-def test_lag_is_exact_and_the_run_reproducible():
+@pytest.mark.parametrize("cls,extra", [(GRPO, {}), (NLPO, {"mask_top_p": 0.9, "mask_update_every": 1})])
+def test_lag_is_exact_and_the_run_reproducible(cls, extra):
     lags = []
-    agent = make(GRPO, async_collect=True, max_lag=2)
+    agent = make(cls, async_collect=True, max_lag=2, **extra)
     agent.learn(6 * 16 * 3, progress=False, callbacks=[lambda a, m: lags.append(m["off_policy/lag"])])
     assert lags[:4] == [0.0, 1.0, 2.0, 2.0]  # the pipeline fills, then every rollout is exactly 2 updates old
-    again = make(GRPO, async_collect=True, max_lag=2).learn(6 * 16 * 3, progress=False)
+    again = make(cls, async_collect=True, max_lag=2, **extra).learn(6 * 16 * 3, progress=False)
     assert_same_weights(agent, again)
 
 
@@ -88,9 +92,12 @@ def test_evaluation_pauses_the_collector():
 
 
 def test_collector_refusals():
+    class OwnBatches(Reinforce):
+        def training_batch(self):
+            raise AssertionError("never called")
 
-    with pytest.raises(ConfigError, match="masking policy"):
-        make(NLPO, async_collect=True)
+    with pytest.raises(ConfigError, match="OwnBatches trains on batches of its own"):
+        make(OwnBatches, async_collect=True)
     agent = make(GRPO, async_collect=True, max_lag=1)
     assert agent.sampler_policy is not agent.policy  # the thread samples with weights of its own
 

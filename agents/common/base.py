@@ -75,11 +75,7 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
     config_class = AgentConfig
     name = "agent"
     corrects_off_policy = False
-    """whether :meth:`update` applies ``off_policy_correction`` (calls :meth:`correct_off_policy` and weighs its loss)"""
-    samples_asynchronously = True
-    """whether the asynchronous collector may sample for this agent (its sampling reads nothing the update changes)"""
-    samples_asynchronously_reason = ""
-    """why not, when not"""
+    """whether :meth:`update` applies ``off_policy_correction`` (calls :meth:`correct_off_policy`, weighs its loss)"""
 
     def __init__(self, env, config: AgentConfig | None = None, *, policy=None, peft_config=None,
                  logdir: str | os.PathLike | None = None, device=None, weights_only: bool = False, **overrides):
@@ -130,10 +126,10 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
         self.sharded = self.distributed.active and sharding.fsdp_requested()
         if self.sharded:
             sharding.shard_policy(self.policy)
-        # one fused kernel per step instead of a chain of elementwise ops per parameter (same update up to
-        # float rounding); not with FSDP (the fused kernel cannot take sharded tensors) nor on other devices
         self._setup_rollout_precision()
         self._check_async()
+        # one fused kernel per step instead of a chain of elementwise ops per parameter (same update up to
+        # float rounding); not with FSDP (the fused kernel cannot take sharded tensors) nor on other devices
         fused = self.device.type in ("cpu", "cuda") and not self.sharded
         if not fused:
             fast_paths.fall_back("fused AdamW", "the policy is FSDP-sharded" if self.sharded
@@ -263,9 +259,15 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
         """The context of the rollout's forwards: the autocast of :attr:`rollout_precision` (if any)."""
         return self.rollout_precision.context(self.device)
 
+    def sampler_modules(self) -> dict[str, tuple[nn.Module, nn.Module]]:
+        """``name -> (trained module, the module sampling reads)``: what the sampler takes from the update, as a copy
+        of its own where they differ. NLPO adds its masking policy."""
+        return {"policy": (self.policy, self.sampler_policy)}
+
     def sync_sampler(self) -> None:
-        """Bring the sampler's compute copy up to the policy's current weights (a no-op when it is the policy)."""
-        refresh_compute_copy(self.sampler_policy, self.policy)
+        """Bring the sampler's modules up to the trained ones' current weights (a no-op where they are the same)."""
+        for trained, sampler in self.sampler_modules().values():
+            refresh_compute_copy(sampler, trained)
         self.sampler_version = self.iteration
 
     def collect(self) -> Rollout:
@@ -313,8 +315,9 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
         sampled from: the policy's under :attr:`sampling`. An algorithm that samples from another
         distribution (NLPO's masked nucleus) overrides this; its log-probs are the ones the environment sees."""
         return sample_continuations(
-            self.sampler_policy, query_ids, query_mask, self.env.max_new_tokens, stop_token_ids=self.env.stop_token_ids,
-            pad_token_id=self.env.tokenizer.pad_token_id, temperature=self.sampling.temperature,
+            self.sampler_policy, query_ids, query_mask, self.env.max_new_tokens,
+            stop_token_ids=self.env.stop_token_ids, pad_token_id=self.env.tokenizer.pad_token_id,
+            temperature=self.sampling.temperature,
             top_k=self.sampling.top_k, top_p=self.sampling.top_p, generator=self.sampling_generator,
             **self.sampling_share())
 
@@ -363,10 +366,8 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
             reason = "a LoRA policy shares its base weights with the reference the environment scores with"
         elif type(self).training_batch is not Agent.training_batch:
             reason = f"{type(self).__name__} trains on batches of its own, not on rollouts"
-        elif not self.samples_asynchronously:
-            reason = self.samples_asynchronously_reason
         if reason is not None:
-            raise ConfigError(f"async_collect: {type(self).__name__} cannot sample in a background thread: {reason}; "
+            raise ConfigError(f"async_collect: {type(self).__name__} cannot sample beside its update: {reason}; "
                               "set async_collect=False")
 
     def update(self, rollout: Rollout) -> dict[str, float]:

@@ -105,6 +105,7 @@ class Checkpointing:
         An existing folder is never replaced unless ``overwrite=True``.
         See :mod:`lmgym.agents.common.checkpoint`.
         """
+        self.stop_collector()  # nothing in flight: the environment and generators are those of the next rollout
         payload = self._checkpoint_payload()
         return self.distributed.on_main(lambda: checkpoints.save(self, path, overwrite=overwrite, **payload))
 
@@ -147,4 +148,5 @@ class Checkpointing:
         ``group_size``: the prompt stream then continues from the checkpoint's RNG with a new
         batch of prompts. With ``resume=False`` only the weights are loaded.
         """
+        self.stop_collector()  # the collector samples from the weights and state being replaced
         return checkpoints.load(self, path, resume=resume)

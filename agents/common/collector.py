@@ -81,21 +81,24 @@ class AsyncCollector:
         boundary = rollout - rollout % self.every if self.every else self.start_iteration
         return max(rollout - self.max_lag, self.start_iteration, boundary)
 
-    def published_weights(self) -> tuple[int, dict[str, torch.Tensor], float]:
-        """``(iteration, weights in the sampler's dtype, kl_coef)``: what :meth:`publish` hands to the sampler."""
-        sampler = self.agent.sampler_policy
-        dtype = next((p.dtype for p in sampler.parameters() if p.is_floating_point()), torch.float32)
+    def published_weights(self) -> tuple[int, dict[str, dict[str, torch.Tensor]], float]:
+        """``(iteration, {module: weights in its sampler's dtype}, kl_coef)``: what :meth:`publish` hands over."""
+        weights = {}
         with torch.no_grad():
-            weights = {name: v.detach().to(dtype if v.is_floating_point() else v.dtype, copy=True)
-                       for name, v in self.agent.policy.state_dict().items()}
+            for name, (trained, sampler) in self.agent.sampler_modules().items():
+                dtype = next((p.dtype for p in sampler.parameters() if p.is_floating_point()), torch.float32)
+                weights[name] = {key: v.detach().to(dtype if v.is_floating_point() else v.dtype, copy=True)
+                                 for key, v in trained.state_dict().items()}
         return self.agent.iteration, weights, float(self.agent.env.kl_coef)
 
 
 def load_weights(agent, version: int, weights: dict, kl_coef: float) -> None:
-    """Put a published version into the agent's sampler (the sampling side)."""
+    """Put a published version into the agent's sampler modules (the sampling side)."""
     if agent.sampler_version != version:
+        modules = agent.sampler_modules()
         with torch.no_grad():
-            agent.sampler_policy.load_state_dict(weights, strict=True)
+            for name, state in weights.items():
+                modules[name][1].load_state_dict(state, strict=True)
         agent.sampler_version = version
     agent.env.kl_coef = kl_coef
 

@@ -43,8 +43,9 @@ def collect_turns(agent) -> Rollout:
     mask_model, mask_fn = agent.turn_mask()
     agent.sampler_policy.eval()
     with agent.rollout_context():
-        sampler = TurnSampler(agent.sampler_policy, prompts, max_sequence_length=env.max_length, sampling=agent.sampling,
-                              stop_token_ids=env.stop_token_ids, pad_token_id=env.tokenizer.pad_token_id,
+        sampler = TurnSampler(agent.sampler_policy, prompts, max_sequence_length=env.max_length,
+                              sampling=agent.sampling, stop_token_ids=env.stop_token_ids,
+                              pad_token_id=env.tokenizer.pad_token_id,
                               generator=agent.sampling_generator, mask_model=mask_model, mask_fn=mask_fn)
     pad = env.tokenizer.pad_token_id
     tokens = torch.full((n, width), pad, dtype=torch.long, device=device)
