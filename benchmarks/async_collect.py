@@ -14,9 +14,10 @@ updates. Rows:
 - ``async lag 1, thread, T threads``: the sampler in a thread of the training process, torch's intra-op pool at T
   threads (shared by both Python threads).
 
-It prints the seconds per iteration and the ratio to ``sync`` measured in the same run; on the diagnostic tasks
-also the evaluated return as a fraction of the exact optimum after ``--fraction-steps`` environment steps of
-training with each setting (0: skip). The results of each task are kept in ``--json``.
+It prints the seconds per iteration (the median of ``--repeats`` rounds over all settings in turn, so that a
+slow spell of this shared machine hits each alike) and the ratio to ``sync`` measured in the same run; on the
+diagnostic tasks also the evaluated return as a fraction of the exact optimum after ``--fraction-steps``
+environment steps of training with each setting (0: skip). The results of each task are kept in ``--json``.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def render(results: dict) -> str:
             lines.append(f"| {task} | {row['setting']} | {row['torch_threads']} | {row['seconds_per_iteration']:.3f} "
                          f"| {row['rollout_wait_s']:.3f} / {row['update_s']:.3f} | {row['ratio']:.3f} | {fraction} |")
     commands = "; ".join(f"`{entry['command']}` ({entry['episodes']} episodes per iteration, {entry['iterations']} "
-                         "timed iterations)" for entry in results.values())
+                         f"timed iterations, median of {entry['repeats']} rounds over the settings)"
+                         for entry in results.values())
     return "\n".join(lines) + f"\n\nMeasured by {commands}, on {next(iter(results.values()))['cpu']}."
 
 
@@ -96,6 +98,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="torch threads of the synchronous baseline")
     p.add_argument("--fraction-steps", type=int, default=30_000)
+    p.add_argument("--repeats", type=int, default=3, help="rounds over the settings; the median is reported")
     p.add_argument("--json", default=str(RESULTS), help="the results file, one entry per task (default: %(default)s)")
     p.add_argument("--page", help="render the table from --json into this page, measuring nothing")
     args = p.parse_args()
@@ -108,13 +111,16 @@ def main() -> None:
             ("async lag 1, thread", 1, {"async_collect": True, "max_lag": 1, "async_backend": "thread"}),
             ("async lag 1, thread", 2, {"async_collect": True, "max_lag": 1, "async_backend": "thread"})]
     results = []
-    baseline = None
-    print(f"{args.task}: GRPO, {args.num_envs} episodes per iteration, {args.iterations} timed iterations")
+    print(f"{args.task}: GRPO, {args.num_envs} episodes per iteration, {args.iterations} timed iterations, "
+          f"median of {args.repeats} rounds")
     print("| setting | s / iteration | ratio to sync | fraction of optimum |")
     print("|---|---|---|---|")
-    for name, threads, overrides in rows:
-        seconds, rollout_s, update_s = seconds_per_iteration(args, threads, **overrides)
-        baseline = seconds if baseline is None else baseline
+    # rounds over all settings in turn, so a slow spell of the machine hits each of them alike; the median round
+    rounds = [[seconds_per_iteration(args, threads, **overrides) for _, threads, overrides in rows]
+              for _ in range(args.repeats)]
+    baseline = sorted(r[0][0] for r in rounds)[len(rounds) // 2]
+    for i, (name, threads, overrides) in enumerate(rows):
+        seconds, rollout_s, update_s = sorted((r[i] for r in rounds), key=lambda m: m[0])[len(rounds) // 2]
         fraction = None
         if args.fraction_steps and args.task in ("lmgym/TargetToken-v0", "lmgym/Guess-v0"):
             fraction = fraction_of_optimum(args, threads, **overrides)
@@ -129,7 +135,7 @@ def main() -> None:
     stored = json.loads(path.read_text()) if path.exists() else {}
     stored[args.task] = {"command": " ".join(["python", "benchmarks/async_collect.py"] + sys.argv[1:]),
                          "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
-                         "episodes": args.num_envs, "iterations": args.iterations,
+                         "episodes": args.num_envs, "iterations": args.iterations, "repeats": args.repeats,
                          "cpu": machine(torch.device("cpu"))["cpu"], "results": results}
     path.write_text(json.dumps(stored, indent=1) + "\n")
 

@@ -4,11 +4,11 @@ Pipelines such as PipelineRL, AReaL and verl's fully asynchronous mode keep gene
 trainer steps: the samples then come from weights some updates old. Here a sampler runs beside the training
 loop, in one of two ways (``async_backend``):
 
-- ``"process"`` (the default on the CPU): a forked process with its own copy of the environment and of the
-  sampler, on its own core (torch threads 1). Small models spend most of their time in Python, which two
-  threads of one process cannot run at once; two processes can.
-- ``"thread"`` (the default on CUDA, where a forked process cannot use the device): a thread of the training
-  process. Large models spend their time in torch kernels, which release the interpreter.
+- ``"process"`` (the default on the CPU for small models): a forked process with its own copy of the environment
+  and of the sampler, on its own core (torch threads 1). Small models spend most of their time in Python, which
+  two threads of one process cannot run at once; two processes can.
+- ``"thread"`` (the default on CUDA, where a forked process cannot use the device, and for large models): a
+  thread of the training process. Large models spend their time in torch kernels, which release the interpreter.
 
 **Which weights sample which rollout.** Rollout ``r`` is the one the update of iteration ``r`` trains on.
 It is sampled with the weights of iteration ``v(r) = max(r - max_lag, start, boundary(r))``, exactly, never
@@ -52,11 +52,20 @@ import torch
 __all__ = ["AsyncCollector", "make_collector"]
 
 
+PROCESS_MAX_PARAMETERS = 20_000_000
+"""``async_backend="auto"`` on the CPU: a process below this many policy parameters, a thread from it on. Small
+models are Python-bound (TargetToken, 2.7k parameters: process 0.78 of the synchronous time, thread 1.42); large
+ones are kernel-bound and the process would pickle all their weights every iteration (SmolLM2, 135M: thread 0.84,
+process 1.08; docs/off_policy.md)."""
+
+
 def make_collector(agent) -> "AsyncCollector":
-    """The collector of ``agent.config.async_backend`` (``"auto"``: a process on the CPU, a thread elsewhere)."""
+    """The collector of ``agent.config.async_backend`` (``"auto"``: on the CPU a process for small models and a
+    thread for large ones (:data:`PROCESS_MAX_PARAMETERS`), a thread on other devices)."""
     backend = agent.config.async_backend
     if backend == "auto":
-        backend = "process" if agent.device.type == "cpu" else "thread"
+        small = sum(p.numel() for p in agent.policy.parameters()) < PROCESS_MAX_PARAMETERS
+        backend = "process" if agent.device.type == "cpu" and small else "thread"
     if backend == "process" and agent.device.type != "cpu":
         raise ValueError(f"async_backend='process' forks the training process, which cannot use {agent.device} "
                          "in the child; use async_backend='thread'")

@@ -219,7 +219,7 @@ class AgentConfig:
     on it (0: the synchronous loop, identical results)"""
     async_backend: Annotated[str, OneOf("auto", "process", "thread")] = "auto"
     """async_collect: sample in a forked process (CPU: Python-bound small models run truly in parallel) or a thread of
-    this one (CUDA); auto: process on the CPU, thread elsewhere"""
+    this one (CUDA, large models); auto: process on the CPU below 20M policy parameters, thread otherwise"""
     off_policy_correction: Annotated[str, OneOf(*CORRECTIONS)] = "none"
     """weighting of tokens another distribution sampled (a stale policy, another precision): none, tis_token,
     tis_sequence, mis_token, mis_sequence, decoupled (lmgym.agents.common.off_policy)"""
