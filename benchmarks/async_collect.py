@@ -34,7 +34,7 @@ import torch
 
 import lmgym  # noqa: F401  registers the tasks
 from lmgym.agents import GRPO
-from lmgym.bench.page import markers, write_block
+from lmgym.bench.page import add_page_arguments, markers, render_only
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "bench" / "async_collect.json"
 BEGIN, END = markers("async_collect", "docs/bench/async_collect.json",
@@ -99,11 +99,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads of the synchronous baseline")
     p.add_argument("--fraction-steps", type=int, default=30_000)
     p.add_argument("--repeats", type=int, default=3, help="rounds over the settings; the median is reported")
-    p.add_argument("--json", default=str(RESULTS), help="the results file, one entry per task (default: %(default)s)")
-    p.add_argument("--page", help="render the table from --json into this page, measuring nothing")
+    add_page_arguments(p, RESULTS)
     args = p.parse_args()
-    if args.page:
-        write_block(args.page, BEGIN, END, render(json.loads(Path(args.json).read_text())))
+    if render_only(args, BEGIN, END, render):
         return
 
     rows = [("sync", args.threads, {}),

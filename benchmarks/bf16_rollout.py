@@ -28,7 +28,7 @@ import torch
 
 import lmgym  # noqa: F401  registers the tasks
 from lmgym.agents import GRPO
-from lmgym.bench.page import markers, write_block
+from lmgym.bench.page import add_page_arguments, markers, render_only
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "bench" / "bf16_rollout.json"
 BEGIN, END = markers("bf16_rollout", "docs/bench/bf16_rollout.json",
@@ -90,11 +90,9 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--rollouts", type=int, default=5)
-    p.add_argument("--json", default=str(RESULTS))
-    p.add_argument("--page", help="render the table from --json into this page, measuring nothing")
+    add_page_arguments(p, RESULTS)
     args = p.parse_args()
-    if args.page:
-        write_block(args.page, BEGIN, END, render(json.loads(Path(args.json).read_text())))
+    if render_only(args, BEGIN, END, render):
         return
     from lmgym.bench.grid import machine
 

@@ -25,7 +25,7 @@ import torch
 
 import lmgym  # noqa: F401  registers the environments
 from lmgym.agents import GRPO
-from lmgym.bench.page import markers, write_block
+from lmgym.bench.page import add_page_arguments, markers, render_only
 from lmgym.models.precision import RolloutPrecision
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "bench" / "iteration0_kl.json"
@@ -60,11 +60,9 @@ def render(results: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json", default=str(RESULTS))
-    p.add_argument("--page", help="render the table from --json into this page, measuring nothing")
+    add_page_arguments(p, RESULTS)
     args = p.parse_args()
-    if args.page:
-        write_block(args.page, BEGIN, END, render(json.loads(Path(args.json).read_text())))
+    if render_only(args, BEGIN, END, render):
         return
     torch.set_num_threads(min(2, torch.get_num_threads()))
     rows = [measure(task, dtype, autocast, before) for task in ("lmgym/TargetToken-v0", "lmgym/Guess-v0")

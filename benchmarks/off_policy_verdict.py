@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmgym.bench.page import markers, write_block
+from lmgym.bench.page import add_page_arguments, markers, render_only
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "bench" / "off_policy.json"
@@ -165,11 +165,9 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--bias-iteration", type=int, default=16, help="iterations before the gradients are taken")
-    parser.add_argument("--json", default=str(RESULTS), help="where the results go (default: %(default)s)")
-    parser.add_argument("--page", help="render the table from --json into this page, measuring nothing")
+    add_page_arguments(parser, RESULTS)
     args = parser.parse_args()
-    if args.page:
-        write_block(args.page, BEGIN, END, render(json.loads(Path(args.json).read_text())))
+    if render_only(args, BEGIN, END, render):
         return
     results = measure(args)
     Path(args.json).write_text(json.dumps(results, indent=1) + "\n")

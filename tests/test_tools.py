@@ -90,7 +90,7 @@ def test_hermes_calls_are_parsed(text, expected):
 
 
 def test_the_runner_reports_every_failure_as_text_and_keeps_working():
-    runner = ToolRunner(TOOLS, timeout=0.5, max_output_chars=20)
+    runner = ToolRunner(TOOLS, timeout=2, max_output_chars=20)
     try:
         assert runner.run(ToolCall("calculate", {"expression": "6*7"})) == ("ok", "42")
         assert runner.run(ToolCall("search", {})) == ("unknown", "error: unknown tool 'search'; the tools are: "
@@ -99,8 +99,8 @@ def test_the_runner_reports_every_failure_as_text_and_keeps_working():
         assert outcome == "arguments" and text.startswith("error: wrong arguments for calculate:")
         assert runner.run(ToolCall("boom", {})) == ("exception", "error: RuntimeError: boom")
         started = time.perf_counter()
-        assert runner.run(ToolCall("slow", {"seconds": 30})) == ("timeout", "error: slow did not finish within 0.5 s")
-        assert time.perf_counter() - started < 5
+        assert runner.run(ToolCall("slow", {"seconds": 30})) == ("timeout", "error: slow did not finish within 2 s")
+        assert time.perf_counter() - started < 10
         assert runner.run(ToolCall("huge", {"n": 10**6})) == ("ok", "x" * 20 + " [output cut: 999980 more "
                                                                               "characters]")
         assert runner.run(ToolCall("calculate", {"expression": "1+1"})) == ("ok", "2")  # a fresh worker after all that
@@ -162,7 +162,7 @@ def tool_episode():
     end = tok.eos_token_id
     model, _ = tiny_model(len(tok), hidden_size=16, num_layers=1, num_heads=2, max_positions=2048, tokenizer=tok)
     prompt = tool_prompt(tok, [{"role": "user", "content": "what is three plus four"}], TOOLS)
-    interaction = ToolInteraction(TOOLS, score=lambda p, c: float("7" in c.last_turn_text), timeout=0.5,
+    interaction = ToolInteraction(TOOLS, score=lambda p, c: float("7" in c.last_turn_text), timeout=2,
                                   max_output_chars=40)
     n = len(CALLS)
     env = TextGenVectorEnv(n, model=model, tokenizer=tok, reward_fn=None, prompts=[prompt], interaction=interaction,

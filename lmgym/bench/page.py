@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["markers", "read_block", "write_block"]
+__all__ = ["markers", "read_block", "write_block", "add_page_arguments", "render_only"]
 
 
 def markers(name: str, source: str, command: str) -> tuple[str, str]:
@@ -28,3 +28,19 @@ def write_block(page: str | Path, begin: str, end: str, body: str) -> None:
     text = Path(page).read_text()
     before, rest = text.split(begin, 1)
     Path(page).write_text(before + begin + "\n\n" + body.strip() + "\n\n" + end + rest.split(end, 1)[1])
+
+
+def add_page_arguments(parser, results: Path) -> None:
+    """The two options every such benchmark has: where its results file is, and a page to render it into."""
+    parser.add_argument("--json", default=str(results), help="the results file (default: %(default)s)")
+    parser.add_argument("--page", help="render the table from --json into this page, measuring nothing")
+
+
+def render_only(args, begin: str, end: str, render) -> bool:
+    """With ``--page``: write ``render(results)`` into the page's block and return True (nothing to measure)."""
+    import json
+
+    if not args.page:
+        return False
+    write_block(args.page, begin, end, render(json.loads(Path(args.json).read_text())))
+    return True

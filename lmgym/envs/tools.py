@@ -148,9 +148,11 @@ class HermesParser:
 
 
 def _worker(connection, tools: dict, max_output_chars: int) -> None:
-    """The child process: run calls sent over ``connection`` until it closes; reply ``(ok, text)``."""
+    """The child process: say it is ready, then run calls sent over ``connection`` until it closes; reply
+    ``(ok, text)``."""
     import os
 
+    connection.send("ready")
     while True:
         try:
             name, arguments = connection.recv()
@@ -168,6 +170,10 @@ def _worker(connection, tools: dict, max_output_chars: int) -> None:
             connection.send((ok, text))
         except (BrokenPipeError, OSError):
             os._exit(0)
+
+
+STARTUP_TIMEOUT = 60.0
+"""seconds a new worker process may take to start (not counted in a call's time limit)"""
 
 
 class ToolRunner:
@@ -196,6 +202,10 @@ class ToolRunner:
         self._process.start()
         child.close()
         self._connection = parent
+        # a call's time limit starts once the worker runs: forking a large training process can take a while
+        if not parent.poll(STARTUP_TIMEOUT) or parent.recv() != "ready":
+            self.close()
+            raise ToolError(f"the tool worker process did not start within {STARTUP_TIMEOUT} s")
 
     def close(self) -> None:
         """End the worker process (a later call starts a new one)."""
@@ -225,7 +235,10 @@ class ToolRunner:
         except TypeError as err:
             return "arguments", f"error: wrong arguments for {call.name}: {err}"
         if self._process is None or not self._process.is_alive():
-            self._start()
+            try:
+                self._start()
+            except ToolError as err:
+                return "died", f"error: {err}"
         try:
             self._connection.send((call.name, call.arguments))
             if not self._connection.poll(self.timeout):
