@@ -48,7 +48,7 @@ from lmgym.agents.common.config import OneOf, Range
 from lmgym.agents.common.kl import KL_ESTIMATORS, KL_PLACEMENTS, kl_penalty_loss, penalised_rewards
 from lmgym.agents.common.turns import leave_one_out, per_token, turn_returns
 
-__all__ = ["ReinforceConfig", "Reinforce", "RLOOConfig", "RLOO", "leave_one_out_baseline"]
+__all__ = ["ReinforceConfig", "Reinforce", "RLOOConfig", "RLOO", "leave_one_out_baseline", "policy_gradient_loss"]
 
 BASELINES = ("moving_average", "rloo", "none")
 
@@ -86,6 +86,14 @@ def leave_one_out_baseline(returns: torch.Tensor, k: int) -> torch.Tensor:
     """``b_i = (sum of the group's returns - R_i) / (k - 1)`` for consecutive groups of k."""
     groups = returns.view(-1, k)
     return ((groups.sum(dim=1, keepdim=True) - groups) / (k - 1)).reshape(-1)
+
+
+def policy_gradient_loss(logprobs: torch.Tensor, advantages: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``-mean_i sum_t w_t * A * log pi(y_t)``: ``advantages`` ``(n,)`` one per sequence, or ``(n, T)`` one per token;
+    ``weights`` ``(n, T)`` are the mask, or an off-policy correction's weights (0 outside the policy's tokens)."""
+    if advantages.dim() == 2:
+        return -(advantages * logprobs * weights).sum(1).mean()
+    return -(advantages * (logprobs * weights).sum(1)).mean()
 
 
 class Reinforce(Agent):
@@ -173,12 +181,9 @@ class Reinforce(Agent):
                 with self.autocast():
                     logprobs, entropy, _ = policy_forward(self.policy, batch, sampling=self.sampling,
                                                           chunk_size=cfg.logprob_chunk_size)
-                w = weights[micro]
-                if cfg.turn_level:  # sum_t A_turn(t) log pi(y_t): each token weighs by its turn's advantage
-                    policy_loss = -(token_advantages[micro] * logprobs * w).sum(1).mean()
-                else:
-                    sequence_logprob = (logprobs * w).sum(1)
-                    policy_loss = -(advantages[micro] * sequence_logprob).mean()
+                # turn-level: sum_t A_turn(t) log pi(y_t), each token weighed by its turn's advantage
+                policy_loss = policy_gradient_loss(logprobs, token_advantages[micro] if cfg.turn_level
+                                                   else advantages[micro], weights[micro])
                 self.check_finite(**{"loss/policy": policy_loss})
                 loss = policy_loss
                 if kl_in_loss:

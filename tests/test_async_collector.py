@@ -102,16 +102,47 @@ def test_collector_refusals():
     assert agent.sampler_policy is not agent.policy  # the thread samples with weights of its own
 
 
-def test_a_failure_in_the_thread_reaches_the_training_loop():
-    agent = make(GRPO, async_collect=True, max_lag=1)
+class Broken(GRPO):
+    def sample(self, query_ids, query_mask):
+        from lmgym.agents.common.update import TrainingError
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("sampler broke")
+        raise TrainingError("sampler broke")
 
-    agent.sample = broken
-    with pytest.raises(RuntimeError, match="sampler broke"):
+
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_a_failure_in_the_sampler_reaches_the_training_loop_as_itself(backend):
+    from lmgym.agents.common.update import TrainingError
+
+    agent = make(Broken, async_collect=True, max_lag=1, async_backend=backend)
+    with pytest.raises(TrainingError, match="sampler broke"):  # the same exception, one line, from either backend
         agent.learn(STEPS, progress=False)
     assert agent._collector is None
+
+
+def test_settings_the_collector_cannot_honour_are_refused_in_one_line():
+    agent = make(GRPO, async_collect=True, max_lag=1)
+    agent.sample = lambda *args: None  # an engine sampler installed on the instance reads the live policy
+    with pytest.raises(ConfigError, match="sample\\(\\) was replaced on the instance"):
+        agent.learn(STEPS, progress=False)
+    late = make(GRPO)
+    late.config.async_collect = True  # its sampler and generators were set up for the synchronous loop
+    with pytest.raises(ConfigError, match="changed after the agent was built"):
+        late.learn(STEPS, progress=False)
+    with pytest.raises(ConfigError, match="adaptive KL controller"):
+        make(PPO, async_collect=True, async_backend="thread", adaptive_kl=True)
+    make(PPO, async_collect=True, async_backend="process", adaptive_kl=True)  # its own environment: allowed
+
+
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_weights_loaded_before_learning_are_the_ones_sampled(backend, tmp_path):
+    """A weights-only load changes the policy at iteration 0: the collector must sample with it, as collect() does."""
+    donor = make(GRPO).learn(STEPS, progress=False)
+    donor.save(tmp_path / "trained")
+    three = [lambda agent, metrics: agent.iteration < 3]
+    sync = make(GRPO).load(tmp_path / "trained", resume=False).learn(10**6, progress=False, callbacks=three)
+    pipelined = make(GRPO, async_collect=True, max_lag=0, async_backend=backend).load(
+        tmp_path / "trained", resume=False).learn(10**6, progress=False, callbacks=three)
+    assert_same_weights(sync, pipelined)
 
 
 def test_rollout_policy_versions_are_recorded():
@@ -149,8 +180,8 @@ def test_both_backends_stop_and_resume_like_the_synchronous_loop(backend):
 def test_the_process_backend_is_refused_off_the_cpu():
     from types import SimpleNamespace
 
-    from lmgym.agents.common.collector import make_collector
+    from lmgym.agents.common.collector import collector_backend
 
     stub = SimpleNamespace(config=SimpleNamespace(async_backend="process"), device=torch.device("cuda"))
-    with pytest.raises(ValueError, match="cannot use cuda"):
-        make_collector(stub)
+    with pytest.raises(ConfigError, match="cannot use cuda"):
+        collector_backend(stub)

@@ -161,3 +161,27 @@ def test_bf16_sampler_mismatch_is_measured_and_weighted():
 def test_agent_without_correction_refuses_one():
     with pytest.raises(ConfigError, match="A2C has no off-policy correction"):
         A2C(make_env(), off_policy_correction="tis_token")
+
+
+@pytest.mark.parametrize("correction", CORRECTIONS)
+@pytest.mark.parametrize("per_token", [False, True])
+def test_reinforce_loss_and_gradient_by_hand(correction, per_token):
+    from lmgym.agents.reinforce import policy_gradient_loss
+
+    current, proximal, behaviour, advantages, mask, lengths = batch(3)
+    weights = mask if correction == "none" else correction_weights(proximal, behaviour, mask, correction, cap=CAP,
+                                                                   band=BAND)
+    adv = advantages[:, None] * torch.arange(1, 6, dtype=torch.float64) / 3 if per_token else advantages
+    current = current.clone().requires_grad_(True)
+    loss = policy_gradient_loss(current, adv, weights)
+    loss.backward()
+    hand_w = hand_weights(proximal, behaviour, lengths, correction)
+    expected_loss, expected_grad = 0.0, [[0.0] * mask.shape[1] for _ in lengths]
+    for i, n in enumerate(lengths):  # -(1/N) sum_i sum_t w_t A log pi(y_t): its gradient is -w_t A / N
+        for t in range(n):
+            a = float(adv[i, t]) if per_token else float(adv[i])
+            expected_loss += -hand_w[i][t] * a * float(current.detach()[i, t]) / len(lengths)
+            expected_grad[i][t] = -hand_w[i][t] * a / len(lengths)
+    assert abs(float(loss.detach()) - expected_loss) < 1e-12
+    torch.testing.assert_close(current.grad * mask, torch.tensor(expected_grad, dtype=torch.float64), rtol=1e-10,
+                               atol=1e-12)

@@ -70,6 +70,17 @@ def test_a_function_becomes_a_tool_schema():
     with pytest.raises(ToolError, match="unique"):
         ToolRunner([calculate, calculate])
 
+    def nested(x: int) -> int:
+        """A nested function.
+
+        Args:
+            x: a number
+        """
+        return x
+
+    with pytest.raises(ToolError, match="tool nested runs in a worker process, which imports it by name"):
+        ToolRunner([nested])
+
 
 @pytest.mark.parametrize("text,expected", [
     ('<tool_call>{"name": "calculate", "arguments": {"expression": "1+2"}}</tool_call>',

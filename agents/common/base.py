@@ -85,7 +85,7 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
         self.config = self.make_config(config, overrides)
         if self.config.off_policy_correction != "none" and not self.corrects_off_policy:
             raise ConfigError(f"{type(self).__name__} has no off-policy correction (off_policy_correction="
-                              f"{self.config.off_policy_correction!r}); PPO, GRPO, REINFORCE and RLOO have them")
+                              f"{self.config.off_policy_correction!r}); PPO, NLPO, GRPO, REINFORCE and RLOO have them")
         self.env = env
         self.weights_only = weights_only
         self.device = resolve_device(device) if device is not None else env.device
@@ -313,7 +313,10 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
     def sample(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Continuations of the left-padded prompts and the log-probs of their tokens under the distribution
         sampled from: the policy's under :attr:`sampling`. An algorithm that samples from another
-        distribution (NLPO's masked nucleus) overrides this; its log-probs are the ones the environment sees."""
+        distribution (NLPO's masked nucleus) overrides this; its log-probs are the ones the environment sees.
+        An override samples with :attr:`sampler_policy` and :attr:`sampling_generator` (and modules it lists in
+        :meth:`sampler_modules`), never ``policy`` or ``generator``: with ``async_collect`` the update changes
+        those while the sampler runs."""
         return sample_continuations(
             self.sampler_policy, query_ids, query_mask, self.env.max_new_tokens,
             stop_token_ids=self.env.stop_token_ids, pad_token_id=self.env.tokenizer.pad_token_id,
@@ -366,6 +369,13 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
             reason = "a LoRA policy shares its base weights with the reference the environment scores with"
         elif type(self).training_batch is not Agent.training_batch:
             reason = f"{type(self).__name__} trains on batches of its own, not on rollouts"
+        else:
+            from lmgym.agents.common.collector import collector_backend
+
+            if collector_backend(self) == "thread" and getattr(cfg, "adaptive_kl", False):
+                reason = ("the adaptive KL controller moves the environment's kl_coef, which the collector's thread "
+                          "scores with at the same time (async_backend='process' gives the sampler its own "
+                          "environment; or adaptive_kl=False)")
         if reason is not None:
             raise ConfigError(f"async_collect: {type(self).__name__} cannot sample beside its update: {reason}; "
                               "set async_collect=False")
@@ -434,7 +444,6 @@ class Agent(UpdateSteps, Evaluation, Logging, Checkpointing):
                 stop = any(self._call(cb, metrics) is False for cb in callbacks)
                 if self.distributed.any(stop):  # one process's callback (a time budget) stops them all
                     break
-            self.stop_collector()  # what it sampled ahead is rewound before the final checkpoint
             if self.logdir is not None and saved_at != self.iteration:  # not just written by checkpoint_every
                 self.checkpoint()
         finally:

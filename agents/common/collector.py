@@ -49,6 +49,8 @@ import traceback
 
 import torch
 
+from lmgym.agents.common.config import ConfigError
+
 __all__ = ["AsyncCollector", "make_collector"]
 
 
@@ -59,17 +61,30 @@ ones are kernel-bound and the process would pickle all their weights every itera
 process 1.08; docs/off_policy.md)."""
 
 
-def make_collector(agent) -> "AsyncCollector":
-    """The collector of ``agent.config.async_backend`` (``"auto"``: on the CPU a process for small models and a
-    thread for large ones (:data:`PROCESS_MAX_PARAMETERS`), a thread on other devices)."""
+def collector_backend(agent) -> str:
+    """``"process"`` or ``"thread"``: ``agent.config.async_backend``, with ``"auto"`` resolved (on the CPU a process
+    for small models and a thread for large ones, :data:`PROCESS_MAX_PARAMETERS`; a thread on other devices)."""
     backend = agent.config.async_backend
     if backend == "auto":
         small = sum(p.numel() for p in agent.policy.parameters()) < PROCESS_MAX_PARAMETERS
         backend = "process" if agent.device.type == "cpu" and small else "thread"
     if backend == "process" and agent.device.type != "cpu":
-        raise ValueError(f"async_backend='process' forks the training process, which cannot use {agent.device} "
-                         "in the child; use async_backend='thread'")
-    return ProcessCollector(agent) if backend == "process" else ThreadCollector(agent)
+        raise ConfigError(f"async_backend='process' forks the training process, which cannot use {agent.device} in "
+                          "the child; use async_backend='thread'")
+    return backend
+
+
+def make_collector(agent) -> "AsyncCollector":
+    """The collector of :func:`collector_backend`, for an agent built with ``async_collect=True``."""
+    cfg = agent.config
+    if agent.sampler_policy is agent.policy or (cfg.max_lag > 0 and agent.sampling_generator is agent.generator):
+        raise ConfigError("async_collect and max_lag were changed after the agent was built; its sampler and "
+                          "generators are set up when it is built: build it with these settings")
+    if "sample" in vars(agent):
+        raise ConfigError("the agent's sample() was replaced on the instance (an engine sampler?): it would read the "
+                          "policy while the update changes it; set async_collect=False")
+    agent.sampler_version = None  # the first published weights are loaded whatever the sampler holds now
+    return ProcessCollector(agent) if collector_backend(agent) == "process" else ThreadCollector(agent)
 
 
 class AsyncCollector:
@@ -101,15 +116,17 @@ class AsyncCollector:
         return self.agent.iteration, weights, float(self.agent.env.kl_coef)
 
 
-def load_weights(agent, version: int, weights: dict, kl_coef: float) -> None:
-    """Put a published version into the agent's sampler modules (the sampling side)."""
+def load_weights(agent, version: int, weights: dict, kl_coef: float | None) -> None:
+    """Put a published version into the agent's sampler modules (the sampling side), and its ``kl_coef`` into the
+    environment when the sampler has an environment of its own (the process backend)."""
     if agent.sampler_version != version:
         modules = agent.sampler_modules()
         with torch.no_grad():
             for name, state in weights.items():
                 modules[name][1].load_state_dict(state, strict=True)
         agent.sampler_version = version
-    agent.env.kl_coef = kl_coef
+    if kl_coef is not None:
+        agent.env.kl_coef = kl_coef
 
 
 def start_state(agent) -> dict:
@@ -179,10 +196,11 @@ class ThreadCollector(AsyncCollector):
                         self.condition.wait()
                     if self.stopping:
                         return
-                    weights, kl_coef = self.published[version]
+                    weights, _ = self.published[version]
                     for old in [v for v in self.published if v < version]:
                         del self.published[old]
-                    load_weights(agent, version, weights, kl_coef)
+                    # the environment is the trainer's own here: its kl_coef is not the sampler's to set
+                    load_weights(agent, version, weights, None)
                     self.in_flight_state = start_state(agent)
                 rollout = agent._collect_rollout()
                 with self.condition:
@@ -276,7 +294,10 @@ class ProcessCollector(AsyncCollector):
                                          "word") from None
                 continue
             if message[0] == "error":
-                raise CollectorError(f"the sampling process failed:\n{message[1]}")
+                _, error, text = message
+                if isinstance(error, Exception):
+                    raise error
+                raise CollectorError(f"the sampling process failed:\n{text}")
             return message
 
     # ------------------------------------------------------------------ the child process
@@ -303,8 +324,11 @@ class ProcessCollector(AsyncCollector):
                 rollout = agent._collect_rollout()
                 self.results.put(_dumps(("rollout", index, rollout, self._shared_generator())))
                 index += 1
-        except BaseException:
-            self.results.put(_dumps(("error", traceback.format_exc())))
+        except BaseException as err:
+            try:  # the exception itself (a TrainingError stays one), else its text
+                self.results.put(_dumps(("error", err, traceback.format_exc())))
+            except Exception:
+                self.results.put(_dumps(("error", None, traceback.format_exc())))
         finally:
             self.results.close()
             self.results.join_thread()  # everything sent reaches the parent before the process ends

@@ -213,7 +213,7 @@ class AgentConfig:
     environment's setting, else bfloat16 on CUDA when bf16 is set, else off); bfloat16 speeds up a CPU with
     AVX512-BF16 or AMX"""
     async_collect: bool = False
-    """sample the next rollouts in a background thread while the update runs (lmgym.agents.common.collector)"""
+    """sample the next rollouts while the update runs, in a process or a thread (lmgym.agents.common.collector)"""
     max_lag: Annotated[int, Range(ge=0)] = 1
     """async_collect: each rollout is sampled with the weights of exactly this many updates before the one that trains
     on it (0: the synchronous loop, identical results)"""

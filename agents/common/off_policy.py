@@ -49,8 +49,9 @@ __all__ = ["CORRECTIONS", "correction_weights"]
 
 CORRECTIONS = ("none", "tis_token", "tis_sequence", "mis_token", "mis_sequence", "decoupled")
 
-MAX_LOG_RATIO = 80.0
-"""log-ratios are clamped here before exp, so a sequence product of thousands of tokens stays a finite float32"""
+MAX_LOG_RATIO = 20.0
+"""log-ratios are clamped here before exp (a weight of at most e^20 = 4.9e8), so a sequence product over thousands of
+tokens, or an untruncated decoupled weight, times an advantage stays a finite float32"""
 
 
 @torch.no_grad()

@@ -52,7 +52,7 @@ class Rollout:
     is_weights: torch.Tensor | None = None
     """per-token weights of the off-policy correction (None: no correction)"""
     policy_version: int = 0
-    """the optimizer steps the sampling weights had taken (an asynchronous collector's rollout lags behind)"""
+    """the iteration whose weights sampled the rollout (an asynchronous collector's rollout lags behind)"""
     task_rewards: torch.Tensor | None = None
     """multi-turn: per-token rewards without the KL part, each turn reward on its turn's last token and the score
     on the episode's last (None for single-turn episodes: the score alone, on the last token)"""

@@ -141,6 +141,11 @@ def use_engine(agent, engine: GenerationEngine, *, importance_sampling_cap: floa
         raise ValueError("an engine samples whole continuations; a multi-turn environment is sampled turn by turn "
                          "with the policy's KV cache (lmgym.agents.common.turn_rollout), so use_engine does not "
                          "apply to it")
+    if agent.config.async_collect or agent.config.off_policy_correction != "none":
+        from lmgym.agents.common.config import ConfigError
+
+        raise ConfigError("an engine sampler reads the policy while it samples and weighs its tokens itself (truncated "
+                          "IS, Rollout.sampling_weights): set async_collect=False and off_policy_correction='none'")
     sampler = EngineSampler(agent, engine, importance_sampling_cap)
     agent.sample = sampler
     return sampler

@@ -21,12 +21,13 @@ Whatever goes wrong with a call becomes the text of the tool's reply, which the 
 goes on: a malformed call, an unknown tool, wrong arguments, an exception, a timeout, an output over the cap
 (cut, with a note), a worker that died. Training never stops because of a tool.
 
-**What the process boundary does and does not do.** Each call runs in a child process forked from the
-environment's, one call at a time: a call that hangs is killed at ``timeout`` seconds and a fresh worker takes
+**What the process boundary does and does not do.** Each call runs in a worker process (forked from a small
+server process, ``multiprocessing``'s forkserver, so tool functions must be importable: defined at the top level
+of a module), one call at a time: a call that hangs is killed at ``timeout`` seconds and a fresh worker takes
 the next call; a crash (segfault, ``os._exit``) or a call that exhausts its own memory does not take the
 training process down; output beyond ``max_output_chars`` never crosses back. It is **not a security
-sandbox**: the child runs as the same user with the same files, network and environment variables as the
-training process, and a copy of its memory. Run untrusted tools in a container or a VM.
+sandbox**: the worker runs as the same user with the same files, network and environment variables as the
+training process. Run untrusted tools in a container or a VM.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from __future__ import annotations
 import inspect
 import json
 import multiprocessing
+import os
+import pickle
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -190,25 +193,42 @@ class ToolRunner:
         if not timeout > 0 or not max_output_chars > 0:
             raise ToolError(f"timeout and max_output_chars must be > 0, got {timeout!r} and {max_output_chars!r}")
         self.timeout, self.max_output_chars = float(timeout), int(max_output_chars)
+        for tool in self.tools.values():
+            try:
+                pickle.dumps(tool.function)
+            except Exception:
+                raise ToolError(f"tool {tool.name} runs in a worker process, which imports it by name: define it "
+                                "at the top level of a module (not as a lambda or a nested function)") from None
         self._process = None
         self._connection = None
+        self._owner = os.getpid()
 
     def _start(self) -> None:
-        context = multiprocessing.get_context("fork")
+        # forkserver: workers are forked from a small server process started afresh, never from the training
+        # process itself, whose other threads (writers, samplers, a hung interaction) may hold locks at fork time
+        context = multiprocessing.get_context("forkserver")
         parent, child = context.Pipe()
         functions = {name: tool.function for name, tool in self.tools.items()}
         self._process = context.Process(target=_worker, args=(child, functions, self.max_output_chars),
                                         name="lmgym-tools", daemon=True)
         self._process.start()
+        self._owner = os.getpid()
         child.close()
         self._connection = parent
-        # a call's time limit starts once the worker runs: forking a large training process can take a while
-        if not parent.poll(STARTUP_TIMEOUT) or parent.recv() != "ready":
+        # a call's time limit starts once the worker runs (it imports the tools' modules first)
+        try:
+            ready = parent.poll(STARTUP_TIMEOUT) and parent.recv() == "ready"
+        except (EOFError, OSError):
+            ready = False
+        if not ready:
+            code = self._process.exitcode
             self.close()
-            raise ToolError(f"the tool worker process did not start within {STARTUP_TIMEOUT} s")
+            raise ToolError(f"the tool worker process did not start within {STARTUP_TIMEOUT:g} s (exit code {code})")
 
     def close(self) -> None:
         """End the worker process (a later call starts a new one)."""
+        if self._process is not None and self._owner != os.getpid():
+            self._process = self._connection = None  # a forked copy of this runner: the worker is the parent's
         if self._process is not None:
             self._connection.close()
             self._process.kill()
@@ -234,6 +254,8 @@ class ToolRunner:
             inspect.signature(tool.function).bind(**call.arguments)
         except TypeError as err:
             return "arguments", f"error: wrong arguments for {call.name}: {err}"
+        if self._process is not None and self._owner != os.getpid():
+            self._process = self._connection = None  # inherited by a fork (a collector process): start our own
         if self._process is None or not self._process.is_alive():
             try:
                 self._start()
@@ -246,7 +268,8 @@ class ToolRunner:
                 return "timeout", f"error: {call.name} did not finish within {self.timeout:g} s"
             ok, text = self._connection.recv()
         except (EOFError, OSError, BrokenPipeError):
-            code = self._process.exitcode if self._process is not None else None
+            self._process.join(timeout=5)  # reap it, for its exit code
+            code = self._process.exitcode
             self.close()
             return "died", f"error: {call.name} ended its process (exit code {code})"
         return ("ok", text) if ok else ("exception", f"error: {text}")

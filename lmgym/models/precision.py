@@ -15,8 +15,9 @@ A :class:`RolloutPrecision` is the one transform both sides apply to their forwa
 - ``autocast``: ``torch.autocast`` to this dtype around every rollout forward, the sampler's and the
   reference's (bfloat16 on a CPU with AVX512-BF16 or AMX, or on a GPU), or None.
 
-What remains is rounding between kernels of different shapes (one token at a time against a whole
-continuation): about 1e-8 per token on this project's CPU. The update's forward runs in the trainer's
+What remains is the rounding of that precision between kernels of different shapes (one token at a time
+against a whole continuation): about 1e-8 per token on the diagnostic tasks' tiny models, 3e-6 on SmolLM2 in
+float32 and 3e-2 on SmolLM2 in bfloat16 (docs/off_policy.md, ``benchmarks/bf16_rollout.py``). The update's forward runs in the trainer's
 precision (float32, or the agent's ``bf16`` autocast on CUDA), so its pi_old differs from the
 sampler's log-probs by the precision gap; ``lmgym.agents.common.off_policy`` says how agents recompute
 pi_old and weigh that mismatch.
@@ -48,9 +49,6 @@ class RolloutPrecision:
             return contextlib.nullcontext()
         return torch.autocast(device_type=torch.device(device).type, dtype=self.autocast)
 
-    def describe(self) -> str:
-        text = f"{str(self.weights).removeprefix('torch.')} weights"
-        return text + (f" under {str(self.autocast).removeprefix('torch.')} autocast" if self.autocast else "")
 
 
 def as_autocast_dtype(value) -> torch.dtype | None:
