@@ -78,7 +78,8 @@ def test_a_function_becomes_a_tool_schema():
         """
         return x
 
-    with pytest.raises(ToolError, match="tool nested runs in a worker process, which imports it by name"):
+    with pytest.raises(ToolError, match="tool nested runs in a worker process that imports it by name, and it is "
+                                        "defined in a function or a lambda"):
         ToolRunner([nested])
 
 
@@ -228,3 +229,25 @@ def test_rewards_and_masks_are_exact_against_a_float64_reference(tool_episode):
             np.testing.assert_allclose(got, expected, atol=2e-5)
     finally:
         t["model"].float()
+
+
+def _call_in_child(runner, results):
+    results.put(runner.run(ToolCall("calculate", {"expression": "5*5"})))
+
+
+def test_a_runner_copied_into_a_forked_process_starts_its_own_worker():
+    """The asynchronous collector's process backend forks the environment, tool runner included."""
+    import multiprocessing
+
+    runner = ToolRunner([calculate], timeout=5)
+    try:
+        assert runner.run(ToolCall("calculate", {"expression": "2*3"})) == ("ok", "6")
+        context = multiprocessing.get_context("fork")
+        results = context.Queue()
+        child = context.Process(target=_call_in_child, args=(runner, results))
+        child.start()
+        assert results.get(timeout=60) == ("ok", "25")
+        child.join(timeout=30)
+        assert runner.run(ToolCall("calculate", {"expression": "1+1"})) == ("ok", "2")  # the parent's worker lives on
+    finally:
+        runner.close()

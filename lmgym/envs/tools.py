@@ -21,26 +21,29 @@ Whatever goes wrong with a call becomes the text of the tool's reply, which the 
 goes on: a malformed call, an unknown tool, wrong arguments, an exception, a timeout, an output over the cap
 (cut, with a note), a worker that died. Training never stops because of a tool.
 
-**What the process boundary does and does not do.** Each call runs in a worker process (forked from a small
-server process, ``multiprocessing``'s forkserver, so tool functions must be importable: defined at the top level
-of a module), one call at a time: a call that hangs is killed at ``timeout`` seconds and a fresh worker takes
-the next call; a crash (segfault, ``os._exit``) or a call that exhausts its own memory does not take the
-training process down; output beyond ``max_output_chars`` never crosses back. It is **not a security
-sandbox**: the worker runs as the same user with the same files, network and environment variables as the
-training process. Run untrusted tools in a container or a VM.
+**What the process boundary does and does not do.** Each call runs in a worker process, a fresh Python
+interpreter (``python -m lmgym.envs.tool_worker``) that imports the tools by their module path (so a tool is a
+function at the top level of a module, not in the script being run, not nested) and shares no thread, lock or
+memory with training; one call at a time: a call that hangs is killed at ``timeout`` seconds and a fresh worker
+takes the next call; a crash (segfault, ``os._exit``) or a call that exhausts its own memory does not take the
+training process down; output beyond ``max_output_chars`` never crosses back; requests and results travel as
+JSON, never pickles. It is **not a security sandbox**: the worker runs as the same user with the same files,
+network and environment variables as the training process. Run untrusted tools in a container or a VM.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
-import multiprocessing
 import os
-import pickle
+import select
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from lmgym.envs.interaction import BatchInteraction, Conversation, Reply
+from lmgym.envs.tool_worker import read_message, write_message
 
 __all__ = ["Tool", "ToolCall", "HermesParser", "ToolRunner", "ToolInteraction", "ToolError", "tool_prompt"]
 
@@ -150,37 +153,28 @@ class HermesParser:
         return ToolCall(name=value["name"], arguments=arguments)
 
 
-def _worker(connection, tools: dict, max_output_chars: int) -> None:
-    """The child process: say it is ready, then run calls sent over ``connection`` until it closes; reply
-    ``(ok, text)``."""
-    import os
-
-    connection.send("ready")
-    while True:
-        try:
-            name, arguments = connection.recv()
-        except (EOFError, OSError):
-            os._exit(0)
-        try:
-            result = tools[name](**arguments)
-            text = result if isinstance(result, str) else json.dumps(result, default=str)
-            ok = True
-        except BaseException as err:  # the tool's own failure: reported to the model, never raised here
-            text, ok = f"{type(err).__name__}: {err}", False
-        if len(text) > max_output_chars:
-            text = text[:max_output_chars] + f" [output cut: {len(text) - max_output_chars} more characters]"
-        try:
-            connection.send((ok, text))
-        except (BrokenPipeError, OSError):
-            os._exit(0)
-
-
 STARTUP_TIMEOUT = 60.0
-"""seconds a new worker process may take to start (not counted in a call's time limit)"""
+"""seconds a new worker process may take to start and import the tools (not counted in a call's time limit)"""
+
+
+def import_path(tool: Tool) -> str:
+    """``"module:qualified.name"`` by which the worker process imports ``tool``'s function."""
+    function = tool.function
+    module, qualname = getattr(function, "__module__", None), getattr(function, "__qualname__", "")
+    if not module or module == "__main__" or "<" in qualname:
+        where = "the script being run" if module == "__main__" else "a function or a lambda"
+        raise ToolError(f"tool {tool.name} runs in a worker process that imports it by name, and it is defined in "
+                        f"{where}: define it at the top level of a module of its own and import it from there")
+    return f"{module}:{qualname}"
 
 
 class ToolRunner:
-    """Runs calls in a forked worker process, one at a time, with a time limit and a cap on the output.
+    """Runs calls in a worker process (``python -m lmgym.envs.tool_worker``), one at a time, with a time limit
+    and a cap on the output.
+
+    The worker is a fresh interpreter that imports each tool by its module path: it shares no state, lock or thread
+    with the training process, and never re-runs the script that started it. Tools must therefore be importable
+    functions, at the top level of a module.
 
     Args:
         tools: the tools (functions or :class:`Tool`).
@@ -193,47 +187,42 @@ class ToolRunner:
         if not timeout > 0 or not max_output_chars > 0:
             raise ToolError(f"timeout and max_output_chars must be > 0, got {timeout!r} and {max_output_chars!r}")
         self.timeout, self.max_output_chars = float(timeout), int(max_output_chars)
-        for tool in self.tools.values():
-            try:
-                pickle.dumps(tool.function)
-            except Exception:
-                raise ToolError(f"tool {tool.name} runs in a worker process, which imports it by name: define it "
-                                "at the top level of a module (not as a lambda or a nested function)") from None
-        self._process = None
-        self._connection = None
+        self._spec = json.dumps({"tools": {name: import_path(t) for name, t in self.tools.items()},
+                                 "max_output_chars": self.max_output_chars})
+        self._process: subprocess.Popen | None = None
         self._owner = os.getpid()
 
     def _start(self) -> None:
-        # forkserver: workers are forked from a small server process started afresh, never from the training
-        # process itself, whose other threads (writers, samplers, a hung interaction) may hold locks at fork time
-        context = multiprocessing.get_context("forkserver")
-        parent, child = context.Pipe()
-        functions = {name: tool.function for name, tool in self.tools.items()}
-        self._process = context.Process(target=_worker, args=(child, functions, self.max_output_chars),
-                                        name="lmgym-tools", daemon=True)
-        self._process.start()
+        environment = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self._process = subprocess.Popen([sys.executable, "-m", "lmgym.envs.tool_worker", self._spec],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                         env=environment)
         self._owner = os.getpid()
-        child.close()
-        self._connection = parent
-        # a call's time limit starts once the worker runs (it imports the tools' modules first)
-        try:
-            ready = parent.poll(STARTUP_TIMEOUT) and parent.recv() == "ready"
-        except (EOFError, OSError):
-            ready = False
-        if not ready:
-            code = self._process.exitcode
+        ready = self._receive(STARTUP_TIMEOUT)
+        if ready != "ready":
+            code = self._process.poll()
             self.close()
-            raise ToolError(f"the tool worker process did not start within {STARTUP_TIMEOUT:g} s (exit code {code})")
+            raise ToolError(f"the tool worker process did not start within {STARTUP_TIMEOUT:g} s (exit code {code}; "
+                            "can it import the tools?)")
+
+    def _receive(self, timeout: float):
+        """The worker's next message, or None when it did not answer within ``timeout`` or ended."""
+        stream = self._process.stdout
+        if not select.select([stream], [], [], timeout)[0]:
+            return None
+        try:
+            return read_message(stream)
+        except (OSError, ValueError):
+            return None
 
     def close(self) -> None:
         """End the worker process (a later call starts a new one)."""
-        if self._process is not None and self._owner != os.getpid():
-            self._process = self._connection = None  # a forked copy of this runner: the worker is the parent's
-        if self._process is not None:
-            self._connection.close()
+        if self._process is not None and self._owner == os.getpid():
             self._process.kill()
-            self._process.join(timeout=5)
-            self._process = self._connection = None
+            self._process.wait(timeout=5)
+            for stream in (self._process.stdin, self._process.stdout):
+                stream.close()
+        self._process = None
 
     def __del__(self):
         try:
@@ -255,24 +244,25 @@ class ToolRunner:
         except TypeError as err:
             return "arguments", f"error: wrong arguments for {call.name}: {err}"
         if self._process is not None and self._owner != os.getpid():
-            self._process = self._connection = None  # inherited by a fork (a collector process): start our own
-        if self._process is None or not self._process.is_alive():
+            self._process = None  # a forked copy of this runner (a collector process): the worker is the parent's
+        if self._process is None or self._process.poll() is not None:
             try:
                 self._start()
-            except ToolError as err:
+            except (ToolError, OSError) as err:
                 return "died", f"error: {err}"
         try:
-            self._connection.send((call.name, call.arguments))
-            if not self._connection.poll(self.timeout):
-                self.close()
-                return "timeout", f"error: {call.name} did not finish within {self.timeout:g} s"
-            ok, text = self._connection.recv()
-        except (EOFError, OSError, BrokenPipeError):
-            self._process.join(timeout=5)  # reap it, for its exit code
-            code = self._process.exitcode
+            write_message(self._process.stdin, {"name": call.name, "arguments": call.arguments})
+        except (OSError, ValueError):
+            reply = None
+        else:
+            reply = self._receive(self.timeout)
+        if reply is None:
+            code = self._process.poll()
             self.close()
+            if code is None:
+                return "timeout", f"error: {call.name} did not finish within {self.timeout:g} s"
             return "died", f"error: {call.name} ended its process (exit code {code})"
-        return ("ok", text) if ok else ("exception", f"error: {text}")
+        return ("ok", reply["text"]) if reply["ok"] else ("exception", f"error: {reply['text']}")
 
 
 class ToolInteraction(BatchInteraction):
