@@ -155,6 +155,8 @@ class HermesParser:
 
 STARTUP_TIMEOUT = 60.0
 """seconds a new worker process may take to start and import the tools (not counted in a call's time limit)"""
+TIMED_OUT = object()
+"""what :meth:`ToolRunner._receive` returns when the worker did not answer in time"""
 
 
 def import_path(tool: Tool) -> str:
@@ -199,17 +201,17 @@ class ToolRunner:
                                          env=environment)
         self._owner = os.getpid()
         ready = self._receive(STARTUP_TIMEOUT)
-        if ready != "ready":
+        if not isinstance(ready, str) or ready != "ready":
             code = self._process.poll()
             self.close()
             raise ToolError(f"the tool worker process did not start within {STARTUP_TIMEOUT:g} s (exit code {code}; "
                             "can it import the tools?)")
 
     def _receive(self, timeout: float):
-        """The worker's next message, or None when it did not answer within ``timeout`` or ended."""
+        """The worker's next message; ``TIMED_OUT`` when it did not answer within ``timeout``; None when it ended."""
         stream = self._process.stdout
         if not select.select([stream], [], [], timeout)[0]:
-            return None
+            return TIMED_OUT
         try:
             return read_message(stream)
         except (OSError, ValueError):
@@ -256,11 +258,15 @@ class ToolRunner:
             reply = None
         else:
             reply = self._receive(self.timeout)
-        if reply is None:
-            code = self._process.poll()
+        if reply is TIMED_OUT:
             self.close()
-            if code is None:
-                return "timeout", f"error: {call.name} did not finish within {self.timeout:g} s"
+            return "timeout", f"error: {call.name} did not finish within {self.timeout:g} s"
+        if reply is None:  # the worker's output ended: it exited
+            try:
+                code = self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                code = None
+            self.close()
             return "died", f"error: {call.name} ended its process (exit code {code})"
         return ("ok", reply["text"]) if reply["ok"] else ("exception", f"error: {reply['text']}")
 
