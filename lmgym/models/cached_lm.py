@@ -54,7 +54,9 @@ class CachedLM:
         self.max_sequence_length = max_sequence_length
         self._keep_last = accepts_logits_to_keep(model, report=True)
         self._cache_keyword = cache_keyword(model, required=True)  # asked once: append runs at every token
-        self.precision = RolloutPrecision(weights=next(model.parameters()).dtype)
+        first = next(model.parameters())
+        self._device_type = first.device.type  # asked once: the forward below runs at every token
+        self.precision = RolloutPrecision(weights=first.dtype)
         """the precision transform of every forward (:mod:`lmgym.models.precision`); the environment sets its autocast"""
         self.cache = None
         self.mask: torch.Tensor | None = None  # (batch, cache columns) 1 where a column is a real token
@@ -73,7 +75,7 @@ class CachedLM:
                       **{self._cache_keyword: cache})
         if last_only and self._keep_last:
             kwargs["logits_to_keep"] = 1
-        with self.precision.context(self.device):
+        with self.precision.context(self._device_type):
             return self.model(**kwargs)
 
     @torch.no_grad()

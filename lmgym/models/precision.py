@@ -43,8 +43,8 @@ class RolloutPrecision:
     weights: torch.dtype = torch.float32
     autocast: torch.dtype | None = None
 
-    def context(self, device: torch.device):
-        """``torch.autocast`` to :attr:`autocast` on ``device`` (a no-op when None)."""
+    def context(self, device: torch.device | str):
+        """``torch.autocast`` to :attr:`autocast` on ``device`` (a device or its type; a no-op when None)."""
         if self.autocast is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=torch.device(device).type, dtype=self.autocast)
