@@ -37,19 +37,18 @@ from __future__ import annotations
 
 import collections
 import copyreg
-import ctypes
 import io
 import multiprocessing
 import os
 import pickle
 import queue
-import signal
 import threading
 import traceback
 
 import torch
 
 from lmgym.agents.common.config import ConfigError
+from lmgym.utils.processes import die_with_parent
 
 __all__ = ["AsyncCollector", "make_collector"]
 
@@ -150,7 +149,7 @@ class ThreadCollector(AsyncCollector):
         super().__init__(agent)
         self.next_rollout = agent.iteration
         self.condition = threading.Condition()
-        self.published: dict[int, tuple] = {}
+        self.published: dict[int, dict] = {}  # iteration -> {module: weights}
         self.ready: collections.deque = collections.deque()  # (rollout, state before it was sampled)
         self.in_flight_state = None
         self.error: BaseException | None = None
@@ -160,9 +159,9 @@ class ThreadCollector(AsyncCollector):
         self.thread.start()
 
     def publish(self) -> None:
-        version, weights, kl_coef = self.published_weights()
+        version, weights, _ = self.published_weights()  # kl_coef: this environment is the trainer's own
         with self.condition:
-            self.published[version] = (weights, kl_coef)
+            self.published[version] = weights
             self.condition.notify_all()
 
     def next(self):
@@ -196,7 +195,7 @@ class ThreadCollector(AsyncCollector):
                         self.condition.wait()
                     if self.stopping:
                         return
-                    weights, _ = self.published[version]
+                    weights = self.published[version]
                     for old in [v for v in self.published if v < version]:
                         del self.published[old]
                     # the environment is the trainer's own here: its kl_coef is not the sampler's to set
@@ -303,7 +302,7 @@ class ProcessCollector(AsyncCollector):
     # ------------------------------------------------------------------ the child process
     def _child(self) -> None:
         try:
-            _die_with_parent()
+            die_with_parent()
             torch.set_num_threads(1)  # one core for sampling, the other for the update
             agent, published, index = self.agent, {}, self.consumed
             while True:
@@ -374,13 +373,3 @@ def _rebuild_tensor(data: bytes, dtype: torch.dtype, shape: tuple) -> torch.Tens
 
 def _loads(data: bytes):
     return pickle.loads(data)  # messages between the training process and its own child, never a user's file
-
-
-def _die_with_parent() -> None:
-    """Linux: end this process when its parent dies, so it never outlives the run (or holds its folder's lock)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-    if os.getppid() == 1:
-        os._exit(0)

@@ -7,13 +7,13 @@ stdout; a tool's own prints go to stderr, so they cannot corrupt the exchange. N
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import json
 import os
-import signal
 import struct
 import sys
+
+from lmgym.utils.processes import die_with_parent
 
 
 def read_message(stream):
@@ -42,10 +42,7 @@ def load(path: str):
 
 
 def main() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the parent
-    except OSError:
-        pass
+    die_with_parent()
     spec = json.loads(sys.argv[1])
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # the tools' prints go to stderr
