@@ -243,3 +243,30 @@ def test_smollm2_takes_every_fast_path_in_a_grpo_iteration():
         assert agent.env.core.ref._editable and agent.optimizer.defaults["fused"] is True
     assert fast_paths.fallbacks() == {}
     assert [t for t in heard.texts() if "deprecat" in t.lower() or "lmgym fast path" in t] == []
+
+
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_a_prefill_encodes_each_repeated_prompt_once_and_matches_a_float64_forward(kind):
+    model = model_of(kind, 23)
+    prompts = [[1, 2, 3], [4, 5], [1, 2, 3], [4, 5], [1, 2, 3], [6]]
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    with Heard():
+        lm = CachedLM(model, max_sequence_length=32)
+        lm.start(prompts)
+        lm.restart_rows(torch.tensor([0, 5]), [[7, 8], [7, 8]])
+        nxt = lm.append(torch.tensor([9, 9, 10, 10, 11, 9]))
+    hook.remove()
+    assert seen[:2] == [3, 1] and fast_paths.fallbacks() == {}  # 3 distinct prompts, then 1 for two rows
+    reference = copy_double(model)
+    rows = [[7, 8, 9], [4, 5, 9], [1, 2, 3, 10], [4, 5, 10], [1, 2, 3, 11], [7, 8, 9]]
+    for r, row in enumerate(rows):  # each row alone, unpadded, in float64: an independent reference
+        with torch.no_grad():
+            logits = reference(input_ids=torch.tensor([row])).logits[0, -1]
+        torch.testing.assert_close(nxt[r].double(), torch.log_softmax(logits, -1), atol=1e-5, rtol=0)
+
+
+def copy_double(model):
+    import copy
+
+    return copy.deepcopy(model).double()

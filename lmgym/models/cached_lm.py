@@ -65,6 +65,7 @@ class CachedLM:
         self.next_logprobs: torch.Tensor | None = None
         self._editable = True  # whether the cache layout allows per-column edits (known after the first prefill)
         self._holes = True  # whether masked columns inside a live row are harmless (not for sliding windows)
+        self._shareable = True  # whether a prefill may encode a repeated prompt once (known after the first try)
 
     @property
     def device(self) -> torch.device:
@@ -80,11 +81,27 @@ class CachedLM:
 
     @torch.no_grad()
     def _prefill(self, prompts: list[list[int]]):
-        ids, mask = left_pad(prompts, 0, self.device)
+        # A group of episodes (GRPO, RLOO, evaluation) repeats its prompt: each distinct prompt is encoded once and
+        # its cache rows copied, which is exact (a row's keys and values depend on its own tokens only).
+        distinct: dict[tuple[int, ...], int] = {}
+        index = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+        shared = len(distinct) < len(prompts) and self._shareable
+        encoded = [list(p) for p in distinct] if shared else prompts
+        ids, mask = left_pad(encoded, 0, self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         out = self._forward(ids, mask, positions, None, last_only=True)
         next_lp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-        return cache_of(out), ids, mask, mask.sum(1), next_lp
+        cache = cache_of(out)
+        if shared:
+            if not kv_cache.editable(cache, self.model.config):  # rows of this cache cannot be copied: encode all
+                self._shareable = False
+                fast_paths.fall_back("prefill sharing", f"{model_name(self.model)}'s KV cache "
+                                     f"({kv_cache.describe(cache)}) cannot be copied by rows")
+                return self._prefill(prompts)
+            rows = torch.tensor(index, device=ids.device)
+            kv_cache.select_rows(cache, rows)
+            ids, mask, next_lp = ids[rows], mask[rows], next_lp[rows]
+        return cache, ids, mask, mask.sum(1), next_lp
 
     def start(self, prompts: list[list[int]]) -> None:
         """Forget everything and prefill one prompt per row."""

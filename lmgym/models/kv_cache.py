@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["editable", "takes_holes", "describe", "grow_left", "drop_left", "write_right"]
+__all__ = ["editable", "takes_holes", "describe", "grow_left", "drop_left", "write_right", "select_rows"]
 
 
 def _layer_kinds():
@@ -129,3 +129,10 @@ def write_right(cache, rows: torch.Tensor, prefill) -> None:
             raise AssertionError("grow the cache before writing a wider prefill into it")
         old.keys[rows, :, old.keys.shape[2] - width:] = new.keys.to(old.keys.dtype)
         old.values[rows, :, old.values.shape[2] - width:] = new.values.to(old.values.dtype)
+
+
+def select_rows(cache, index: torch.Tensor) -> None:
+    """Make row ``i`` of every layer a copy of row ``index[i]`` (the batch may grow: rows repeat)."""
+    for layer in cache.layers:
+        if _stored(layer):
+            _set(layer, layer.keys.index_select(0, index), layer.values.index_select(0, index))

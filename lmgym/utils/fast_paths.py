@@ -22,6 +22,7 @@ PATHS = {
     "length buckets": "the update forward runs every row to the longest continuation",
     "logits_to_keep": "the output layer runs at every position, not only where a token is predicted",
     "cache column edits": "a reset re-prefills every row of the batch instead of writing the new prompt's columns",
+    "prefill sharing": "a prompt repeated in a batch (a group) is encoded once per row instead of once",
     "fused AdamW": "AdamW runs as a chain of elementwise kernels",
     "multi-turn cache reuse": "each turn and each reply of a multi-turn episode re-encodes the whole history",
 }
