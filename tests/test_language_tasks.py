@@ -12,9 +12,9 @@ from lmgym.tasks.language import ArithmeticReward, VaderSentiment
 from conftest import ZOO_STEPS
 
 
-# ChatArithmetic's default model needs the optional `smollm` extra (93 MB): its checks run on a tiny chat
+# ChatArithmetic's and ChatCalculator's default model needs the optional `smollm` extra (93 MB): its checks run on a tiny chat
 # model in test_chat_arithmetic.py, and on the real model under `-m smollm`.
-@pytest.mark.parametrize("env_id", [i for i in LANGUAGE_IDS if i != "lmgym/ChatArithmetic-v0"])
+@pytest.mark.parametrize("env_id", [i for i in LANGUAGE_IDS if i not in ("lmgym/ChatArithmetic-v0", "lmgym/ChatCalculator-v0")])
 def test_language_tasks_pass_check_env(env_id):
     env = gym.make(env_id, zoo_steps=ZOO_STEPS)
     gym_check_env(env.unwrapped, skip_render_check=True)

@@ -206,6 +206,8 @@ def test_each_call_gets_the_documented_reply_and_the_episode_goes_on(tool_episod
     np.testing.assert_array_equal(second.scores, 1.0)
     counts = tool_episode["interaction"].counts
     assert counts["turns_with_calls"] == 6 and counts["calls_ok"] == 2 and counts["calls_malformed"] == 1
+    # six episodes called once each (in their first turn); the vector environment has started six more since
+    assert counts["episodes_with_calls"] == 6 and counts["episodes"] == 12
     assert counts["calls_unknown"] == counts["calls_timeout"] == counts["calls_exception"] == 1
 
 

@@ -285,7 +285,8 @@ class ToolInteraction(BatchInteraction):
         timeout, max_output_chars: per call, see :class:`ToolRunner`.
         max_calls_per_turn: calls run per turn.
 
-    :attr:`counts` adds up what happened (episodes, turns with calls, calls by outcome), for reports.
+    :attr:`counts` adds up what happened (episodes, episodes with at least one call, turns with calls, calls by
+    outcome), for reports.
     """
 
     def __init__(self, tools, score: Callable[[Any, Conversation], float], *, parser=None, timeout: float = 5.0,
@@ -300,6 +301,7 @@ class ToolInteraction(BatchInteraction):
             raise ToolError("parser must have a parse(text) -> list[ToolCall] method")
         self.max_calls_per_turn = int(max_calls_per_turn)
         self.prompts: dict[int, Any] = {}
+        self.called: set[int] = set()  # the rows whose current episode has called a tool
         self.counts: dict[str, int] = {}
 
     def _count(self, key: str, n: int = 1) -> None:
@@ -308,6 +310,7 @@ class ToolInteraction(BatchInteraction):
     def start(self, rows, prompts, rngs) -> None:
         for row, prompt in zip(rows, prompts):
             self.prompts[row] = prompt
+            self.called.discard(row)
         self._count("episodes", len(rows))
 
     def respond(self, conversations: list[Conversation]) -> list[Reply]:
@@ -318,6 +321,9 @@ class ToolInteraction(BatchInteraction):
                 replies.append(Reply(done=True))
                 continue
             self._count("turns_with_calls")
+            if conversation.row not in self.called:
+                self.called.add(conversation.row)
+                self._count("episodes_with_calls")
             results = []
             for i, call in enumerate(calls):
                 if i >= self.max_calls_per_turn:

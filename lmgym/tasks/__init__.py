@@ -21,10 +21,12 @@ LANGUAGE_IDS = {
     "lmgym/Arithmetic-v0": "arithmetic",
     "lmgym/Preference-v0": "preference",
     "lmgym/ChatArithmetic-v0": "chat_arithmetic",
+    "lmgym/ChatCalculator-v0": "chat_calculator",
 }
 DEFAULT_ZOO_MODELS = {"lmgym/Sentiment-v0": ["reviews"], "lmgym/Arithmetic-v0": ["arithmetic"],
                       "lmgym/Preference-v0": ["assistant", "assistant-rm"],
-                      "lmgym/ChatArithmetic-v0": ["smollm2-135m-instruct"]}
+                      "lmgym/ChatArithmetic-v0": ["smollm2-135m-instruct"],
+                      "lmgym/ChatCalculator-v0": ["smollm2-135m-instruct"]}
 """The zoo entries each language task builds on first use."""
 
 

@@ -12,7 +12,7 @@ import re
 from lmgym.utils import checks
 from lmgym.zoo import corpora, entries as zoo
 from lmgym.envs.env import TextGenEnv
-from lmgym.tasks import chat_arithmetic
+from lmgym.tasks import chat_arithmetic, chat_calculator
 from lmgym.tasks.options import check_options, constructor_options
 from lmgym.envs.vector import TextGenVectorEnv
 
@@ -91,16 +91,25 @@ def _preference(kwargs: dict, zoo_steps: int | None) -> dict:
 
 TASKS = {"sentiment": (_sentiment, set()), "arithmetic": (_arithmetic, {"operations", "partial_credit"}),
          "preference": (_preference, set()),
-         "chat_arithmetic": (chat_arithmetic.task_spec, {"operations", "max_operand"})}
+         "chat_arithmetic": (chat_arithmetic.task_spec, {"operations", "max_operand"}),
+         "chat_calculator": (chat_calculator.task_spec, {"tool_timeout"})}
+_TOOL_TASK_FIXED = {"reward_fn", "interaction"}
+"""what a tool task's own interaction decides (it scores the answer and runs the tool)"""
 
 
 def _task_kwargs(task: str, vector: bool, kwargs: dict) -> dict:
     build, own = TASKS[task]
     allowed = constructor_options(TextGenVectorEnv if vector else TextGenEnv) | own | {"zoo_steps"}
-    check_options(kwargs, allowed, f"the {task} task")
+    if task == "chat_calculator":
+        check_options(kwargs, allowed - _TOOL_TASK_FIXED, f"the {task} task", _TOOL_TASK_FIXED,
+                      "; use lmgym/TextGen-v0 with a ToolInteraction of your own")
+    else:
+        check_options(kwargs, allowed, f"the {task} task")
     kwargs = dict(kwargs)
     steps = kwargs.pop("zoo_steps", None)  # a reduced zoo build (tests)
     spec = build(kwargs, steps)
+    for key, value in spec.get("multi_turn", {}).items():  # a multi-turn task's interaction and turn limits
+        kwargs.setdefault(key, value)
     if "model" not in kwargs:
         kwargs["model"], kwargs["tokenizer"] = zoo.load(spec["default_model"], steps=steps)
     if "reward_fn" not in kwargs:
@@ -187,4 +196,5 @@ DOCS = {
     replies, plus the per-token KL penalty.
 """ + _COMMON.format(horizon=20, model="assistant", extra=""),
     "chat_arithmetic": chat_arithmetic.DOC,
+    "chat_calculator": chat_calculator.DOC,
 }
