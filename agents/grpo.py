@@ -63,9 +63,10 @@ from lmgym.agents.common.config import OneOf, Range
 from lmgym.agents.common.kl import KL_ESTIMATORS, KL_PLACEMENTS, kl_estimate, penalised_returns, penalised_rewards
 from lmgym.agents.common.turns import group_normalised, per_token, turn_returns
 
-__all__ = ["GRPOConfig", "GRPO", "group_advantages", "k3_kl", "aggregate_loss", "grpo_token_loss"]
+__all__ = ["GRPOConfig", "GRPO", "group_advantages", "turn_advantages", "k3_kl", "aggregate_loss", "grpo_token_loss"]
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+TURN_BASELINE_LEVELS = ("turn", "episode")
 IMPORTANCE_LEVELS = ("token", "sequence")
 
 
@@ -99,6 +100,9 @@ class GRPOConfig(AgentConfig):
     turn_level: bool = False
     """multi-turn credit per turn: each turn's return from that turn on, normalised over the group's episodes
     that have the turn, is the advantage of that turn's tokens"""
+    turn_baseline_level: Annotated[str, OneOf(*TURN_BASELINE_LEVELS)] = "turn"
+    """under turn_level, what a turn's return is normalised by: turn (the group's episodes that have the turn) or
+    episode (the group's episode returns, as without turn_level)"""
 
 
 def group_advantages(scores: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4,
@@ -112,6 +116,34 @@ def group_advantages(scores: torch.Tensor, group_size: int, scale: bool = True, 
     if scale:
         centred = centred / (groups.std(dim=1, keepdim=True) + eps)
     return centred.reshape(-1)
+
+
+def turn_advantages(returns: torch.Tensor, present: torch.Tensor, group_size: int, scale: bool = True,
+                    eps: float = 1e-4, leave_one_out: bool = False, level: str = "turn") -> torch.Tensor:
+    """Advantages ``(N, K)`` of each (episode, turn) return ``G_k`` under ``turn_level`` (0 where a turn is absent).
+
+    - ``"turn"``: ``(G_k - mean) / (std + eps)`` over the group's episodes that have turn k; with ``leave_one_out``,
+      rescaled by ``n_k / (n_k - 1)``: the baseline is the mean of the *other* episodes that have the turn.
+    - ``"episode"``: ``(G_k - b) / (std + eps)`` with ``b`` the mean (``leave_one_out``: the others' mean) and std of
+      the group's episode returns ``G_0``, the statistics of the episode-level advantage.
+    """
+    n, turns = returns.shape
+    if level == "turn":
+        advantages = group_normalised(returns, present, group_size, scale, eps)
+        if leave_one_out:
+            count = present.view(-1, group_size, turns).sum(1, keepdim=True).float()
+            factor = (count / (count - 1).clamp(min=1)).expand(-1, group_size, -1)
+            advantages = advantages * factor.reshape(n, turns)
+        return advantages
+    if level != "episode":
+        raise ValueError(f"level must be one of {TURN_BASELINE_LEVELS}, got {level!r}")
+    episode = returns[:, 0].view(-1, group_size)  # G_0: every episode has its first turn
+    total = episode.sum(1, keepdim=True)
+    baseline = (total - episode) / (group_size - 1) if leave_one_out else total.expand_as(episode) / group_size
+    centred = returns.view(-1, group_size, turns) - baseline[..., None]
+    if scale:
+        centred = centred / (episode.std(dim=1, keepdim=True)[..., None] + eps)
+    return centred.reshape(n, turns) * present
 
 
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
@@ -190,14 +222,11 @@ class GRPO(Agent):
 
         # 1. Group-normalised advantages from the task scores (minus the KL penalty if it is in the reward).
         kl_in_loss = cfg.kl_placement == "loss"
-        if cfg.turn_level:  # per turn: the return from the turn on, normalised over the group's episodes with it
+        if cfg.turn_level:  # per turn: the return from the turn on, normalised per turn or per episode
             rewards = penalised_rewards(rollout, cfg.kl_estimator, cfg.kl_placement, self.beta)
             returns, present = turn_returns(rollout, rewards)
-            turn_adv = group_normalised(returns, present, rollout.group_size, cfg.scale_rewards, cfg.advantage_eps)
-            if cfg.leave_one_out:
-                count = present.view(-1, rollout.group_size, present.shape[1]).sum(1, keepdim=True).float()
-                factor = (count / (count - 1).clamp(min=1)).expand(-1, rollout.group_size, -1)
-                turn_adv = turn_adv * factor.reshape(turn_adv.shape)
+            turn_adv = turn_advantages(returns, present, rollout.group_size, cfg.scale_rewards, cfg.advantage_eps,
+                                       cfg.leave_one_out, cfg.turn_baseline_level)
             advantages = per_token(turn_adv, rollout)
         else:
             returns = penalised_returns(rollout, cfg.kl_estimator, cfg.kl_placement, self.beta)

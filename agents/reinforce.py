@@ -51,6 +51,7 @@ from lmgym.agents.common.turns import leave_one_out, per_token, turn_returns
 __all__ = ["ReinforceConfig", "Reinforce", "RLOOConfig", "RLOO", "leave_one_out_baseline", "policy_gradient_loss"]
 
 BASELINES = ("moving_average", "rloo", "none")
+TURN_BASELINE_LEVELS = ("turn", "episode")
 
 
 @dataclass
@@ -72,6 +73,9 @@ class ReinforceConfig(AgentConfig):
     turn_level: bool = False
     """multi-turn credit per turn: each token weighs by its turn's return from that turn on, minus a baseline of
     that turn (rloo: the group's other episodes with the turn; moving_average: the batch's mean of the turn)"""
+    turn_baseline_level: Annotated[str, OneOf(*TURN_BASELINE_LEVELS)] = "turn"
+    """under turn_level, what a turn's return is compared with: turn (the baseline of that turn, above) or episode
+    (the baseline of the episode returns, as without turn_level)"""
 
 
 @dataclass
@@ -158,7 +162,11 @@ class Reinforce(Agent):
         rewards = penalised_rewards(rollout, cfg.kl_estimator, cfg.kl_placement, beta)
         if cfg.turn_level:  # each token weighs by its own turn's return from that turn on
             returns, present = turn_returns(rollout, rewards)
-            advantages = (returns - self.turn_baseline(returns, present)) * present
+            if cfg.turn_baseline_level == "episode":  # G_k against the baseline of the episode returns G_0
+                baseline = self.baseline(returns[:, 0])[:, None]
+            else:
+                baseline = self.turn_baseline(returns, present)
+            advantages = (returns - baseline) * present
             if cfg.normalize_advantages:
                 advantages = advantages / (advantages[present].std() + 1e-8)
             token_advantages = per_token(advantages, rollout)

@@ -111,3 +111,25 @@ def test_group_mean_advantages_shrink_the_score_gradient_by_g_minus_1_over_g_and
             grad, = torch.autograd.grad((adv * logp[a]).sum(), theta, retain_graph=True)
             expected += weight * grad / group_size  # the loss averages over the group's completions
         torch.testing.assert_close(expected, factor * true_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_turn_advantages_by_hand_per_turn_and_per_episode():
+    """GRPO's turn-level advantages against hand computations: per turn over the group's episodes that have the
+    turn, or against the statistics of the group's episode returns G_0 (turn_baseline_level="episode")."""
+    from lmgym.agents.grpo import turn_advantages
+
+    # one group of 3: G_0 = (1, 2, 6); only episodes 0 and 2 have a second turn, G_1 = (0.5, -, 4)
+    returns = torch.tensor([[1.0, 0.5], [2.0, 0.0], [6.0, 4.0]], dtype=torch.float64)
+    present = torch.tensor([[True, True], [True, False], [True, True]])
+    got = turn_advantages(returns, present, 3, scale=False, level="turn")
+    np.testing.assert_allclose(got.numpy(), [[-2.0, -1.75], [-1.0, 0.0], [3.0, 1.75]])
+    got = turn_advantages(returns, present, 3, scale=False, leave_one_out=True, level="turn")
+    np.testing.assert_allclose(got.numpy(), [[1 - 4.0, 0.5 - 4.0], [2 - 3.5, 0.0], [6 - 1.5, 4.0 - 0.5]])
+    std0 = float(np.std([1, 2, 6], ddof=1))
+    got = turn_advantages(returns, present, 3, scale=True, eps=0.0, level="episode")
+    np.testing.assert_allclose(got.numpy(), [[-2 / std0, -2.5 / std0], [-1 / std0, 0.0], [3 / std0, 1 / std0]])
+    got = turn_advantages(returns, present, 3, scale=False, leave_one_out=True, level="episode")
+    np.testing.assert_allclose(got.numpy(), [[1 - 4.0, 0.5 - 4.0], [2 - 3.5, 0.0], [6 - 1.5, 4.0 - 1.5]])
+    # the first turn under "episode" is exactly the episode-level advantage
+    np.testing.assert_allclose(turn_advantages(returns, present, 3, eps=1e-4, level="episode")[:, 0].numpy(),
+                               group_advantages(returns[:, 0], 3).numpy())

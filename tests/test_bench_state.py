@@ -304,3 +304,21 @@ def test_off_policy_tables_equal_their_results_files(script):
     spec.loader.exec_module(module)
     results = json.loads(module.RESULTS.read_text())
     assert read_block(root / "docs" / "off_policy.md", module.BEGIN, module.END) == module.render(results).strip()
+
+
+def test_turn_credit_tables_equal_their_results_file():
+    """docs/turn_credit.md's tables are what benchmarks/turn_credit_verdict.py renders from the results it wrote."""
+    import importlib.util
+
+    from lmgym.bench.page import read_block
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("turn_credit_verdict", root / "benchmarks/turn_credit_verdict.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = json.loads(module.RESULTS.read_text())
+    assert read_block(root / "docs" / "turn_credit.md", module.BEGIN, module.END) == module.render(results).strip()
+    # every agent x scheme that applies has three seeds of learning runs
+    cells = {(r["task"], r["agent"], r["scheme"]) for r in results["learning"]}
+    assert len(cells) == len(results["learning"]) == len(results["tasks"]) * (1 + 3 * 3)
+    assert all(len(r["fractions"]) == len(results["seeds"]) == 3 for r in results["learning"])

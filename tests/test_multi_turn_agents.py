@@ -75,6 +75,8 @@ VARIANTS = [(name, {}) for name in ONLINE] + [
     ("grpo", {"loss_type": "dapo", "kl_placement": "reward"}), ("grpo", {"leave_one_out": True, "turn_level": True}),
     ("grpo", {"importance_sampling_level": "sequence"}), ("reinforce", {"turn_level": True}),
     ("rloo", {"turn_level": True, "kl_placement": "loss"}), ("a2c", {"advantage": "n_step", "n_steps": 2}),
+    ("grpo", {"turn_level": True, "turn_baseline_level": "episode"}),
+    ("rloo", {"turn_level": True, "turn_baseline_level": "episode"}),
 ]
 
 
@@ -192,3 +194,27 @@ def test_an_agent_with_its_own_sampler_is_refused_not_silently_resampled():
         agent.collect()
     with pytest.raises(ValueError, match="use_engine does not apply"):
         use_engine(make("grpo"), engine=None)
+
+
+def test_rloo_turn_level_against_the_episode_baseline_by_hand():
+    """RLOO with turn_baseline_level="episode": a token of turn k weighs by G_k minus the mean episode return of
+    the group's other episodes (a loop over rows, from the rollout's rewards)."""
+    from lmgym.agents.common.base import policy_forward
+
+    venv = gym.make_vec("lmgym/Echo-v0", num_envs=8, group_size=4, device="cpu")
+    agent = AGENTS["rloo"](venv, seed=0, num_minibatches=1, turn_level=True, turn_baseline_level="episode")
+    rollout = agent.collect()
+    with torch.no_grad():
+        logprobs, _, _ = policy_forward(agent.policy, rollout, sampling=agent.sampling)
+    episode = rollout.rewards.sum(1).tolist()
+    expected = 0.0
+    for row in range(len(rollout)):
+        group = range(row - row % 4, row - row % 4 + 4)
+        baseline = np.mean([episode[j] for j in group if j != row])
+        k = int(rollout.lengths[row])
+        rewards, turns = rollout.rewards[row, :k].tolist(), rollout.turn_index[row, :k].tolist()
+        for t in range(k):
+            if turns[t] >= 0:
+                from_turn = sum(rewards[turns.index(turns[t]):])
+                expected -= (from_turn - baseline) * float(logprobs[row, t]) / len(rollout)
+    assert agent.update(rollout)["loss/policy"] == pytest.approx(expected, rel=1e-5)
