@@ -45,6 +45,12 @@ evaluation::
   Whatever TRL optimises, :meth:`TRLTask.evaluate` scores the trained model with the environment's
   KL accounting (per-token k1 against the environment's reference, weight ``kl_coef``), exactly as
   lmgym's agents are scored, so the returns compare like with like.
+- **Multi-turn tasks** (the environment answers between turns: ``lmgym/Guess-v0``, ``lmgym/Echo-v0``, an
+  interaction of your own or a :class:`lmgym.envs.tools.ToolInteraction`): :attr:`TRLTask.rollout` is a
+  ``GRPOTrainer`` ``rollout_func`` that plays the environment's episodes with TRL's model and hands TRL their
+  token ids with ``env_mask`` = the environment's ``policy_mask``, so TRL's loss and KL skip the replies; the
+  reward is each episode's return (:mod:`lmgym.integrations.trl_episodes`). ``RLOOTrainer`` takes no rollout
+  function in TRL 1.16.
 
 TRL is an optional extra (``pip install 'lmgym[trl]'``); nothing else in lmgym imports it.
 Tested with TRL 1.16.

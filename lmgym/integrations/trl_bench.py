@@ -14,6 +14,11 @@ finish their last iteration. One TRL step is one batch of ``num_envs`` completio
 per prompt (``per_device_train_batch_size``, ``num_generations``, ``steps_per_generation=1``), one
 optimizer step: the batch layout of lmgym's ``grpo`` and ``rloo`` cells.
 
+**Multi-turn tasks.** ``trl-grpo`` trains on the episodes the environment plays (TRL's ``rollout_func``,
+:mod:`lmgym.integrations.trl_episodes`); a step is a policy token, as for lmgym's agents (a reply is no step), and
+the curve's KL is the one the environment charged while playing. ``trl-rloo`` is refused there (TRL 1.16's
+``RLOOTrainer`` takes no rollout function).
+
 **Like with like.** Unless overridden (``--agent.NAME VALUE`` takes any field of TRL's config but the
 ones the bench sets: output folder, seed, batch layout, horizon, budget), the settings are those of
 lmgym's own ``grpo`` / ``rloo``: ``beta`` = the task's ``kl_coef``; the ``grpo`` loss (per-sequence
