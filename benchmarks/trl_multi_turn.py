@@ -1,7 +1,9 @@
 """Where TRL's multi-turn episode differs from lmgym's, measured on the batches TRL's GRPOTrainer trains on.
 
-    OMP_NUM_THREADS=1 TRL_EXPERIMENTAL_SILENCE=1 python benchmarks/trl_multi_turn.py   # measure, write docs/bench/trl_multi_turn.json
-    python benchmarks/trl_multi_turn.py --page docs/trl.md                          # render the table only
+    OMP_NUM_THREADS=1 TRL_EXPERIMENTAL_SILENCE=1 python benchmarks/trl_multi_turn.py  # measure, write the JSON
+    python benchmarks/trl_multi_turn.py --page docs/trl.md                         # render the table only
+
+(the results go to docs/bench/trl_multi_turn.json).
 
 Needs the trl extra (``pip install -e ".[trl]"``). For Guess-v0 and Echo-v0, ``GRPOTrainer`` trains through
 :class:`lmgym.integrations.trl.TRLTask` (its ``rollout_func`` plays the environment's episodes) with the settings
@@ -80,7 +82,7 @@ def measure(task_id: str, steps: int, seed: int) -> dict:
             counts["truncated"] += sum(c[-1] not in stops for _, c, _ in rows)
             counts["retokenised_differ"] += sum(
                 tok(tok.decode(p + c), add_special_tokens=False)["input_ids"] != p + c for p, c, _ in rows)
-            with torch.no_grad():  # the KL term TRL adds, at the weights this step starts from (the last step's is kept)
+            with torch.no_grad():  # TRL's KL term at the weights this step starts from (the last step's is kept)
                 ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
                 attention = torch.cat([inputs["prompt_mask"], cm], 1)
                 logps, _, _ = trainer._get_per_token_logps_and_entropies(model, ids, attention, cm.shape[1])
@@ -94,7 +96,8 @@ def measure(task_id: str, steps: int, seed: int) -> dict:
         trainer.train()
         wall = time.perf_counter() - started
         end = task.evaluate(trainer.model)
-    return {"task": task_id, "steps": steps, "seed": seed, **counts, "kl_share_last": kl_share[0], "train_seconds": wall,
+    return {"task": task_id, "steps": steps, "seed": seed, **counts, "kl_share_last": kl_share[0],
+            "train_seconds": wall,
             "fraction_of_optimum": end["fraction_of_optimum"]}
 
 

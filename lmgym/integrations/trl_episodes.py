@@ -1,4 +1,4 @@
-"""lmgym's multi-turn episodes as TRL's ``rollout_func``: ``GRPOTrainer`` trains on the very episodes the environment played.
+"""lmgym's multi-turn episodes as TRL's ``rollout_func``: ``GRPOTrainer`` trains on the episodes the environment played.
 
 TRL 1.16's ``GRPOTrainer`` has two ways to multi-turn training (``trl/trainer/grpo_trainer.py``):
 
@@ -102,9 +102,9 @@ class EpisodeRollout:
 
         dtypes = {p.dtype for p in model.parameters()}
         if dtypes != {torch.float32}:
-            raise ValueError(f"the multi-turn rollout samples with TRL's model in place, which must hold float32 weights "
-                             f"(got {sorted(str(d) for d in dtypes)}); keep model_init_kwargs={{'dtype': 'float32'}} "
-                             "and use bf16=True for mixed precision")
+            raise ValueError(f"the multi-turn rollout samples with TRL's model in place, which must hold float32 "
+                             f"weights (got {sorted(str(d) for d in dtypes)}); keep model_init_kwargs="
+                             "{'dtype': 'float32'} and use bf16=True for mixed precision")
         flags = [(p, p.requires_grad) for p in model.parameters()]
         was_training = model.training
         rng = torch.get_rng_state()  # the agent seeds torch's global generator; TRL's stream goes on untouched
