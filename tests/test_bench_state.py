@@ -146,7 +146,8 @@ def test_readme_results_equal_what_results_json_renders_to():
             report = json.loads((ROOT / source).read_text())
             assert readme_block_of(text, source, page) == benchmod.readme_block(report, source, page), (page, source)
             seen.append(source)
-    assert {benchmod.DEFAULT_README_SOURCE, "docs/bench-trl/results.json"} <= set(seen)
+    assert {benchmod.DEFAULT_README_SOURCE, "docs/bench-trl/results.json",
+            "docs/bench-trl-multi-turn/results.json"} <= set(seen)
     assert len(set(seen)) == len(seen)  # one block per results file
 
 
@@ -289,6 +290,22 @@ def test_the_recorded_guess_runs_reach_90_percent_of_the_optimum_within_60_cpu_s
     for r in runs:
         assert r["cpu_seconds"] <= 60, (r["agent"], r["seed"], r["cpu_seconds"])
         assert r["fraction_of_optimum"] >= 0.9, (r["agent"], r["seed"], r["fraction_of_optimum"])
+
+
+def test_trl_multi_turn_table_equals_its_results_file():
+    """docs/trl.md's table of where TRL's multi-turn episode differs is what benchmarks/trl_multi_turn.py renders from
+    the results it wrote (the script imports TRL only to measure)."""
+    import importlib.util
+
+    from lmgym.bench.page import read_block
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("trl_multi_turn", root / "benchmarks" / "trl_multi_turn.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = json.loads(module.RESULTS.read_text())
+    assert read_block(root / "docs" / "trl.md", module.BEGIN, module.END) == module.render(results).strip()
+    assert all(r["differ"] == 0 for r in results["rows"])  # what the page says of the ids TRL trained on
 
 
 @pytest.mark.parametrize("script", ["iteration0_kl", "bf16_rollout", "async_collect", "off_policy_verdict"])

@@ -83,6 +83,18 @@ def _require_trl(agent: str) -> None:
             raise BenchError(f"the agent {agent} is TRL's trainer: {err}") from None
 
 
+def _check_trl_task(task: str, agent: str) -> None:
+    """A ``trl-*`` cell whose trainer cannot take the task (TRL's RLOOTrainer on a multi-turn task) is refused in one
+    line, before any cell runs."""
+    if agent in TRL_AGENTS:
+        from lmgym.integrations.trl_bench import check_task
+
+        try:
+            check_task(task, agent)
+        except ValueError as err:
+            raise BenchError(str(err)) from None
+
+
 def _config_fields(agent: str) -> set[str]:
     if agent in TRL_AGENTS:
         from lmgym.integrations.trl_bench import config_fields
@@ -190,6 +202,7 @@ def run(task: str, agent: str, *, steps: int | None = 20_000, seconds: float | N
     _check_task(task)
     _check_agent(agent)
     _require_trl(agent)
+    _check_trl_task(task, agent)
     try:
         steps, seconds = checks.budget(steps, seconds)
     except ValueError as err:
@@ -333,6 +346,8 @@ def bench(out: str | os.PathLike, *, tasks: list[str], agents: list[str], seeds:
     for a in agents:
         _check_agent(a)
         _require_trl(a)
+        for t in tasks:
+            _check_trl_task(t, a)
     overrides = overrides or {}
     out = Path(out)
     if out.exists() and not out.is_dir():

@@ -45,6 +45,12 @@ evaluation::
   Whatever TRL optimises, :meth:`TRLTask.evaluate` scores the trained model with the environment's
   KL accounting (per-token k1 against the environment's reference, weight ``kl_coef``), exactly as
   lmgym's agents are scored, so the returns compare like with like.
+- **Multi-turn tasks** (the environment answers between turns: ``lmgym/Guess-v0``, ``lmgym/Echo-v0``, an
+  interaction of your own or a :class:`lmgym.envs.tools.ToolInteraction`): :attr:`TRLTask.rollout` is a
+  ``GRPOTrainer`` ``rollout_func`` that plays the environment's episodes with TRL's model and hands TRL their
+  token ids with ``env_mask`` = the environment's ``policy_mask``, so TRL's loss and KL skip the replies; the
+  reward is each episode's return (:mod:`lmgym.integrations.trl_episodes`). ``RLOOTrainer`` takes no rollout
+  function in TRL 1.16.
 
 TRL is an optional extra (``pip install 'lmgym[trl]'``); nothing else in lmgym imports it.
 Tested with TRL 1.16.
@@ -59,6 +65,7 @@ from pathlib import Path
 
 import torch
 
+from lmgym.integrations.trl_episodes import EpisodeReturn, EpisodeRollout, prompt_key
 from lmgym.utils.folders import written_atomically
 
 from lmgym.zoo.smollm import MissingExtraError
@@ -98,13 +105,6 @@ def _is_chat(prompt) -> bool:
     return is_chat_messages(prompt)
 
 
-def _key(prompt) -> str:
-    """A hashable key of a prompt as TRL hands it back (text, or a list of message dicts)."""
-    if _is_chat(prompt):
-        return "chat:" + json.dumps([dict(m) for m in prompt], sort_keys=True)
-    return "text:" + str(prompt)
-
-
 class TaskReward:
     """A TRL reward function returning the task's own score of each (prompt, completion).
 
@@ -123,7 +123,7 @@ class TaskReward:
         self.items = list(core.prompts.items or [])
         self._by_key = {}
         for p in reversed(self.items):
-            self._by_key[_key(p.given)] = p
+            self._by_key[prompt_key(p.given)] = p
         self.__name__ = "lmgym_task_score"  # TRL logs rewards under their function's name
 
     def _prompts(self, prompts, prompt_index) -> list:
@@ -133,7 +133,7 @@ class TaskReward:
             return [self.items[int(i)] for i in prompt_index]
         out = []
         for p in prompts:
-            known = self._by_key.get(_key(p))
+            known = self._by_key.get(prompt_key(p))
             out.append(known if known is not None else self.core.prompts.encode(p))
         return out
 
@@ -216,9 +216,22 @@ class TRLTask:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, padding_side="left", truncation_side="left",
                                                        trust_remote_code=trust_remote_code)
         """the tokenizer TRL uses (``processing_class``), loaded back from :attr:`model_path`"""
-        self._check_prompt_ids()
-        self.reward = TaskReward(self.core)
         self._evaluator = None
+        self.rollout: EpisodeRollout | None = None
+        """multi-turn tasks: TRL's ``rollout_func``, which plays the environment's episodes (:mod:`.trl_episodes`)"""
+        if self.multi_turn:
+            # TRL never tokenizes the prompts here: the rollout hands it the episodes' own prompt ids
+            self.rollout = EpisodeRollout(self.env, list(self.core.prompts.items))
+            self.reward = EpisodeReturn()
+        else:
+            self._check_prompt_ids()
+            self.reward = TaskReward(self.core)
+
+    @property
+    def multi_turn(self) -> bool:
+        """Whether the environment answers between policy turns (then only ``GRPOTrainer`` takes the task, through
+        :attr:`rollout`)."""
+        return bool(self.env.multi_turn)
 
     # ------------------------------------------------------------------ what TRL takes
     @property
@@ -276,12 +289,20 @@ class TRLTask:
                 "max_completion_length": self.env.max_new_tokens, "per_device_train_batch_size": self.env.num_envs,
                 "steps_per_generation": 1, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "disable_dropout": True,
                 "model_init_kwargs": {"dtype": "float32"}, "trust_remote_code": self.trust_remote_code,
-                "use_cpu": device.type == "cpu", "bf16": bf16, "fp16": False, checkpointing: False}
+                "use_cpu": device.type == "cpu", "bf16": bf16, "fp16": False, checkpointing: False,
+                # TRL calls a completion truncated when its last token is no stop token; a multi-turn episode that the
+                # environment ended (a right guess) is one, and masking it would drop it from the loss
+                **({"mask_truncated_completions": False} if self.multi_turn else {})}
 
     def trainer_kwargs(self) -> dict:
-        """``model``, ``reward_funcs``, ``train_dataset`` and ``processing_class`` for TRL's trainer."""
-        return dict(model=self.model_path, reward_funcs=[self.reward], train_dataset=self.dataset(),
-                    processing_class=self.tokenizer)
+        """``model``, ``reward_funcs``, ``train_dataset`` and ``processing_class`` for TRL's trainer, and on a
+        multi-turn task the ``rollout_func`` that plays its episodes (``GRPOTrainer`` only: TRL 1.16's
+        ``RLOOTrainer`` takes no rollout function)."""
+        kwargs = dict(model=self.model_path, reward_funcs=[self.reward], train_dataset=self.dataset(),
+                      processing_class=self.tokenizer)
+        if self.rollout is not None:
+            kwargs["rollout_func"] = self.rollout
+        return kwargs
 
     # ------------------------------------------------------------------ lmgym's evaluation
     def evaluator(self, model=None, seed: int = 0):

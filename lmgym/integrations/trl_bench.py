@@ -14,6 +14,11 @@ finish their last iteration. One TRL step is one batch of ``num_envs`` completio
 per prompt (``per_device_train_batch_size``, ``num_generations``, ``steps_per_generation=1``), one
 optimizer step: the batch layout of lmgym's ``grpo`` and ``rloo`` cells.
 
+**Multi-turn tasks.** ``trl-grpo`` trains on the episodes the environment plays (TRL's ``rollout_func``,
+:mod:`lmgym.integrations.trl_episodes`); a step is a policy token, as for lmgym's agents (a reply is no step), and
+the curve's KL is the one the environment charged while playing. ``trl-rloo`` is refused there (TRL 1.16's
+``RLOOTrainer`` takes no rollout function).
+
 **Like with like.** Unless overridden (``--agent.NAME VALUE`` takes any field of TRL's config but the
 ones the bench sets: output folder, seed, batch layout, horizon, budget), the settings are those of
 lmgym's own ``grpo`` / ``rloo``: ``beta`` = the task's ``kl_coef``; the ``grpo`` loss (per-sequence
@@ -45,9 +50,9 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from lmgym.integrations.trl import TaskReward, TRLTask, require_trl
+from lmgym.integrations.trl import TRLTask, require_trl
 
-__all__ = ["TRL_AGENTS", "FIXED_FIELDS", "config_fields", "run_cell"]
+__all__ = ["TRL_AGENTS", "FIXED_FIELDS", "MULTI_TURN_TRAINERS", "check_task", "config_fields", "run_cell"]
 
 TRL_AGENTS = {"trl-grpo": ("GRPOTrainer", "GRPOConfig"), "trl-rloo": ("RLOOTrainer", "RLOOConfig")}
 """Bench agent name -> TRL's trainer and config class."""
@@ -80,12 +85,21 @@ def config_fields(agent: str) -> set[str]:
     return ({f.name for f in dataclasses.fields(config)} - FIXED_FIELDS) | {"num_envs", "group_size"}
 
 
-class _Recorder(TaskReward):
-    """The task's reward, which also counts the generated tokens and logs the batch's score and environment KL."""
+class _Recorder:
+    """The task's reward (:attr:`TRLTask.reward`), which also counts the environment steps and logs the batch's score
+    and environment KL.
+
+    Single-turn: a step is a generated token (TRL's ``completion_ids`` end at the stop token, as the episode does)
+    and the KL needs a policy forward and the environment's reference pass (timed, left out of the wall time).
+    Multi-turn: the episodes come from :class:`lmgym.integrations.trl_episodes.EpisodeRollout`, which passes each
+    one's policy tokens (the steps, as lmgym's agents count them: a reply is no step) and the KL the environment
+    charged while playing it."""
 
     def __init__(self, task: TRLTask):
-        super().__init__(task.core)
         self.task = task
+        self.reward = task.reward
+        self.items = list(task.core.prompts.items)
+        self.__name__ = task.reward.__name__
         self.trainer = None
         self.tokens = 0
         self.curve: list[list[float]] = []
@@ -96,11 +110,16 @@ class _Recorder(TaskReward):
         return time.perf_counter() - self.t0 - self.bookkeeping
 
     def __call__(self, prompts, completions, completion_ids=None, prompt_index=None, **kwargs) -> list[float]:
-        scores = super().__call__(prompts, completions, completion_ids=completion_ids, prompt_index=prompt_index)
-        self.tokens += sum(len(c) for c in completion_ids)
-        started = time.perf_counter()
-        kl = self._environment_kl(prompt_index, completion_ids)
-        self.bookkeeping += time.perf_counter() - started
+        if self.task.multi_turn:
+            scores = self.reward(prompts, completions, episode_return=kwargs.get("episode_return"))
+            self.tokens += sum(kwargs["policy_tokens"])
+            kl = float(np.mean(kwargs["episode_kl"]))
+        else:
+            scores = self.reward(prompts, completions, completion_ids=completion_ids, prompt_index=prompt_index)
+            self.tokens += sum(len(c) for c in completion_ids)
+            started = time.perf_counter()
+            kl = self._environment_kl(prompt_index, completion_ids)
+            self.bookkeeping += time.perf_counter() - started
         self.curve.append([self.tokens, self.elapsed(), float(np.mean(scores)), kl])
         return scores
 
@@ -116,15 +135,29 @@ class _Recorder(TaskReward):
         prompts = [self.items[int(i)] for i in prompt_index]
         env.reset(options={"prompts": prompts})
         width = env.max_new_tokens
-        tokens, mask = right_pad([list(ids)[:width] for ids in completion_ids], self.core.pad_token_id, env.device,
+        tokens, mask = right_pad([list(ids)[:width] for ids in completion_ids], self.task.core.pad_token_id, env.device,
                                  width=width)
-        query_ids, query_mask = left_pad([p.ids for p in prompts], self.core.pad_token_id, env.device)
+        query_ids, query_mask = left_pad([p.ids for p in prompts], self.task.core.pad_token_id, env.device)
         model = self.trainer.model
         logprobs, _, _ = policy_forward(model, SimpleNamespace(query_ids=query_ids, query_mask=query_mask,
                                                                tokens=tokens, mask=mask.float(),
                                                                group_size=env.group_size))
         result = env.score_sequences(tokens, logprobs.float())
         return float(result.kl.sum(1).mean())
+
+
+MULTI_TURN_TRAINERS = ("trl-grpo",)
+"""The cells that take multi-turn tasks: TRL 1.16's GRPOTrainer has a rollout_func with an environment mask, its
+RLOOTrainer has neither."""
+
+
+def check_task(task: str, agent: str) -> None:
+    """Refuse, in one line, a TRL trainer that cannot train on ``task`` (a multi-turn task and no rollout function)."""
+    from lmgym.tasks import MULTI_TURN_IDS
+
+    if task in MULTI_TURN_IDS and agent not in MULTI_TURN_TRAINERS:
+        raise ValueError(f"{agent} cannot train on the multi-turn task {task}: TRL's {TRL_AGENTS[agent][0]} takes no "
+                         f"rollout function or environment mask; use {' or '.join(MULTI_TURN_TRAINERS)}")
 
 
 def run_cell(task: str, agent: str, *, budget: int, seconds: float | None, seed: int, device: torch.device,
@@ -136,6 +169,7 @@ def run_cell(task: str, agent: str, *, budget: int, seconds: float | None, seed:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer_class, config_class = _classes(agent)
+    check_task(task, agent)
     unknown = set(overrides) - config_fields(agent)
     if unknown:
         raise ValueError(f"{agent} has no hyper-parameter {sorted(unknown)[0]!r} (or the bench sets it itself)")
@@ -161,8 +195,7 @@ def run_cell(task: str, agent: str, *, budget: int, seconds: float | None, seed:
                 if recorder.tokens >= budget or (seconds is not None and recorder.elapsed() >= seconds):
                     control.should_training_stop = True
 
-        trainer = trainer_class(model=adapter.model_path, reward_funcs=[recorder], args=args,
-                                train_dataset=adapter.dataset(), processing_class=adapter.tokenizer,
+        trainer = trainer_class(**{**adapter.trainer_kwargs(), "reward_funcs": [recorder]}, args=args,
                                 callbacks=[Budget()])
         # Trainer prints its logs (a dict per log step, and a summary at the end) through these callbacks; the
         # bench reports through its own table and TensorBoard, so they would only interleave with its progress bar.
