@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -26,18 +27,18 @@ RESULTS = ROOT / "docs" / "bench" / "chat_calculator.json"
 COMMAND = "python benchmarks/chat_calculator_grpo.py --minutes 30 --threads 2"
 BEGIN, END = markers("chat-calculator", "docs/bench/chat_calculator.json", COMMAND)
 PARSED = ("calls_ok", "calls_arguments", "calls_exception", "calls_timeout", "calls_died")
-"""outcomes of a call that parsed (the tool was found and called, or its arguments checked)"""
+"""outcomes of a call that parsed: well-formed JSON naming a tool that exists (then run, or refused for its
+arguments); malformed and unknown-tool calls did not parse"""
 
 
 def tool_rates(before: dict, after: dict) -> dict:
-    """Tool-use shares over the episodes counted between two snapshots of ``ToolInteraction.counts``."""
+    """The calls made between two snapshots of ``ToolInteraction.counts``, and the shares that parsed and succeeded
+    (episodes are counted from the evaluation's samples instead: the counts also see the episodes the vector
+    environment starts when one ends, which the evaluation never plays)."""
     diff = {k: after.get(k, 0) - before.get(k, 0) for k in set(after) | set(before)}
     calls = sum(v for k, v in diff.items() if k.startswith("calls_") and k != "calls_over_limit")
     parsed = sum(diff.get(k, 0) for k in PARSED)
-    episodes = diff.get("episodes", 0)
-    return {"episodes": episodes, "calls": calls,
-            "episodes_calling": diff.get("episodes_with_calls", 0) / episodes if episodes else 0.0,
-            "calls_parsed": parsed / calls if calls else 0.0,
+    return {"calls": calls, "calls_parsed": parsed / calls if calls else 0.0,
             "calls_ok": diff.get("calls_ok", 0) / calls if calls else 0.0}
 
 
@@ -47,6 +48,12 @@ def render(results: dict) -> str:
     lines = [f"Held-out accuracy on `lmgym/ChatCalculator-v0` ({results['held_out_problems']} held-out problems x "
              f"{results['command_args']['group_size']} samples, temperature 1), GRPO for "
              f"{results['train_seconds'] / 60:.1f} min ({results['iterations']} iterations) on the 2-core CPU:",
+             "",
+             f"`{COMMAND}`: {results['command_args']['prompts_per_batch']} prompts x "
+             f"{results['command_args']['group_size']} conversations per iteration, learning rate "
+             f"{results['command_args']['learning_rate']:g}, beta {results['command_args']['beta']:g}, full "
+             f"fine-tuning; the evaluations took {results['before']['seconds']:.0f} s and "
+             f"{results['after']['seconds']:.0f} s.",
              "",
              "| | held-out accuracy | episodes that call the tool | calls that parse | calls that succeed |",
              "|---|---|---|---|---|"]
@@ -68,7 +75,7 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=8, help="conversations per prompt")
     p.add_argument("--learning-rate", type=float, default=1e-5)
     p.add_argument("--beta", type=float, default=0.0, help="KL coefficient (environment and GRPO loss)")
-    p.add_argument("--eval-prompts", type=int, default=64,
+    p.add_argument("--eval-prompts", type=int, default=40,
                    help="held-out problems to evaluate, evenly spaced over the 200 (fewer: faster, noisier)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--logdir", default=None, help="TensorBoard folder")
@@ -97,8 +104,11 @@ def main() -> None:
     def evaluate() -> dict:
         start, counts = time.perf_counter(), dict(tools.counts)
         result = agent.evaluate(prompts=held_out)
-        out = {"accuracy": result["score"], **tool_rates(counts, tools.counts),
-               "seconds": round(time.perf_counter() - start, 1)}
+        samples = result["samples"]
+        out = {"accuracy": result["score"], "episodes": len(samples),
+               # an episode called the tool when a call (well-formed or not) is among its turns
+               "episodes_calling": sum("<tool_call>" in completion for _, completion, _ in samples) / len(samples),
+               **tool_rates(counts, tools.counts), "seconds": round(time.perf_counter() - start, 1)}
         # the first sample that called the tool, as the model saw it after the prompt
         prompt, completion, score = next((s for s in result["samples"] if "<tool_call>" in s[1]),
                                          result["samples"][0])
@@ -127,9 +137,9 @@ def main() -> None:
     print(render(summary))
 
 
-def _question(prompt) -> str:
-    """The problem of a ChatCalculator prompt (its last message), as ``a * b``."""
-    return prompt[-1]["content"].removeprefix("What is ").removesuffix("?")
+def _question(prompt_text: str) -> str:
+    """The problem of a rendered ChatCalculator prompt (its last question, after the worked examples): ``a * b``."""
+    return re.findall(r"What is (\d+ \* \d+)\?", prompt_text)[-1]
 
 
 if __name__ == "__main__":

@@ -76,3 +76,27 @@ def lmgym_home(tmp_path_factory):
 
 ZOO_STEPS = 30
 """Training steps of the reduced zoo builds the tests use (the real ones take about a minute each)."""
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_SPECIALS = ["<eos>", "<|im_start|>", "<|im_end|>"]
+
+
+def char_chat_model(chars, *, hidden_size: int, num_heads: int, max_positions: int, init_std: float = 0.02):
+    """A tiny random Llama with a character-level tokenizer over ``chars`` whose ChatML markers are special
+    tokens, and ``<|im_end|>`` as its end of turn (as the SmolLM2 zoo entry)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(CHAT_SPECIALS + sorted(set(chars)))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<eos>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<eos>", unk_token="<eos>",
+                                  additional_special_tokens=CHAT_SPECIALS[1:])
+    tok.chat_template = CHATML
+    model, tok = tiny_model(tokenizer=tok, hidden_size=hidden_size, num_layers=1, num_heads=num_heads,
+                            max_positions=max_positions, seed=0, init_std=init_std)
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
+    return model, tok

@@ -339,3 +339,18 @@ def test_turn_credit_tables_equal_their_results_file():
     cells = {(r["task"], r["agent"], r["scheme"]) for r in results["learning"]}
     assert len(cells) == len(results["learning"]) == len(results["tasks"]) * (1 + 3 * 3)
     assert all(len(r["fractions"]) == len(results["seeds"]) == 3 for r in results["learning"])
+
+
+def test_chat_calculator_block_equals_its_results_file():
+    """The README's ChatCalculator figures and sample conversations are what the benchmark renders from its results."""
+    import importlib.util
+
+    from lmgym.bench.page import read_block
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("chat_calculator_grpo", root / "benchmarks" / "chat_calculator_grpo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = json.loads(module.RESULTS.read_text())
+    assert results["command_args"]["minutes"] == 30 and results["train_seconds"] >= 30 * 60
+    assert read_block(root / "README.md", module.BEGIN, module.END) == module.render(results).strip()

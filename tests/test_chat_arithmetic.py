@@ -15,31 +15,14 @@ import torch
 
 import lmgym  # noqa: F401
 from lmgym.zoo import smollm, entries as zoo
-from lmgym.models import tiny_model
+from conftest import char_chat_model
 from lmgym.tasks.chat_arithmetic import (ChatArithmeticReward, chat_arithmetic_prompts, final_number,
                                          solve_question)
 
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-SPECIALS = ["<eos>", "<|im_start|>", "<|im_end|>"]
-
-
 def tiny_chat_model():
     """A tiny random Llama with a character-level tokenizer whose ChatML markers are special tokens."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = sorted(set("What is 0123456789+-*? Answer with the number only.userassistant\n"))
-    core = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(SPECIALS + chars)}, unk_token="<eos>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<eos>", unk_token="<eos>",
-                                  additional_special_tokens=SPECIALS[1:])
-    tok.chat_template = TEMPLATE
-    model, tok = tiny_model(tokenizer=tok, hidden_size=32, num_layers=1, num_heads=4, max_positions=128, seed=0,
-                            init_std=0.3)
-    model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")  # as in the zoo entry
-    return model, tok
+    return char_chat_model("What is 0123456789+-*? Answer with the number only.userassistant\n", hidden_size=32,
+                           num_heads=4, max_positions=128, init_std=0.3)
 
 
 def user(text):
