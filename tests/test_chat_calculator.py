@@ -118,6 +118,10 @@ def test_scripted_conversations_get_the_tool_replies_and_the_documented_scores()
     assert replies[1] == [] and replies[2] == ["\ntool\n4042\nassistant\n"]
     assert "error: unknown tool 'calculator'; the tools are: calculate" in replies[3][0]
     assert len(replies[4]) == 2  # the third call was cut by max_turns=3: no reply, score 0
+    worker = env.core.interaction.inner.runner._process
+    assert worker is not None and worker.poll() is None
+    env.close()  # ends the tool worker process
+    assert worker.wait(timeout=10) is not None and env.core.interaction.inner.runner._process is None
 
 
 def test_fixed_arguments_are_refused_and_the_docs_have_every_section():

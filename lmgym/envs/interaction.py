@@ -145,6 +145,13 @@ def _each_row(fn, rows, *args_per_row):
     return out
 
 
+def _close(obj) -> None:
+    """Call ``obj.close()`` if the interaction has one (it holds a process, a connection...)."""
+    close = getattr(obj, "close", None)
+    if callable(close):
+        close()
+
+
 class _PerRow(BatchInteraction):
     """One :class:`Interaction` per row behind the batched protocol (the default)."""
 
@@ -175,6 +182,10 @@ class _PerRow(BatchInteraction):
     def score(self, conversations):
         return _each_row(lambda r, c: self.rows[r].score(c), [c.row for c in conversations], conversations)
 
+    def close(self):
+        for row in self.rows:
+            _close(row)
+
 
 class _Batched(BatchInteraction):
     def __init__(self, inner: BatchInteraction):
@@ -189,6 +200,9 @@ class _Batched(BatchInteraction):
 
     def score(self, conversations):
         return self.inner.score(conversations)
+
+    def close(self):
+        _close(self.inner)
 
 
 def _name(obj) -> str:

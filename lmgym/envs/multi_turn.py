@@ -104,6 +104,10 @@ class MultiTurnCore(TextGenCore):
     """N multi-turn episodes in lock-step against one frozen reference model. See the module docstring; the
     arguments beyond :class:`TextGenCore`'s are documented on :class:`lmgym.envs.vector.TextGenVectorEnv`."""
 
+    def close(self) -> None:
+        """Release what the interaction holds (a tool worker process...); the environment's ``close()`` calls it."""
+        self.interaction.close()
+
     def __init__(self, *, interaction, max_turns: int = 4, max_turn_tokens: int | None = None,
                  interaction_timeout: float | None = 30.0, reward_fn=None, **kwargs):
         num_envs = kwargs.get("num_envs", 1)

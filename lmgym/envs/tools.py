@@ -304,6 +304,10 @@ class ToolInteraction(BatchInteraction):
         self.called: set[int] = set()  # the rows whose current episode has called a tool
         self.counts: dict[str, int] = {}
 
+    def close(self) -> None:
+        """End the tool worker process (the environment's ``close()`` calls this; a later call starts a new one)."""
+        self.runner.close()
+
     def _count(self, key: str, n: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
 

@@ -16,6 +16,13 @@ class CoreView:
 
     core: TextGenCore
 
+    def close(self, **kwargs) -> None:
+        """Close the environment: a multi-turn one also ends what its interaction holds (a tool worker process)."""
+        close = getattr(getattr(self, "core", None), "close", None)  # None when construction failed
+        if callable(close):
+            close()
+        super().close(**kwargs)
+
     @property
     def device(self) -> torch.device:
         return self.core.device
