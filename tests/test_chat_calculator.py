@@ -98,9 +98,10 @@ def test_scripted_conversations_get_the_tool_replies_and_the_documented_scores()
     end = tok.convert_tokens_to_ids("<|im_end|>")
     n = len(SCRIPTS)
     # a character per token: the turn limits are widened to hold a call
-    env = gym.make_vec("lmgym/ChatCalculator-v0", num_envs=n, model=model, tokenizer=tok, device="cpu",
-                       max_turn_tokens=96, max_new_tokens=400)
+    # (one prompt: rendering the 7,898 training prompts char by char would take most of the test's time)
     question = [p for p in chat_calculator_prompts("train") if p[-1]["content"] == "What is 47 * 86?"]
+    env = gym.make_vec("lmgym/ChatCalculator-v0", num_envs=n, model=model, tokenizer=tok, device="cpu",
+                       max_turn_tokens=96, max_new_tokens=400, prompts=question)
     env.reset(seed=0, options={"prompts": question * n})
     replies, scores = [[] for _ in range(n)], np.full(n, np.nan)
     for turn in range(3):

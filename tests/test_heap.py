@@ -73,6 +73,7 @@ def test_the_holes_small_frees_leave_in_the_heap_go_back_to_the_os_on_leaving():
     assert _grown_mib("small") <= 120  # the kept tensors: 188 x 256 KiB = 47 MiB (and the pages around them)
 
 
+@pytest.mark.slow  # 13 s
 def test_an_agent_on_the_cpu_returns_its_updates_memory_unless_configured_not_to():
     assert _grown_mib("agent") <= 20
     assert _grown_mib("agent-off") >= 200

@@ -134,6 +134,7 @@ def test_observations_mark_the_policy_tokens_and_the_replies_are_forced():
     assert reward == pytest.approx(2 / 3 - env.unwrapped.kl_coef * info["kl"], abs=1e-6)
 
 
+@pytest.mark.slow  # 24 s
 def test_sb3_ppo_trains_on_guess_through_the_bridge():
     """SB3's PPO with lmgym's transformer policy, through LMGymVecEnv, improves on the multi-turn task (the
     policy bound to the environment, so the KL term is exact)."""
