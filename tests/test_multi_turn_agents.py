@@ -168,7 +168,7 @@ def test_turn_level_credit_gives_each_turn_its_own_return():
 def test_turn_level_options_train(name):
     agent = make(name, turn_level=True)
     before = agent.evaluate(2)["return"]
-    agent.learn(3000, progress=False)
+    agent.learn(1000, progress=False)  # a few iterations: the options run end to end
     assert np.isfinite(agent.evaluate(2)["return"]) and before is not None
 
 
