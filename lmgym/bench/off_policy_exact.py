@@ -30,7 +30,7 @@ import torch
 
 from lmgym.agents.common.off_policy import correction_weights
 
-__all__ = ["Enumeration", "expected_gradient", "true_gradient", "relative_bias"]
+__all__ = ["Enumeration", "expected_gradient", "true_gradient", "relative_bias", "trainable_parameters"]
 
 
 class Enumeration:
@@ -73,7 +73,7 @@ class Enumeration:
         return logq * mask
 
 
-def _trainable(policy) -> list[torch.Tensor]:
+def trainable_parameters(policy) -> list[torch.Tensor]:
     params = [p for p in policy.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the policy has no parameter that requires grad: call policy.requires_grad_(True)")
@@ -82,7 +82,7 @@ def _trainable(policy) -> list[torch.Tensor]:
 
 def true_gradient(enum: Enumeration, policy, reference) -> list[torch.Tensor]:
     """``grad J(theta)`` by autograd of the enumerated objective (float64 sums over every completion)."""
-    params = _trainable(policy)
+    params = trainable_parameters(policy)
     objective = 0.0
     for k, (_, weight, _, mask, scores) in enumerate(enum.prompts):
         logp = enum.logprobs(policy, k)
@@ -100,7 +100,7 @@ def expected_gradient(enum: Enumeration, policy, behaviour, reference, *, form: 
     ``correction`` on episodes sampled by ``behaviour`` (computed under ``behaviour_autocast``, if given)."""
     if form not in ("ppo", "grpo"):
         raise ValueError(f"form must be 'ppo' or 'grpo', got {form!r}")
-    params = _trainable(policy)
+    params = trainable_parameters(policy)
     surrogate = 0.0
     for k, (_, weight, _, mask, scores) in enumerate(enum.prompts):
         logp = enum.logprobs(policy, k)

@@ -45,7 +45,7 @@ from lmgym.agents.common.turns import leave_one_out, per_token, turn_returns
 from lmgym.agents.grpo import group_advantages, turn_advantages
 from lmgym.agents.ppo import turn_gae
 from lmgym.agents.reinforce import leave_one_out_baseline
-from lmgym.bench.off_policy_exact import relative_bias
+from lmgym.bench.off_policy_exact import relative_bias, trainable_parameters
 from lmgym.envs.multi_turn import conversation_of
 
 __all__ = ["SCHEMES", "FORMS", "Histories", "true_gradient", "expected_gradient", "relative_bias"]
@@ -167,16 +167,9 @@ class Histories:
         return logq * p.mask
 
 
-def _params(policy) -> list[torch.Tensor]:
-    params = [p for p in policy.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the policy has no parameter that requires grad: call policy.requires_grad_(True)")
-    return params
-
-
 def true_gradient(hist: Histories, policy, reference) -> list[torch.Tensor]:
     """``grad J(theta)`` by autograd of the enumerated objective."""
-    params = _params(policy)
+    params = trainable_parameters(policy)
     objective = 0.0
     for k, p in enumerate(hist.prompts):
         logp = hist.logprobs(policy, k)
@@ -268,7 +261,7 @@ def expected_gradient(hist: Histories, policy, reference, *, form: str, scheme: 
     ``group_size`` n (the group forms; None: the infinite group). PPO: ``per-turn`` only, with the exact critic."""
     if form == "ppo" and scheme != "per-turn":
         raise ValueError("PPO's advantage is GAE over turns with a critic: only the per-turn scheme applies")
-    params = _params(policy)
+    params = trainable_parameters(policy)
     surrogate = 0.0
     for k, p in enumerate(hist.prompts):
         logp = hist.logprobs(policy, k)

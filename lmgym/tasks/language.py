@@ -93,18 +93,16 @@ TASKS = {"sentiment": (_sentiment, set()), "arithmetic": (_arithmetic, {"operati
          "preference": (_preference, set()),
          "chat_arithmetic": (chat_arithmetic.task_spec, {"operations", "max_operand"}),
          "chat_calculator": (chat_calculator.task_spec, {"tool_timeout"})}
-_TOOL_TASK_FIXED = {"reward_fn", "interaction"}
-"""what a tool task's own interaction decides (it scores the answer and runs the tool)"""
+FIXED = {"chat_calculator": {"reward_fn", "interaction"}}
+"""arguments a task decides itself (a tool task's interaction scores the answer and runs the tool)"""
 
 
 def _task_kwargs(task: str, vector: bool, kwargs: dict) -> dict:
     build, own = TASKS[task]
     allowed = constructor_options(TextGenVectorEnv if vector else TextGenEnv) | own | {"zoo_steps"}
-    if task == "chat_calculator":
-        check_options(kwargs, allowed - _TOOL_TASK_FIXED, f"the {task} task", _TOOL_TASK_FIXED,
-                      "; use lmgym/TextGen-v0 with a ToolInteraction of your own")
-    else:
-        check_options(kwargs, allowed, f"the {task} task")
+    fixed = FIXED.get(task, set())
+    check_options(kwargs, allowed - fixed, f"the {task} task", fixed,
+                  "; use lmgym/TextGen-v0 with a ToolInteraction of your own")
     kwargs = dict(kwargs)
     steps = kwargs.pop("zoo_steps", None)  # a reduced zoo build (tests)
     spec = build(kwargs, steps)
